@@ -1,0 +1,326 @@
+"""Flags shared by every CLI, and the one function that turns parsed flags into a run.
+
+Flag names, meanings and defaults follow the scripts users already have (XRIGHT, a fork of
+OpenRLHF 0.3.6): see ``shared/compat/cli-flags.md``. A CLI declares its objectives as
+:class:`ObjectiveSpec` and its schedule; :func:`run` does the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+COMPAT = "(accepted for compatibility with XRIGHT/OpenRLHF scripts; has no effect in xright)"
+
+
+# ---- flags ----------------------------------------------------------------------------------
+
+def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save_path", type=str, default="./ckpt", help="final HF model and metrics.jsonl")
+    g.add_argument("--save_steps", type=int, default=-1, help="resumable checkpoint every N steps (-1: never)")
+    g.add_argument("--logging_steps", type=int, default=1)
+    g.add_argument("--eval_steps", type=int, default=-1, help="-1: evaluate once per epoch")
+    g.add_argument("--ckpt_path", type=str, default="./ckpt/checkpoints")
+    g.add_argument("--max_ckpt_num", type=int, default=3)
+    g.add_argument("--max_ckpt_mem", type=int, default=1000, help="GB kept in --ckpt_path; oldest removed beyond it")
+    g.add_argument("--load_checkpoint", action="store_true", default=False,
+                   help="resume from the latest checkpoint in --ckpt_path")
+    g.add_argument("--use_wandb", type=str, default=None,
+                   help="True, or a wandb API key (WANDB_API_KEY is preferred); never printed or saved")
+    g.add_argument("--wandb_org", type=str, default=None)
+    g.add_argument("--wandb_group", type=str, default=None)
+    g.add_argument("--wandb_project", type=str, default="xright")
+    g.add_argument("--wandb_run_name", type=str, default="exp_%s" % datetime.now().strftime("%m%dT%H:%M"))
+    g.add_argument("--use_tensorboard", type=str, default=None, metavar="DIR")
+    g.add_argument("--debug_log_picks", action="store_true", default=False,
+                   help="debug: every rank writes its schedule decisions to picks.rank<r>.jsonl")
+    g.add_argument("--debug_rank_seed", action="store_true", default=False,
+                   help="debug: seed each rank's schedule differently (rank 0's broadcast pick must still win)")
+
+    g = p.add_argument_group("DeepSpeed")
+    g.add_argument("--deepspeed", type=str, default=None, metavar="PATH",
+                   help="DeepSpeed JSON config (ds_configs/*.json); flags overlay it, contradictions are errors")
+    g.add_argument("--zero_stage", type=int, default=2)
+    g.add_argument("--bf16", action="store_true", default=False)
+    g.add_argument("--adam_offload", action="store_true", default=False)
+    g.add_argument("--ref_offload", action="store_true", default=False)
+    g.add_argument("--zpg", type=int, default=1, help="ZeRO++ hierarchical partition size (stage 3)")
+    g.add_argument("--grad_accum_dtype", type=str, default=None)
+    g.add_argument("--disable_trace_cache", action="store_true", default=False)
+    g.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--train_batch_size", type=int, default=128, help="global batch size (all ranks)")
+    g.add_argument("--micro_train_batch_size", type=int, default=8, help="per-rank micro batch size")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrain", type=str, default=None, help="hub id or local path; default: built-in tiny model")
+    g.add_argument("--trust_remote_code", action="store_true", default=False)
+    g.add_argument("--flash_attn", action="store_true", default=False)
+    g.add_argument("--gradient_checkpointing", action="store_true", default=False)
+    g.add_argument("--gradient_checkpointing_use_reentrant", action="store_true", default=False)
+    g.add_argument("--disable_fast_tokenizer", action="store_true", default=False)
+    g.add_argument("--load_in_4bit", action="store_true", default=False, help="QLoRA (needs CUDA + bitsandbytes)")
+    g.add_argument("--lora_rank", type=int, default=0)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0)
+    g.add_argument("--target_modules", type=str, nargs="*", default="all-linear")
+    g.add_argument("--merge_lora", action="store_true", default=False,
+                   help="also save the LoRA adapter merged into the base model (save_path/merged)")
+    g.add_argument("--aux_loss_coef", type=float, default=0, help=f"MoE auxiliary loss {COMPAT}")
+    g.add_argument("--packing_samples", action="store_true", default=False,
+                   help=f"samples are padded, not packed; {COMPAT}")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_epochs", type=int, default=1)
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--lr_scheduler", type=str, default="cosine_with_min_lr",
+                   help="any transformers scheduler name (constant, constant_with_warmup, cosine_with_min_lr, linear…)")
+    g.add_argument("--lr_warmup_ratio", type=float, default=0.03)
+    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="min lr as a fraction of --learning_rate")
+    g.add_argument("--l2", type=float, default=0.0, help="weight decay")
+    g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--skip_bad_records", action="store_true", default=False,
+                   help="count and report malformed records instead of failing")
+    g.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
+                   help="over-long examples: cut responses on the right, or drop them")
+    p.set_defaults(**defaults)
+    return p
+
+
+def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int = 2048, kind: str = "sft",
+                   keys: bool = True) -> None:
+    """``--dataset`` & co. (``--sft_dataset``/``--rlhf_dataset`` in the joint CLIs)."""
+    g = p.add_argument_group(f"{prefix or ''}data")
+    g.add_argument(f"--{prefix}dataset", type=str, default=None,
+                   help="comma-separated files/dirs/hub names; default: built-in synthetic data")
+    g.add_argument(f"--{prefix}dataset_probs", type=str, default="1.0")
+    g.add_argument(f"--{prefix}train_split", type=str, default="train")
+    g.add_argument(f"--{prefix}eval_split", type=str, default="test",
+                   help="'dummy': first 3%% of train (XRIGHT; overlaps train)")
+    g.add_argument(f"--{prefix}eval_fraction", type=float, default=0.0, help="hold out a disjoint slice of train")
+    g.add_argument(f"--{prefix}max_samples", type=int, default=100000000)
+    g.add_argument(f"--{prefix}max_len", type=int, default=max_len)
+    if not keys:
+        return
+    g = p.add_argument_group("record fields and templates")
+    g.add_argument("--input_key", type=str, default="input")
+    g.add_argument("--output_key", type=str, default="output")
+    g.add_argument("--prompt_key", type=str, default="prompt")
+    g.add_argument("--chosen_key", type=str, default="chosen")
+    g.add_argument("--rejected_key", type=str, default="rejected")
+    g.add_argument("--label_key", type=str, default="label")
+    g.add_argument("--completion_key", type=str, default="completion")
+    g.add_argument("--completions_key", type=str, default="completions")
+    g.add_argument("--rewards_key", type=str, default="rewards")
+    g.add_argument("--margin_key", type=str, default=None)
+    g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ")
+    g.add_argument("--apply_chat_template", action="store_true", default=False)
+    g.add_argument("--tokenizer_chat_template", type=str, default=None)
+    g.add_argument("--pretrain_mode", action="store_true", default=False, help="SFT without prompt masking")
+
+
+def add_pref_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    g = p.add_argument_group("preference loss")
+    g.add_argument(f"--{prefix}beta", type=float, default=0.1)
+    g.add_argument(f"--{prefix}ipo", action="store_true", default=False, help="same as --loss ipo")
+    g.add_argument(f"--{prefix}label_smoothing", type=float, default=0.0, help="conservative DPO ε")
+    g.add_argument("--ipo_average", action="store_true", default=False,
+                   help="IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)")
+    g.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
+
+
+def parse(p: argparse.ArgumentParser, argv=None):
+    """Parse, and record which flags the user typed (a typed flag may contradict a ds_config)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    probe = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest}
+            if action.nargs == 0:
+                kwargs.update(action="store_const", const=True)
+            else:
+                kwargs["nargs"] = action.nargs
+            probe.add_argument(*action.option_strings, **kwargs)
+    args.explicit = set(vars(probe.parse_known_args(argv)[0]))
+    return args
+
+
+# ---- run --------------------------------------------------------------------------------------
+
+@dataclass
+class ObjectiveSpec:
+    name: str
+    objective: object
+    data: object               # xright.data.DataSpec
+    micro_batch_size: int
+    optimum: float = 0.0
+
+
+def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
+    from xright.data import DataSpec
+
+    get = lambda f: getattr(args, prefix + f)  # noqa: E731
+    return DataSpec(
+        kind=kind, dataset=get("dataset"), dataset_probs=get("dataset_probs"), train_split=get("train_split"),
+        eval_split=get("eval_split"), eval_fraction=get("eval_fraction"), max_samples=int(get("max_samples")),
+        max_len=get("max_len"), truncation=args.truncation, input_key=args.input_key, output_key=args.output_key,
+        prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
+        completion_key=args.completion_key, label_key=args.label_key, completions_key=args.completions_key,
+        rewards_key=args.rewards_key, margin_key=args.margin_key, input_template=args.input_template,
+        apply_chat_template=args.apply_chat_template, pretrain_mode=args.pretrain_mode,
+        skip_bad_records=args.skip_bad_records, seed=args.seed, name=name, **extra)
+
+
+def safe_config(args) -> dict:
+    """The run's flags for config dumps and wandb — never the wandb token."""
+    cfg = {k: v for k, v in vars(args).items() if k not in ("use_wandb", "explicit")}
+    cfg["use_wandb"] = bool(args.use_wandb)
+    return {k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in cfg.items()}
+
+
+def main_guard(fn: Callable[[], None]) -> None:
+    """Run a CLI; input and configuration errors end it with one clear line, not a traceback."""
+    from xright.data import DataError
+    from xright.models import ModelLoadError
+    from xright.strategy import ConfigError
+
+    try:
+        fn()
+    except (DataError, ConfigError, ModelLoadError, UsageError) as e:
+        print(f"xright: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+        steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
+    """Build everything from flags, train, save. Returns the final eval metrics.
+
+    ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
+    sizes are known; ``steps_per_epoch(tasks)`` defines a (joint) epoch (default: the first
+    objective's optimizer steps per pass over its data).
+    """
+    import numpy as np
+    import torch
+    from transformers import get_scheduler
+
+    from xright.data import CyclingLoader, load_data
+    from xright.logging import MetricsLogger, wandb_settings
+    from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
+    from xright.objectives import Reference
+    from xright.strategy import DSOptions, Strategy, accumulation_steps, atomic_write_json
+    from xright.trainer import TrainArgs, Task, Trainer
+
+    _check_writable(args.save_path)
+    strategy = Strategy(seed=args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    opts = DSOptions(
+        deepspeed=args.deepspeed, zero_stage=args.zero_stage, bf16=args.bf16, adam_offload=args.adam_offload,
+        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm,
+        train_batch_size=args.train_batch_size, micro_train_batch_size=specs[0].micro_batch_size,
+        grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
+        explicit={"micro_train_batch_size" if f.endswith("micro_train_batch_size") else f for f in args.explicit})
+    strategy.configure(opts)
+    accum = {sp.name: accumulation_steps(args.train_batch_size, sp.micro_batch_size, strategy.world_size,
+                                         f"{sp.name} ") for sp in specs}
+
+    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
+                               trust_remote_code=args.trust_remote_code,
+                               chat_template=getattr(args, "tokenizer_chat_template", None))
+    data = {sp.name: load_data(sp.data, tokenizer, log=strategy.print) for sp in specs}
+    loaders = {sp.name: CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
+                                      tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size,
+                                      seed=args.seed) for sp in specs}
+    tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
+                           accum[sp.name], sp.optimum) for sp in specs}
+    for name, t in tasks.items():
+        if len(t.loader) < t.grad_accum:
+            raise UsageError(f"{name}: {len(t.loader)} micro-batches per rank per epoch are fewer than the "
+                             f"{t.grad_accum} one optimizer step needs; lower --train_batch_size or add data")
+    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(tasks[specs[0].name].loader) // tasks[specs[0].name].grad_accum
+    total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
+
+    lora = LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, args.target_modules)
+    model = load_model(args.pretrain, task=task, bf16=args.bf16, flash_attn=args.flash_attn, lora=lora,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
+                       load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
+                       seed=args.seed, vocab_size=len(tokenizer))
+    optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
+    scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
+        num_training_steps=total,
+        scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
+        if args.lr_scheduler == "cosine_with_min_lr" else None)
+    engine = strategy.prepare(model, optimizer, scheduler)
+
+    reference = None
+    if any(sp.objective.needs_reference for sp in specs):
+        ref_path = getattr(args, "ref_pretrain", None)
+        if is_peft(engine.module) and not ref_path:
+            reference = Reference(lora_policy=engine)
+        else:
+            ref = load_model(ref_path or args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
+                             trust_remote_code=args.trust_remote_code, seed=args.seed,
+                             vocab_size=len(tokenizer), trainable=False)
+            reference = Reference(model=strategy.prepare_reference(ref))
+
+    schedule = make_schedule(total, per_epoch, tasks)
+    if args.debug_rank_seed and hasattr(schedule, "rng"):
+        schedule.rng.seed(args.seed + 1000 * strategy.rank)
+    strategy.write_config(args.save_path)
+    if strategy.is_rank0:
+        atomic_write_json(os.path.join(args.save_path, "xright_args.json"), safe_config(args))
+    logger = MetricsLogger(
+        args.save_path, strategy.is_rank0, resume=args.load_checkpoint,
+        wandb=wandb_settings(args.use_wandb, args.wandb_org, args.wandb_group, args.wandb_project,
+                             args.wandb_run_name),
+        tensorboard_dir=args.use_tensorboard, config=safe_config(args))
+    strategy.print(f"xright: {total} optimizer steps ({per_epoch} per epoch), world size {strategy.world_size}, "
+                   f"ZeRO-{strategy.zero_stage}, objectives " +
+                   ", ".join(f"{n} (micro {t.micro_batch_size} × accum {t.grad_accum})" for n, t in tasks.items()))
+    train_args = TrainArgs(
+        total_steps=total, save_path=args.save_path,
+        eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
+        logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
+        pad_id=tokenizer.pad_token_id, eps=getattr(args, "eps", 0.0),
+        stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {})
+    trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
+    try:
+        final = trainer.fit()
+    finally:
+        logger.close()
+    strategy.save_hf(engine, tokenizer, args.save_path,
+                     extra_files=extra_save_files(trainer) if extra_save_files else None)
+    if args.merge_lora and is_peft(engine.module) and strategy.is_rank0:
+        from xright.models import merge_saved_adapter
+
+        merge_saved_adapter(args.pretrain, args.save_path, os.path.join(args.save_path, "merged"), tokenizer)
+    strategy.barrier()
+    strategy.print(f"saved to {args.save_path}")
+    return final
+
+
+def _check_writable(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--save_path {path!r} cannot be created: {e.strerror}") from e
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--save_path {path!r} is not writable")

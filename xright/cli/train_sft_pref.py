@@ -1,0 +1,25 @@
+"""SFT on the chosen responses of preference data, prompt masked: the paper's reference policy.
+
+(XRIGHT's version of this trainer also trains on the prompt tokens; this one masks them.)
+
+    deepspeed --module xright.cli.train_sft_pref --dataset pairs.jsonl --save_path ./ckpt/ref
+"""
+
+from xright.cli import common
+from xright.objectives import SFT
+from xright.schedules import Single
+
+
+def main(argv=None):
+    p = common.base_parser(__doc__, learning_rate=5e-6, max_epochs=2, micro_train_batch_size=1,
+                           wandb_project="xright_sft_pref", ckpt_path="./ckpt/checkpoints_sft")
+    common.add_data_flags(p, max_len=2048)
+    p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8, help=common.COMPAT)
+    args = common.parse(p, argv)
+    spec = common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", name="sft", sft_from_chosen=True),
+                                args.micro_train_batch_size)
+    common.run(args, [spec], lambda total, per_epoch, tasks: Single("sft"))
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

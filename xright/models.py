@@ -1,0 +1,219 @@
+"""Model and tokenizer loading: hub ids, local paths and the built-in ``tiny`` default.
+
+The only module that imports peft. Nothing here knows about DeepSpeed: the strategy wraps what
+this module returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    PreTrainedTokenizerFast,
+)
+
+TINY = "tiny"
+PAD, EOS = "<|pad|>", "<|endoftext|>"
+
+# A chat template for the tiny tokenizer, so --apply_chat_template works without a download.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code: 256 byte tokens + pad + eos. No merges, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab[PAD] = len(vocab)
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS, padding_side="right"
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.model_max_length = 1024
+    return fast
+
+
+def tiny_config(vocab_size: int = 258) -> GPTNeoXConfig:
+    """A ~0.9M-parameter GPT-NeoX: big enough to learn the built-in tasks in a CPU minute."""
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=1024,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 2,
+    )
+
+
+def _check_local(path: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] or path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise ModelLoadError(f"model path {path!r} does not exist")
+
+
+def load_tokenizer(pretrain: str | None, *, use_fast: bool = True, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    """Tokenizer for ``pretrain``; pad defaults to eos (as OpenRLHF); right padding."""
+    if pretrain in (None, TINY):
+        tok = tiny_tokenizer()
+    else:
+        _check_local(pretrain)
+        try:
+            tok = AutoTokenizer.from_pretrained(pretrain, use_fast=use_fast, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load tokenizer {pretrain!r}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 0
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+def attn_implementation(flash_attn: bool) -> str:
+    if not flash_attn:
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+        raise ModelLoadError(
+            "--flash_attn needs the flash-attn package and a CUDA GPU "
+            "(pip install 'xright[flash]'); drop the flag to use PyTorch SDPA"
+        )
+    return "flash_attention_2"
+
+
+def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False, flash_attn: bool = False,
+               lora: LoraSpec | None = None, gradient_checkpointing: bool = False,
+               gradient_checkpointing_use_reentrant: bool = False, load_in_4bit: bool = False,
+               trust_remote_code: bool = False, seed: int = 42, vocab_size: int | None = None,
+               trainable: bool = True):
+    """Policy, reference or reward model.
+
+    ``task`` is "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
+    num_labels=1: a scalar head that HF reads at the last non-pad token). ``tiny`` builds a
+    GPT-NeoX from :func:`tiny_config` with weights seeded by ``seed`` so that every rank (and the
+    reference) starts from the same tensors.
+    """
+    if task not in ("causal", "reward"):
+        raise ValueError(f"unknown task {task!r}")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    auto = AutoModelForCausalLM if task == "causal" else AutoModelForSequenceClassification
+    attn = attn_implementation(flash_attn)
+    if pretrain in (None, TINY):
+        config = tiny_config(vocab_size or 258)
+        config._attn_implementation = attn
+        if task == "reward":
+            config.num_labels = 1
+        with _seeded(seed):
+            model = auto.from_config(config, dtype=dtype)
+    else:
+        _check_local(pretrain)
+        kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        if task == "reward":
+            kwargs["num_labels"] = 1
+        if load_in_4bit:
+            kwargs["quantization_config"] = _four_bit_config(dtype)
+        try:
+            model = auto.from_pretrained(pretrain, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {pretrain!r}: {e}") from e
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": gradient_checkpointing_use_reentrant})
+    if lora is not None and lora.rank > 0:
+        model = _apply_lora(model, lora, task, gradient_checkpointing)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _four_bit_config(dtype):
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise ModelLoadError("--load_in_4bit needs bitsandbytes and a CUDA GPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True)
+
+
+def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = spec.target_modules
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+        task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none",
+    )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def adapters_disabled(model):
+    """Context in which a LoRA policy computes the reference (frozen base) log-probs."""
+    return model.disable_adapter()
+
+
+def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, tokenizer, seed: int = 42,
+                        task: str = "causal") -> None:
+    """``--merge_lora``: base model + the saved adapter, merged and saved in HF format."""
+    from peft import PeftModel
+
+    base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

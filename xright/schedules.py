@@ -1,0 +1,328 @@
+"""Schedules: which objectives an optimizer step computes, and with what weight.
+
+A schedule is pure Python (no torch) so that its decision is cheap, testable and identical on
+every rank: each rank holds the same seeded schedule, and the loop still broadcasts rank 0's
+plan, because a disagreement deadlocks ZeRO-3 and silently mixes gradients under ZeRO-2
+(DESIGN.md §2.1). A plan is one dict per optimizer step, so gradient accumulation never mixes
+objectives except in `Mix`, where mixing is the point (§2.2).
+
+Objectives are always referred to by name (§2.4); every schedule's state can be saved to JSON and
+restored so that a resumed run makes exactly the picks the uninterrupted run would have (§2.5).
+
+The joint schedules follow Fernando et al. 2024, "Mitigating Forgetting in LLM Supervised
+Fine-Tuning and Preference Learning": `Alright` is their Algorithm 1 (ALRIGHT), `Maxright` their
+Algorithm 2 (MAXRIGHT). In the two-objective CLIs the weights come from `paper_weights`.
+"""
+
+import math
+import random
+
+
+def _check_name(name, what="objective name"):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+    return name
+
+
+def _check_weights(weights):
+    """Validated copy of a name -> weight dict, in the caller's order (the order of `names`)."""
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"weights must be a non-empty dict name -> weight, got {weights!r}")
+    out = {}
+    for name, w in weights.items():
+        _check_name(name)
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"weight of {name!r} must be a number, got {w!r}") from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight of {name!r} must be finite and >= 0, got {w}")
+        out[name] = w
+    if not any(w > 0 for w in out.values()):
+        raise ValueError(f"at least one weight must be > 0, got {out}")
+    return out
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        # None would seed from OS entropy: runs would not be reproducible.
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return seed
+
+
+def _check_losses(losses, names, what, require_all):
+    """Float copy of `losses`; unknown names always fail, missing ones fail if `require_all`."""
+    if not isinstance(losses, dict):
+        raise ValueError(f"{what}: losses must be a dict name -> float, got {type(losses).__name__}")
+    unknown = [k for k in losses if k not in names]
+    if unknown:
+        raise ValueError(f"{what}: unknown objective(s) {unknown}; this schedule has {list(names)}")
+    if require_all:
+        missing = [k for k in names if k not in losses]
+        if missing:
+            raise ValueError(f"{what}: missing loss for objective(s) {missing}; "
+                             f"every objective in {list(names)} is needed")
+    out = {}
+    for k, v in losses.items():
+        v = float(v)
+        if math.isnan(v):
+            # A NaN score cannot be compared: the argmax would silently ignore it.
+            raise ValueError(f"{what}: loss of {k!r} is NaN")
+        out[k] = v
+    return out
+
+
+class Schedule:
+    """Interface the training loop uses; the defaults suit schedules without feedback."""
+
+    kind = ""  # key in SCHEDULES; saved in state_dict so a resume into another schedule fails
+    names: tuple = ()
+    needs_losses = False
+
+    def plan(self, step):
+        raise NotImplementedError
+
+    def wants_refresh(self, step):
+        return False
+
+    def refresh(self, losses):
+        pass
+
+    def observe(self, step, losses):
+        pass
+
+    def info(self):
+        return {}
+
+    def state_dict(self):
+        return {"schedule": self.kind, "names": list(self.names)}
+
+    def load_state_dict(self, state):
+        if state.get("schedule") != self.kind or list(state.get("names", ())) != list(self.names):
+            raise ValueError(
+                f"state is for schedule {state.get('schedule')!r} with objectives "
+                f"{state.get('names')}, not {self.kind!r} with {list(self.names)}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(names={self.names})"
+
+
+class Single(Schedule):
+    """One objective, every step (plain SFT or plain DPO)."""
+
+    kind = "single"
+
+    def __init__(self, name):
+        self.names = (_check_name(name),)
+
+    def plan(self, step):
+        return {self.names[0]: 1.0}
+
+
+class Sequential(Schedule):
+    """Objective A for its steps, then B, ... (SFT→DPO): the forgetting-prone baseline.
+
+    `phases` is a list of (name, num_steps). After the last phase the schedule stays in it, so a
+    loop that runs a few steps longer than planned keeps training the last objective.
+    """
+
+    kind = "sequential"
+
+    def __init__(self, phases):
+        phases = list(phases) if phases is not None else []
+        if not phases:
+            raise ValueError("phases must be a non-empty list of (name, num_steps)")
+        self.phases = []
+        ends, total = [], 0
+        for i, phase in enumerate(phases):
+            try:
+                name, n = phase
+            except (TypeError, ValueError):
+                raise ValueError(f"phase {i} must be (name, num_steps), got {phase!r}") from None
+            _check_name(name)
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"phase {i} ({name!r}): num_steps must be an int > 0, got {n!r}")
+            total += n
+            ends.append(total)
+            self.phases.append((name, n))
+        self.boundaries = tuple(ends)  # cumulative ends: phase i covers [ends[i-1], ends[i])
+        self.names = tuple(dict.fromkeys(name for name, _ in self.phases))
+
+    def phase(self, step):
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        for i, end in enumerate(self.boundaries):
+            if step < end:
+                return i
+        return len(self.boundaries) - 1
+
+    def plan(self, step):
+        return {self.phases[self.phase(step)][0]: 1.0}
+
+
+class Mix(Schedule):
+    """loss = Σ w_k·L_k with every objective of w_k > 0 computed every step.
+
+    The costly baseline: each step pays for all objectives, where ALRIGHT/MAXRIGHT pay for one.
+    """
+
+    kind = "mix"
+
+    def __init__(self, weights):
+        self.weights = _check_weights(weights)
+        self.names = tuple(self.weights)
+
+    def plan(self, step):
+        return {k: w for k, w in self.weights.items() if w > 0}
+
+
+class Alright(Schedule):
+    """ALRIGHT (Fernando et al. 2024, Algorithm 1): each step, one objective k drawn with
+    probability w_k / Σw; only its batch is drawn and computed.
+
+    The picked loss is used unweighted (plan gives it 1.0): the weights set how often an
+    objective is trained, which in expectation optimises the weighted mix at one objective's cost.
+    The draw comes from the schedule's own `random.Random(seed)`, so it neither disturbs nor
+    depends on the global RNGs that data loading and dropout use.
+    """
+
+    kind = "alright"
+
+    def __init__(self, weights, seed):
+        self.weights = _check_weights(weights)
+        self.names = tuple(self.weights)
+        self.seed = _check_seed(seed)
+        self.rng = random.Random(seed)
+        self._total = sum(self.weights.values())
+
+    def plan(self, step):
+        # One uniform draw per step, so the pick sequence depends only on the seed.
+        u = self.rng.random() * self._total
+        cum, pick = 0.0, None
+        for name, w in self.weights.items():
+            if w <= 0:
+                continue
+            pick = name  # also the fallback if rounding puts u at exactly the total
+            cum += w
+            if u < cum:
+                break
+        return {pick: 1.0}
+
+    def state_dict(self):
+        version, internal, gauss = self.rng.getstate()
+        return {**super().state_dict(), "seed": self.seed,
+                "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.seed = state["seed"]
+
+
+class Maxright(Schedule):
+    """MAXRIGHT (Fernando et al. 2024, Algorithm 2): each step, train the objective that is
+    furthest from its optimum, k = argmax_k w_k·(L̃_k − L*_k).
+
+    Exact current losses of every objective would cost a forward pass each per step, so the
+    scores use stale losses L̃_k: the stepped objective's L̃_k is overwritten with the loss it
+    just had (`observe`), and all are recomputed without grad on one batch each before the first
+    step and every `refresh_every` steps (`wants_refresh`/`refresh`; 0 = only before the first).
+    L*_k = optima.get(k, 0.0) is the objective's known optimum. Ties go to the first objective
+    in `names`, so every rank (and every resume) breaks them identically. Objectives with weight
+    0 are never picked (their score would be 0 whatever their loss).
+
+    The pick is deterministic; `seed` is kept for API symmetry with Alright and saved in state.
+    """
+
+    kind = "maxright"
+    needs_losses = True
+
+    def __init__(self, weights, optima, seed, refresh_every):
+        self.weights = _check_weights(weights)
+        self.names = tuple(self.weights)
+        optima = {} if optima is None else optima
+        if not isinstance(optima, dict):
+            raise ValueError(f"optima must be a dict name -> optimal loss, got {optima!r}")
+        unknown = [k for k in optima if k not in self.names]
+        if unknown:
+            raise ValueError(f"optima for unknown objective(s) {unknown}; objectives are {list(self.names)}")
+        self.optima = {k: float(optima.get(k, 0.0)) for k in self.names}
+        for k, v in self.optima.items():
+            if not math.isfinite(v):
+                raise ValueError(f"optimum of {k!r} must be finite, got {v}")
+        self.seed = _check_seed(seed)
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
+            raise ValueError(f"refresh_every must be an int >= 0 (0 = never after the first), got {refresh_every!r}")
+        self.refresh_every = refresh_every
+        self.stale = {}
+        self._last = {}
+
+    def wants_refresh(self, step):
+        if any(k not in self.stale for k in self.names):
+            return True
+        return self.refresh_every > 0 and step > 0 and step % self.refresh_every == 0
+
+    def refresh(self, losses):
+        self.stale = _check_losses(losses, self.names, "Maxright.refresh", require_all=True)
+
+    def observe(self, step, losses):
+        self.stale.update(_check_losses(losses, self.names, "Maxright.observe", require_all=False))
+
+    def plan(self, step):
+        missing = [k for k in self.names if k not in self.stale]
+        if missing:
+            raise RuntimeError(
+                f"Maxright.plan({step}): no stale loss for {missing}; call refresh() with every "
+                "objective's loss first (the loop does so when wants_refresh(step) is True)")
+        best, best_score, info = None, -math.inf, {}
+        for k in self.names:
+            info[f"stale/{k}"] = self.stale[k]
+            if self.weights[k] <= 0:
+                continue
+            score = self.weights[k] * (self.stale[k] - self.optima[k])
+            info[f"score/{k}"] = score
+            if best is None or score > best_score:  # strict: the first of equal scores wins
+                best, best_score = k, score
+        self._last = info
+        return {best: 1.0}
+
+    def info(self):
+        return dict(self._last)
+
+    def state_dict(self):
+        return {**super().state_dict(), "seed": self.seed,
+                "stale": dict(self.stale), "last": dict(self._last)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.seed = state["seed"]
+        self.stale = {k: float(v) for k, v in state["stale"].items()}
+        self._last = {k: float(v) for k, v in state.get("last", {}).items()}
+
+
+SCHEDULES = {
+    "single": Single,
+    "sequential": Sequential,
+    "mix": Mix,
+    "alright": Alright,
+    "maxright": Maxright,
+}
+
+
+def paper_weights(lambd, sft="sft", pref="dpo"):
+    """The paper's two-objective weights: w_pref = λ, w_sft = 1 − λ (λ = 0: SFT only, 1: DPO only).
+
+    SFT comes first in the dict, so it is first in `names` and wins MAXRIGHT ties.
+    """
+    try:
+        lambd = float(lambd)
+    except (TypeError, ValueError):
+        raise ValueError(f"lambda must be a number in [0, 1], got {lambd!r}") from None
+    if not 0.0 <= lambd <= 1.0:  # also rejects NaN
+        raise ValueError(f"lambda must be in [0, 1], got {lambd}")
+    _check_name(sft)
+    _check_name(pref)
+    if sft == pref:
+        raise ValueError(f"the SFT and preference objectives need different names, got {sft!r} twice")
+    return {sft: 1.0 - lambd, pref: lambd}

@@ -1,0 +1,337 @@
+"""DeepSpeed: configuration, engines, collectives, saving. The only module that imports deepspeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DSOptions:
+    """The CLI flags that shape the DeepSpeed config. ``explicit`` holds the flags the user typed."""
+
+    deepspeed: str | None = None
+    zero_stage: int = 2
+    bf16: bool = False
+    adam_offload: bool = False
+    ref_offload: bool = False
+    max_norm: float = 1.0
+    train_batch_size: int = 128
+    micro_train_batch_size: int = 8
+    grad_accum_dtype: str | None = None
+    zpg: int = 1
+    disable_trace_cache: bool = False
+    explicit: set = field(default_factory=set)
+
+
+def _get(cfg: dict, path: str):
+    node = cfg
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(cfg: dict, path: str, value) -> None:
+    keys = path.split(".")
+    node = cfg
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def read_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path!r}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path}: top level must be a JSON object")
+    return cfg
+
+
+def template_path(stage: int) -> str:
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3, got {stage}")
+    return os.path.join(TEMPLATES, "zero3.json" if stage == 3 else "zero2.json")
+
+
+def build_ds_config(opts: DSOptions, world_size: int) -> dict:
+    """The user's (or the template's) config with the CLI flags laid over it.
+
+    A flag the user typed that contradicts a value written in the file is an error: silently
+    preferring either would train something other than what one of the two says.
+    """
+    from_file = opts.deepspeed is not None
+    cfg = read_ds_config(opts.deepspeed or template_path(opts.zero_stage))
+    if not from_file:
+        _set(cfg, "zero_optimization.stage", opts.zero_stage)
+    overlay = {
+        "zero_optimization.stage": ("zero_stage", opts.zero_stage),
+        "gradient_clipping": ("max_norm", opts.max_norm),
+        "bf16.enabled": ("bf16", opts.bf16),
+        "train_micro_batch_size_per_gpu": ("micro_train_batch_size", opts.micro_train_batch_size),
+        "train_batch_size": ("train_batch_size", opts.train_batch_size),
+    }
+    if opts.grad_accum_dtype:
+        overlay["data_types.grad_accum_dtype"] = ("grad_accum_dtype", opts.grad_accum_dtype)
+    overlay["zero_optimization.offload_optimizer.device"] = ("adam_offload", "cpu" if opts.adam_offload else "none")
+    if opts.zpg > 1:
+        overlay["zero_optimization.zero_hpz_partition_size"] = ("zpg", opts.zpg)
+    for path, (flag, value) in overlay.items():
+        current = _get(cfg, path) if from_file else None
+        typed = flag in opts.explicit
+        if current is not None and current != "auto" and typed and current != value:
+            raise ConfigError(
+                f"--{flag} {value} contradicts {path} = {current!r} in {opts.deepspeed}; "
+                f"change one of them")
+        if current is None or current == "auto" or typed:
+            _set(cfg, path, value)
+    if opts.disable_trace_cache:
+        for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            _set(cfg, f"zero_optimization.{key}", 0)
+    cfg.pop("gradient_accumulation_steps", None)  # derived below, per objective in joint runs
+    micro, total = cfg["train_micro_batch_size_per_gpu"], cfg["train_batch_size"]
+    cfg["gradient_accumulation_steps"] = accumulation_steps(total, micro, world_size)
+    if _get(cfg, "fp16.enabled") and _get(cfg, "bf16.enabled"):
+        raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config")
+    stage = _get(cfg, "zero_optimization.stage")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0..3, got {stage!r}")
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size: int, what: str = "") -> int:
+    per_step = micro_batch_size * world_size
+    if micro_batch_size < 1 or train_batch_size < 1 or train_batch_size % per_step:
+        raise ConfigError(
+            f"--train_batch_size {train_batch_size} must be a positive multiple of "
+            f"{what}micro batch size {micro_batch_size} × world size {world_size} = {per_step}")
+    return train_batch_size // per_step
+
+
+def reference_config(train_cfg: dict, offload: bool) -> dict:
+    """ZeRO-3 runs shard the reference too; otherwise it is replicated (stage 0), as in OpenRLHF."""
+    stage = 3 if _get(train_cfg, "zero_optimization.stage") == 3 or offload else 0
+    cfg = {
+        "train_micro_batch_size_per_gpu": train_cfg["train_micro_batch_size_per_gpu"],
+        "train_batch_size": train_cfg["train_batch_size"],
+        "gradient_accumulation_steps": train_cfg["gradient_accumulation_steps"],
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bool(_get(train_cfg, "bf16.enabled"))},
+        "steps_per_print": 10**9,
+    }
+    if offload:
+        cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return cfg
+
+
+class Strategy:
+    """Process group, engines and collectives.
+
+    Works under the ``deepspeed`` launcher and as a plain single process (``python -m ...``):
+    without a launcher it sets up a world of one on a free local port.
+    """
+
+    def __init__(self, seed: int = 42):
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not dist.is_initialized():
+            deepspeed.init_distributed()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        accel = get_accelerator()
+        if accel.device_name() != "cpu":
+            accel.set_device(self.local_rank)
+        self.device = torch.device(accel.current_device_name())
+        self.seed = seed
+        self.ds_config: dict | None = None
+        self._hf_ds_config = None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_rank0:
+            print(*args, **kwargs, flush=True)
+
+    def configure(self, opts: DSOptions) -> dict:
+        self.ds_config = build_ds_config(opts, self.world_size)
+        self.ref_offload = opts.ref_offload
+        if self.zero_stage == 3:
+            # Lets transformers build big models directly sharded (zero.Init) under ZeRO-3.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return self.ds_config
+
+    @property
+    def zero_stage(self) -> int:
+        return _get(self.ds_config, "zero_optimization.stage")
+
+    @property
+    def offload_optimizer(self) -> bool:
+        return (_get(self.ds_config, "zero_optimization.offload_optimizer.device") or "none") != "none"
+
+    def write_config(self, out_dir: str) -> None:
+        if self.is_rank0:
+            os.makedirs(out_dir, exist_ok=True)
+            atomic_write_json(os.path.join(out_dir, "ds_config.json"), self.ds_config)
+
+    # ---- engines -------------------------------------------------------------------------
+
+    def optimizer(self, model, lr: float, betas, weight_decay: float):
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+    def prepare(self, model, optimizer, scheduler):
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        return engine
+
+    def prepare_reference(self, model):
+        """A frozen model for reference log-probs: a stage-3 engine or a replicated module."""
+        cfg = reference_config(self.ds_config, self.ref_offload)
+        if cfg["zero_optimization"]["stage"] == 3:
+            engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+            engine.eval()
+            return engine
+        dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else None
+        return model.to(device=self.device, dtype=dtype).eval()
+
+    # ---- collectives ---------------------------------------------------------------------
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum/max/mean of a tensor over ranks (a new tensor; the input is untouched)."""
+        out = tensor.detach().clone()
+        if self.world_size > 1:
+            red = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+            dist.all_reduce(out, op=red)
+        if op == "mean":
+            out = out / self.world_size
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of ``obj`` on every rank (used for every schedule decision)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def full_state_dict(self, engine):
+        """The trainable module's full state dict on rank 0 (gathered from ZeRO-3 shards), else None."""
+        if self.zero_stage == 3:
+            return engine._zero3_consolidated_16bit_state_dict()
+        if not self.is_rank0:
+            return None
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+    def save_hf(self, engine, tokenizer, path: str, extra_files: dict | None = None) -> None:
+        """HF-format model (``save_pretrained`` + tokenizer) written atomically to ``path``.
+
+        LoRA runs save the adapter (peft's ``save_pretrained`` keeps the adapter keys only).
+        """
+        state = self.full_state_dict(engine)
+        if self.is_rank0:
+            os.makedirs(path, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=path, prefix=".model.tmp-")
+            try:
+                engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                for name, obj in (extra_files or {}).items():
+                    with open(os.path.join(tmp, name), "w") as f:
+                        json.dump(obj, f, indent=2)
+                publish(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier()
+
+    def save_checkpoint(self, engine, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"xright": client_state})
+
+    def load_checkpoint(self, engine, ckpt_dir: str, tag: str | None = None) -> dict:
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no loadable DeepSpeed checkpoint in {ckpt_dir}")
+        return client.get("xright", {})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def atomic_write_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+MARKERS = ("config.json", "adapter_config.json")
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move a finished save from ``tmp`` into ``path``, which may hold other files (metrics).
+
+    The files that make a directory look like a model (config.json, adapter_config.json) are
+    removed first and moved in last, so a crash in between leaves no model that looks complete.
+    """
+    for name in MARKERS:
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    names = sorted(os.listdir(tmp), key=lambda n: n in MARKERS)
+    for name in names:
+        dst = os.path.join(path, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)

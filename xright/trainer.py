@@ -1,0 +1,262 @@
+"""The one training loop: pick, compute, backward, step, log, evaluate, checkpoint.
+
+Every schedule (single, sequential, mix, ALRIGHT, MAXRIGHT) and every objective runs through
+:meth:`Trainer.fit`. The loop knows objectives only by name and by what they declare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from xright.data import CyclingLoader, collate
+from xright.objectives import Objective, Reference
+
+
+@dataclass
+class Task:
+    """An objective with its data: the unit the schedule picks."""
+
+    objective: Objective
+    loader: CyclingLoader
+    eval_examples: list | None
+    micro_batch_size: int
+    grad_accum: int
+    optimum: float = 0.0
+
+
+@dataclass
+class TrainArgs:
+    total_steps: int
+    save_path: str
+    eval_steps: int = -1
+    logging_steps: int = 1
+    eval_at_start: bool = True
+    # early stopping as in the paper's code: eval loss within eps of its optimum, or a point of
+    # the reference Pareto front dominated
+    eps: float = 0.0
+    stop_at_optimum: bool = False
+    ref_pareto: dict = field(default_factory=dict)
+    debug_log_picks: bool = False
+    pad_id: int = 0
+    run_info: dict = field(default_factory=dict)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, strategy, engine, reference: Reference | None, tasks: dict[str, Task], schedule,
+                 args: TrainArgs, logger, tokenizer=None):
+        missing = set(schedule.names) - set(tasks)
+        if missing:
+            raise ValueError(f"schedule names objectives without data: {sorted(missing)}")
+        self.s, self.engine, self.reference = strategy, engine, reference
+        self.tasks, self.schedule, self.args, self.logger = tasks, schedule, args, logger
+        self.tokenizer = tokenizer
+        self.step = 0
+        self.best: dict = {}
+        self._pick_log = None
+        if args.debug_log_picks:
+            os.makedirs(args.save_path, exist_ok=True)
+            self._pick_log = open(os.path.join(args.save_path, f"picks.rank{strategy.rank}.jsonl"), "a", buffering=1)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.s.device
+        return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, plan: dict[str, float]):
+        """Draw every picked objective's micro-batches, then accumulate and step once.
+
+        The micro-batches are drawn first so that each objective's normaliser (response tokens or
+        examples of the whole step, all ranks) is known before the first backward: each
+        micro-step's loss is Σ_k w_k · sum_k × W / N_k, which DeepSpeed's mean over ranks turns
+        into the global mean. We pass ``scale_wrt_gas=False`` and set the accumulation boundary
+        ourselves because objectives may have different accumulation counts (per-objective micro
+        batch sizes), which DeepSpeed's single counter cannot express.
+        """
+        engine, W = self.engine, self.s.world_size
+        batches = {k: [self._to_device(self.tasks[k].loader.next()) for _ in range(self.tasks[k].grad_accum)]
+                   for k in plan}
+        units = {k: self.s.all_reduce(torch.stack([self.tasks[k].objective.units(b) for b in bs]).sum().to(self.s.device))
+                 for k, bs in batches.items()}
+        micro_steps = max(len(bs) for bs in batches.values())
+        sums: dict[str, dict[str, torch.Tensor]] = {k: {} for k in plan}
+        tokens = torch.zeros((), device=self.s.device)
+        for m in range(micro_steps):
+            engine.set_gradient_accumulation_boundary(m == micro_steps - 1)
+            loss = 0.0
+            for k, w in plan.items():
+                if m >= len(batches[k]):
+                    continue
+                batch = batches[k][m]
+                value, metrics = self.tasks[k].objective(engine, self.reference, batch)
+                loss = loss + w * value * (W / units[k])
+                for name, v in metrics.items():
+                    sums[k][name] = sums[k].get(name, 0.0) + v.detach()
+                tokens += batch["attention_mask"].sum()
+            engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        return sums, units, tokens
+
+    def _reduce_metrics(self, sums, units, tokens=None) -> dict[str, dict[str, float]]:
+        """All-reduce every objective's metric sums in one collective; divide by the units."""
+        keys = [(k, m) for k in sorted(sums) for m in sorted(sums[k])]
+        if not keys:
+            return {}
+        vec = self.s.all_reduce(torch.stack([torch.as_tensor(sums[k][m], dtype=torch.float32, device=self.s.device)
+                                             for k, m in keys]))
+        out: dict[str, dict[str, float]] = {k: {} for k in sums}
+        values = vec.tolist()
+        for (k, m), v in zip(keys, values):
+            out[k][m] = v / float(units[k])
+        return out
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Every objective's loss on its eval set (global means over all eval units).
+
+        The eval set is cut to a multiple of the world size so every rank runs the same number of
+        forwards (ZeRO-3 gathers parameters collectively); at most W − 1 examples are left out.
+        """
+        module = self.engine.module
+        module.eval()
+        out: dict[str, float] = {}
+        try:
+            for name in sorted(self.tasks):
+                task = self.tasks[name]
+                if not task.eval_examples:
+                    continue
+                W, r = self.s.world_size, self.s.rank
+                usable = task.eval_examples[: len(task.eval_examples) - len(task.eval_examples) % W]
+                mine = usable[r::W]
+                sums: dict[str, torch.Tensor] = {}
+                units = torch.zeros((), device=self.s.device)
+                for i in range(0, len(mine), task.micro_batch_size):
+                    batch = self._to_device(collate(task.objective.kind, mine[i:i + task.micro_batch_size],
+                                                    self.args.pad_id))
+                    _, metrics = task.objective(self.engine, self.reference, batch)
+                    units += task.objective.units(batch).to(self.s.device)
+                    for m, v in metrics.items():
+                        sums[m] = sums.get(m, 0.0) + v
+                reduced = self._reduce_metrics({name: sums}, {name: self.s.all_reduce(units)})
+                for m, v in reduced[name].items():
+                    out[f"eval/{name}/{m}"] = v
+        finally:
+            module.train()
+        losses = {k: out[f"eval/{k}/loss"] for k in self.tasks if f"eval/{k}/loss" in out}
+        if len(losses) > 1:
+            out["eval/ideal_distance"] = math.sqrt(sum((losses[k] - self.tasks[k].optimum) ** 2 for k in losses))
+        return out
+
+    @torch.no_grad()
+    def probe_losses(self) -> dict[str, float]:
+        """Each objective's loss on its next batch, without grad (MAXRIGHT's stale-loss refresh).
+
+        The batch is drawn from the objective's own loader, so it advances exactly as if the
+        objective were trained on it; nothing is drawn and thrown away.
+        """
+        out = {}
+        for name in self.schedule.names:
+            task = self.tasks[name]
+            batch = self._to_device(task.loader.next())
+            value, _ = task.objective(self.engine, self.reference, batch)
+            units = self.s.all_reduce(task.objective.units(batch).to(self.s.device))
+            out[name] = float(self.s.all_reduce(value.detach()) / units)
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _should_stop(self, ev: dict[str, float]) -> str | None:
+        losses = {k: ev.get(f"eval/{k}/loss") for k in self.tasks}
+        if any(v is None for v in losses.values()):
+            return None
+        if self.args.stop_at_optimum and all(abs(losses[k] - self.tasks[k].optimum) <= self.args.eps
+                                             for k in losses):
+            return "every eval loss within --eps of its optimum"
+        front = self.args.ref_pareto
+        if front:
+            n = len(next(iter(front.values())))
+            for i in range(n):
+                if all(losses[k] <= front[k][i] for k in front):
+                    return f"dominates reference Pareto point {i}: " + ", ".join(f"{k}={front[k][i]:.4f}" for k in front)
+        return None
+
+    def _log_eval(self) -> str | None:
+        ev = self.evaluate()
+        if ev:
+            self.logger.log({"step": self.step, **ev})
+            self.s.print("eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        return self._should_stop(ev)
+
+    def fit(self) -> dict:
+        args, s, sched = self.args, self.s, self.schedule
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
+                   dynamic_ncols=True)
+        stop = None
+        if args.eval_at_start and self.step == 0:
+            stop = self._log_eval()
+        start = time.perf_counter()
+        tokens_since, t_since = 0.0, time.perf_counter()
+        while self.step < args.total_steps and stop is None:
+            record: dict = {}
+            if sched.wants_refresh(self.step):
+                probes = s.broadcast_object(self.probe_losses())
+                sched.refresh(probes)
+                record.update({f"refresh/{k}": v for k, v in probes.items()})
+            local_plan = sched.plan(self.step)
+            plan = s.broadcast_object(local_plan)
+            info = sched.info()
+            if self._pick_log is not None:
+                self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
+            sums, units, tokens = self.train_step(plan)
+            self.step += 1
+            log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
+            record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
+            if log_now or sched.needs_losses:
+                reduced = self._reduce_metrics(sums, units)
+                self._check_finite(reduced, plan)
+                sched.observe(self.step - 1, {k: reduced[k]["loss"] for k in reduced})
+                for k, metrics in reduced.items():
+                    record.update({f"train/{k}/{m}": v for m, v in metrics.items()})
+            if log_now:
+                tok = float(s.all_reduce(tokens))
+                now = time.perf_counter()
+                tokens_since += tok
+                record.update({"lr": self.engine.get_lr()[0], "tokens": tok,
+                               "tokens_per_sec": tokens_since / max(now - t_since, 1e-9),
+                               "elapsed": now - start})
+                tokens_since, t_since = 0.0, now
+                bar.set_postfix({k.split("/")[1]: round(record[f"train/{k.split('/')[1]}/loss"], 4)
+                                 for k in record if k.endswith("/loss") and k.startswith("train/")})
+            self.logger.log(record)
+            bar.update(1)
+            if args.eval_steps > 0 and self.step % args.eval_steps == 0:
+                stop = self._log_eval()
+        bar.close()
+        if stop:
+            s.print(f"stopping early at step {self.step}: {stop}")
+        final = self.evaluate() if stop is None else {}
+        if final:
+            self.logger.log({"step": self.step, "final": True, **final})
+        self.logger.log({"step": self.step, "done": True, "stopped_early": stop,
+                         "wall_time": time.perf_counter() - start})
+        return final
+
+    def _check_finite(self, reduced: dict, plan: dict) -> None:
+        for k, metrics in reduced.items():
+            if not math.isfinite(metrics.get("loss", 0.0)):
+                raise NonFiniteLoss(f"non-finite {k} loss at step {self.step}; stopping "
+                                    f"(objectives this step: {sorted(plan)})")
