@@ -189,6 +189,14 @@ class Strategy:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         return self.ds_config
 
+    def release_hf_config(self) -> None:
+        """Stop transformers from building models sharded (needed before a rank-0-only load)."""
+        if self._hf_ds_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_ds_config = None
+
     @property
     def zero_stage(self) -> int:
         return _get(self.ds_config, "zero_optimization.stage")
@@ -208,7 +216,9 @@ class Strategy:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # empty groups are dropped: ZeRO-3 drops them too, which would desynchronise the LR scheduler
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if self.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

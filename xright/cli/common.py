@@ -129,11 +129,14 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
     g.add_argument("--pretrain_mode", action="store_true", default=False, help="SFT without prompt masking")
 
 
-def add_pref_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+def add_pref_flags(p: argparse.ArgumentParser, rlhf_aliases: bool = False) -> None:
+    """``--beta``, ``--ipo``, ``--label_smoothing`` (also as ``--rlhf_*`` in the joint CLIs, as XRIGHT's seq CLIs)."""
+    names = lambda flag: [f"--{flag}", f"--rlhf_{flag}"] if rlhf_aliases else [f"--{flag}"]  # noqa: E731
     g = p.add_argument_group("preference loss")
-    g.add_argument(f"--{prefix}beta", type=float, default=0.1)
-    g.add_argument(f"--{prefix}ipo", action="store_true", default=False, help="same as --loss ipo")
-    g.add_argument(f"--{prefix}label_smoothing", type=float, default=0.0, help="conservative DPO ε")
+    g.add_argument(*names("beta"), dest="beta", type=float, default=0.1)
+    g.add_argument(*names("ipo"), dest="ipo", action="store_true", default=False, help="same as --loss ipo")
+    g.add_argument(*names("label_smoothing"), dest="label_smoothing", type=float, default=0.0,
+                   help="conservative DPO ε")
     g.add_argument("--ipo_average", action="store_true", default=False,
                    help="IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)")
     g.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
@@ -304,10 +307,13 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
     try:
         final = trainer.fit()
+        if final:
+            strategy.print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     finally:
         logger.close()
     strategy.save_hf(engine, tokenizer, args.save_path,
                      extra_files=extra_save_files(trainer) if extra_save_files else None)
+    strategy.release_hf_config()
     if args.merge_lora and is_peft(engine.module) and strategy.is_rank0:
         from xright.models import merge_saved_adapter
 

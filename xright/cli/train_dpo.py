@@ -15,10 +15,10 @@ def add_pair_loss_flags(p):
     p.add_argument("--simpo_gamma", type=float, default=0.5, help="SimPO target margin γ (use --beta ≈ 2)")
 
 
-def pair_objective(args, prefix=""):
-    loss = "ipo" if getattr(args, prefix + "ipo") else args.loss
+def pair_objective(args):
+    loss = "ipo" if args.ipo else args.loss
     return Pairwise(loss, PrefParams(
-        beta=getattr(args, prefix + "beta"), label_smoothing=getattr(args, prefix + "label_smoothing"),
+        beta=args.beta, label_smoothing=args.label_smoothing,
         ipo_average=args.ipo_average, slic_delta=args.slic_delta, slic_lambda=args.slic_lambda,
         simpo_gamma=args.simpo_gamma))
 

@@ -1,0 +1,53 @@
+"""Helpers for tests that run the CLIs: under the deepspeed launcher (2 CPU ranks) or as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
+             PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def run_cli(module: str, args: list[str], nproc: int = 2, timeout: int = 600, check: bool = True):
+    """Run ``xright.cli.<module>``; with nproc > 1 under ``deepspeed --num_gpus nproc``."""
+    if nproc > 1:
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+               "--module", f"xright.cli.{module}", *args]
+    else:
+        cmd = [sys.executable, "-m", f"xright.cli.{module}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(save_path: str) -> list[dict]:
+    with open(os.path.join(save_path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(save_path: str) -> list[dict]:
+    return [r for r in metrics(save_path) if "objectives" in r]
+
+
+def final_eval(save_path: str) -> dict:
+    return [r for r in metrics(save_path) if r.get("final")][-1]

@@ -1,0 +1,127 @@
+"""SFT + preference training in one run under any schedule, with the paper's flags.
+
+The paper's CLIs (``train_sft_dpo_alright``, ``_maxright``, ``_mix``, ``train_sft_seq``,
+``train_dpo_seq``) are presets of :func:`main`: they fix ``--schedule`` and keep XRIGHT's flag
+names and defaults. λ (``--lambd``) is the weight of the preference objective: w_dpo = λ,
+w_sft = 1 − λ (Fernando et al. 2024).
+
+    deepspeed --module xright.cli.train_sft_dpo_alright --lambd 0.5 --save_path ./ckpt/alright
+"""
+
+from __future__ import annotations
+
+from xright.cli import common
+from xright.cli.train_dpo import add_pair_loss_flags, pair_objective
+from xright.objectives import SFT
+from xright.schedules import SCHEDULES, paper_weights
+
+PREF = "dpo"  # the preference objective's name in metrics (eval/dpo/loss), as in the paper's code
+
+
+def parser(description: str, schedule: str | None, **defaults):
+    p = common.base_parser(description, learning_rate=1e-5, max_epochs=1, wandb_project="xright_maxright",
+                           ckpt_path="./ckpt/checkpoints_dpo", **defaults)
+    common.add_data_flags(p, "sft_", max_len=2048)
+    common.add_data_flags(p, "rlhf_", max_len=512, keys=False)
+    p.add_argument("--sft_tokenizer_chat_template", dest="tokenizer_chat_template", type=str, default=None)
+    p.add_argument("--sft_micro_train_batch_size", type=int, default=8)
+    p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8)
+    common.add_pref_flags(p, rlhf_aliases=True)
+    add_pair_loss_flags(p)
+    g = p.add_argument_group("joint schedule (Fernando et al. 2024)")
+    if schedule is None:
+        g.add_argument("--schedule", choices=sorted(set(SCHEDULES) - {"single"}), default="alright",
+                       help="(one objective: --train_only)")
+    else:
+        p.set_defaults(schedule=schedule)
+    g.add_argument("--lambd", type=float, default=0.5, help="weight of the preference objective (1 − λ for SFT)")
+    g.add_argument("--max_eval_steps", type=int, default=-1,
+                   help="MAXRIGHT: recompute every objective's loss (no grad) every N steps; -1: only at the start")
+    g.add_argument("--sft_opt", type=float, default=0.0, help="optimal SFT loss L*_sft (MAXRIGHT, ideal distance)")
+    g.add_argument("--dpo_opt", type=float, default=0.0, help="optimal preference loss L*_dpo")
+    g.add_argument("--eps", type=float, default=0.0001,
+                   help="stop when both eval losses are within eps of --sft_opt/--dpo_opt (if either is set)")
+    g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {common.COMPAT}")
+    g.add_argument("--ref_pareto_sft", type=str, default="", help="comma-separated SFT losses of a reference front")
+    g.add_argument("--ref_pareto_dpo", type=str, default="", help="matching preference losses; dominating a point stops")
+    g.add_argument("--steps_per_epoch", type=int, default=None,
+                   help="optimizer steps in a joint epoch (default: one pass over the SFT data, as XRIGHT)")
+    g.add_argument("--equal_length", action="store_true", default=False,
+                   help="XRIGHT's pairing: epoch = shorter loader, every loader restarts each epoch and the "
+                        "unpicked objective's batch is drawn and discarded (exact reproduction only)")
+    g.add_argument("--order", type=str, default=f"sft,{PREF}", help="sequential schedule: phase order")
+    g.add_argument("--train_only", type=str, default=None,
+                   help="train this objective only and evaluate both (train_sft_seq / train_dpo_seq)")
+    return p
+
+
+def _front(args) -> dict:
+    if not args.ref_pareto_sft and not args.ref_pareto_dpo:
+        return {}
+    try:
+        sft = [float(x) for x in args.ref_pareto_sft.split(",")]
+        pref = [float(x) for x in args.ref_pareto_dpo.split(",")]
+    except ValueError as e:
+        raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be comma-separated numbers: {e}") from e
+    if len(sft) != len(pref):
+        raise common.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
+    return {"sft": sft, PREF: pref}
+
+
+def make_schedule(args, total: int, tasks: dict):
+    from xright.schedules import Alright, Maxright, Mix, Sequential, Single
+
+    if args.train_only:
+        return Single(args.train_only)
+    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
+    if args.schedule == "alright":
+        return Alright(weights, seed=args.seed)
+    if args.schedule == "maxright":
+        return Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
+                        refresh_every=max(args.max_eval_steps, 0))
+    if args.schedule == "mix":
+        return Mix(weights)
+    if args.schedule == "sequential":
+        order = [n.strip() for n in args.order.split(",")]
+        if sorted(order) != sorted(tasks):
+            raise common.UsageError(f"--order must name {sorted(tasks)}, got {order}")
+        return Sequential([(n, args.max_epochs * (len(tasks[n].loader) // tasks[n].grad_accum)) for n in order])
+    raise common.UsageError(f"unknown schedule {args.schedule!r}")
+
+
+def steps_per_epoch(args):
+    def count(tasks):
+        if args.steps_per_epoch:
+            return args.steps_per_epoch
+        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
+        if args.equal_length:
+            return min(per.values())
+        if args.train_only:
+            return per[args.train_only]
+        if args.schedule == "sequential":
+            return sum(per.values())
+        return per["sft"]
+    return count
+
+
+def main(argv=None, schedule: str | None = None, description: str = __doc__, **defaults):
+    p = parser(description, schedule, **defaults)
+    args = common.parse(p, argv)
+    if not 0.0 <= args.lambd <= 1.0:
+        raise common.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
+    args.ref_pareto = _front(args)
+    args.stop_at_optimum = bool(args.sft_opt or args.dpo_opt)
+    specs = [
+        common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
+                             args.sft_micro_train_batch_size, args.sft_opt),
+        common.ObjectiveSpec(PREF, pair_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+                             args.rlhf_micro_train_batch_size, args.dpo_opt),
+    ]
+    if args.train_only and args.train_only not in ("sft", PREF):
+        raise common.UsageError(f"--train_only must be sft or {PREF}")
+    common.run(args, specs, lambda total, per_epoch, tasks: make_schedule(args, total, tasks),
+               steps_per_epoch=steps_per_epoch(args))
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

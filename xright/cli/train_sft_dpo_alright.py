@@ -1,0 +1,9 @@
+"""Joint SFT + DPO with the ALRIGHT schedule (Fernando et al. 2024); XRIGHT's flags.
+
+    deepspeed --module xright.cli.train_sft_dpo_alright --lambd 0.5 --save_path ./ckpt/alright
+"""
+
+from xright.cli import common, joint
+
+if __name__ == "__main__":
+    common.main_guard(lambda: joint.main(schedule="alright", description=__doc__))

@@ -1,0 +1,9 @@
+"""Joint SFT + DPO with the MAXRIGHT schedule (Fernando et al. 2024); XRIGHT's flags.
+
+    deepspeed --module xright.cli.train_sft_dpo_maxright --lambd 0.5 --save_path ./ckpt/maxright
+"""
+
+from xright.cli import common, joint
+
+if __name__ == "__main__":
+    common.main_guard(lambda: joint.main(schedule="maxright", description=__doc__))

@@ -1,0 +1,395 @@
+"""DataSpec and load_data: sources -> blended, split, tokenised and truncated examples.
+
+Tokenisation
+    The prompt text is: chat messages rendered with the tokenizer's chat template
+    (add_generation_prompt=True); else, with ``apply_chat_template``,
+    ``[{"role": "user", "content": prompt}]`` rendered the same way; else
+    ``input_template.format(prompt)`` when ``input_template`` is set; else the raw prompt. HH-style
+    dialogue prefixes (``raw_prompt``) are never templated. The prompt is tokenised with
+    ``add_special_tokens=True`` (False when the rendered text already starts with the BOS token, so
+    a chat template that writes BOS does not get a second one), each response with
+    ``add_special_tokens=False``, then the eos id is appended to each response. Prompt and response
+    are concatenated at token level, so the loss mask is exact.
+
+    Examples: sft ``{"id", "prompt_ids", "response_ids"}`` (``pretrain_mode``: prompt_ids = [] and
+    response_ids = prompt + response + eos, all trained); binary adds ``"label"``; pairwise and scored
+    ``{"id", "prompt_ids", "responses": [K id lists]}`` (+ ``"rewards"``, ``"margin"`` if present).
+
+Truncation to ``max_len`` (prompt + each response <= max_len)
+    ``"truncate"``: responses are cut on the right to fit (losing the eos when cut); an example whose
+    prompt leaves fewer than one response token is dropped ("prompt too long").
+    ``"drop"``: an example with any over-long prompt + response is dropped ("too long").
+
+Blending (comma-separated sources, ``dataset_probs``)
+    One source: its records in file order, the first ``max_samples`` kept. Several sources: probs
+    are normalised; total T = min(sum of the sources' record counts, max_samples); source i
+    contributes n_i = its largest-remainder share of T (so proportions follow the probs exactly, up
+    to rounding). Its n_i records are taken from successive seeded permutations of it
+    (``random.Random(f"{seed}/blend/{i}/{pass}")``): a subset when n_i is below its size, whole
+    repeated passes plus a subset when above. The blend is then shuffled with
+    ``random.Random(f"{seed}/blend")``. Eval splits of several sources are concatenated, not
+    resampled (each eval record counts once), and capped at ``max_samples``.
+
+Eval set
+    ``eval_fraction > 0``: a seeded random, disjoint ``eval_fraction`` of train (at least one
+    record) is held out. Else ``eval_split == "dummy"``: the first 3 % of train (at least one record)
+    — XRIGHT's behaviour, which overlaps train (a warning says so). Else the ``eval_split`` of each
+    source; sources without it contribute nothing, and if none has it the eval set is None (logged).
+    An empty ``eval_split`` means no eval set. Built-in data (``dataset=None``) has its own eval split.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from .records import MAX_REASONS, DataError, SourceStats, read_source
+from . import synthetic
+
+KINDS = ("sft", "pairwise", "binary", "scored")
+BUILTIN_TRAIN, BUILTIN_EVAL = 2000, 200
+DUMMY_FRACTION = 0.03
+
+
+@dataclass
+class DataSpec:
+    """What to load for one objective. See the module docstring for the exact rules."""
+
+    kind: str                      # "sft" | "pairwise" | "binary" | "scored"
+    dataset: str | None = None     # comma-separated sources; None -> built-in synthetic data
+    dataset_probs: str = "1.0"
+    train_split: str = "train"
+    eval_split: str = "test"       # "dummy": eval = first 3% of train (overlaps train)
+    eval_fraction: float = 0.0     # > 0: disjoint seeded hold-out of train (takes precedence)
+    max_samples: int = 100_000_000
+    max_len: int = 2048
+    truncation: str = "truncate"   # or "drop"
+    input_key: str = "input"
+    output_key: str = "output"
+    prompt_key: str | None = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    completion_key: str = "completion"
+    label_key: str = "label"
+    completions_key: str = "completions"
+    rewards_key: str = "rewards"
+    margin_key: str | None = None
+    messages_key: str = "messages"
+    input_template: str | None = "User: {}\nAssistant: "
+    apply_chat_template: bool = False
+    pretrain_mode: bool = False
+    sft_from_chosen: bool = False
+    skip_bad_records: bool = False
+    seed: int = 42
+    name: str = "data"
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown data kind {self.kind!r}; expected one of {KINDS}")
+        if self.truncation not in ("truncate", "drop"):
+            raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.input_template and "{}" not in self.input_template:
+            raise ValueError(f"input_template must contain '{{}}' where the prompt goes: {self.input_template!r}")
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, needed for chat messages / apply_chat_template; "
+                         "pass one (--tokenizer_chat_template) or use input_template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_text(rec: dict, tokenizer, spec: DataSpec) -> str:
+    p = rec["prompt"]
+    if isinstance(p, list):
+        return _render_chat(tokenizer, p)
+    if rec.get("raw_prompt"):
+        return p
+    if spec.apply_chat_template:
+        return _render_chat(tokenizer, [{"role": "user", "content": p}])
+    if spec.input_template:
+        return spec.input_template.format(p)
+    return p
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    if not special:
+        return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    bos = getattr(tokenizer, "bos_token", None)
+    out: list[list[int] | None] = [None] * len(texts)
+    for flag in (True, False):
+        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == flag]
+        if idx:
+            enc = tokenizer([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
+            for i, ids in zip(idx, enc):
+                out[i] = list(ids)
+    return out  # type: ignore[return-value]
+
+
+def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
+    """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token id")
+    kind = spec.kind
+    prompts = _encode(tokenizer, [prompt_text(r, tokenizer, spec) for r in records], True)
+    if kind == "sft":
+        responses = [[x] for x in _encode(tokenizer, [r["response"] for r in records], False)]
+    elif kind == "binary":
+        responses = [[x] for x in _encode(tokenizer, [r["completion"] for r in records], False)]
+    else:
+        key = "completions" if kind == "scored" else None
+        groups = [r[key] if key else [r["chosen"], r["rejected"]] for r in records]
+        flat = _encode(tokenizer, [t for g in groups for t in g], False)
+        responses, i = [], 0
+        for g in groups:
+            responses.append(flat[i:i + len(g)])
+            i += len(g)
+    counts = {"truncated": 0, "dropped_prompt": 0, "dropped_long": 0}
+    out = []
+    for rec, p, rs in zip(records, prompts, responses):
+        rs = [r + [eos] for r in rs]
+        if kind == "sft" and spec.pretrain_mode:
+            p, rs = [], [p + rs[0]]
+        room = spec.max_len - len(p)
+        if any(len(r) > room for r in rs):
+            if spec.truncation == "drop":
+                counts["dropped_long"] += 1
+                continue
+            if room < 1:
+                counts["dropped_prompt"] += 1
+                continue
+            rs = [r[:room] for r in rs]
+            counts["truncated"] += 1
+        ex = {"id": rec["id"], "prompt_ids": p}
+        if kind in ("sft", "binary"):
+            ex["response_ids"] = rs[0]
+            if kind == "binary":
+                ex["label"] = rec["label"]
+        else:
+            ex["responses"] = rs
+            if "rewards" in rec:
+                ex["rewards"] = [float(x) for x in rec["rewards"]]
+            if "margin" in rec:
+                ex["margin"] = float(rec["margin"])
+        out.append(ex)
+    return out, counts
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def parse_probs(sources: list[str], probs: str) -> list[float]:
+    try:
+        values = [float(x) for x in str(probs).split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"dataset_probs {probs!r} for {','.join(sources)}: not comma-separated numbers") from None
+    if len(sources) == 1 and values == [1.0]:
+        return values
+    if len(values) != len(sources):
+        raise DataError(f"{len(sources)} sources ({','.join(sources)}) but {len(values)} dataset_probs ({probs!r})")
+    if any(v < 0 or v != v for v in values) or sum(values) <= 0:
+        raise DataError(f"dataset_probs {probs!r} for {','.join(sources)}: must be >= 0 with a positive sum")
+    return [v / sum(values) for v in values]
+
+
+def _apportion(total: int, probs: list[float]) -> list[int]:
+    """Largest-remainder split of ``total`` by ``probs`` (ties to the earlier source)."""
+    raw = [total * p for p in probs]
+    counts = [int(x) for x in raw]
+    order = sorted(range(len(probs)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def blend(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int) -> list[dict]:
+    """Blend record lists by ``probs`` (see the module docstring for the exact rule)."""
+    if len(parts) == 1:
+        return parts[0][:max_samples]
+    # An empty source (everything filtered) gets no share; the others keep their relative probs.
+    probs = [p if part else 0.0 for p, part in zip(probs, parts)]
+    if sum(probs) <= 0:
+        return []
+    probs = [p / sum(probs) for p in probs]
+    total = min(sum(len(p) for p in parts), max_samples)
+    out: list[dict] = []
+    for i, (part, n) in enumerate(zip(parts, _apportion(total, probs))):
+        taken, rnd = 0, 0
+        while taken < n:
+            order = list(range(len(part)))
+            random.Random(f"{seed}/blend/{i}/{rnd}").shuffle(order)
+            chunk = order[: n - taken]
+            out += [part[j] for j in chunk]
+            taken += len(chunk)
+            rnd += 1
+    random.Random(f"{seed}/blend").shuffle(out)
+    return out
+
+
+def _unpaired_shuffle(records: list[dict], seed: int) -> list[dict]:
+    """Binary records unpaired from pairs come as (chosen, rejected) neighbours; shuffle them so that
+    KTO's mismatched pairs (x_i, y_{i+1}) rarely share a prompt, even without loader shuffling."""
+    if any("#" in r["id"] for r in records):
+        records = list(records)
+        random.Random(f"{seed}/unpair").shuffle(records)
+    return records
+
+
+def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
+    if spec.kind == "sft" and not spec.sft_from_chosen:
+        return [{**r, "raw_prompt": False} for r in synthetic.sft_records(n, spec.seed, split)]
+    pairs = synthetic.preference_records(n, spec.seed, split)
+    if spec.kind == "sft":
+        return [{"id": r["id"], "prompt": r["prompt"], "response": r["chosen"], "raw_prompt": False} for r in pairs]
+    if spec.kind == "pairwise":
+        return [{**r, "raw_prompt": False} for r in pairs]
+    if spec.kind == "scored":
+        # Rewards so that exo-rw / dpo-rw run on the default data: hedged 1, terse 0.
+        return [{"id": r["id"], "prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]],
+                 "rewards": [1.0, 0.0], "raw_prompt": False} for r in pairs]
+    out = []
+    for r in pairs:
+        for which, label in (("chosen", True), ("rejected", False)):
+            out.append({"id": f"{r['id']}#{which}", "prompt": r["prompt"], "completion": r[which],
+                        "label": label, "raw_prompt": False})
+    return _unpaired_shuffle(out, spec.seed)
+
+
+def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
+    extra = [f"{st.bad} skipped: bad records"]
+    if st.identical:
+        extra.append(f"{st.identical} dropped: chosen == rejected")
+    if st.differ_early:
+        extra.append(f"{st.differ_early} HH pairs differ early")
+    log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {kept} kept ({', '.join(extra)})")
+    if st.bad:
+        log(f"{spec.name}: first bad records skipped:\n  " + "\n  ".join(st.reasons))
+    if st.identical:
+        log(f"warning: {spec.name}: {st.source}: {st.identical} pairs with chosen identical to rejected dropped "
+            f"(first: {', '.join(st.identical_ids[:MAX_REASONS])})")
+    if st.differ_early:
+        log(f"{spec.name}: {st.source}: {st.differ_early} HH pairs diverge before their last "
+            "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
+
+
+def _labels(sources: list[str]) -> list[str]:
+    """Id prefixes: each source's basename, or the whole source string where two different sources
+    share a basename, so that ids stay unique across a blend."""
+    base = [os.path.basename(os.path.normpath(os.path.expanduser(s))) for s in sources]
+    return [s if any(b == base[i] and t != s for b, t in zip(base, sources)) else base[i]
+            for i, s in enumerate(sources)]
+
+
+def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, log):
+    parts, total = [], SourceStats(",".join(sources), split)
+    for s, label in zip(sources, _labels(sources)):
+        got = read_source(s, split, spec, required=required, label=label)
+        if got is None:
+            if len(sources) > 1:
+                log(f"{spec.name}: {s} has no {split!r} split")
+            parts.append(None)
+            continue
+        recs, st = got
+        _log_source(spec, st, len(recs), log)
+        if spec.kind == "binary":
+            recs = _unpaired_shuffle(recs, spec.seed)
+        parts.append(recs)
+        total.add(st)
+    return parts, total
+
+
+def _empty_error(spec: DataSpec, where: str, split: str, st: SourceStats | None, why: str = "") -> DataError:
+    detail = ""
+    if st is not None:
+        detail = (f" ({st.read} records read, {st.bad} skipped: bad records, "
+                  f"{st.identical} dropped: chosen == rejected)")
+    return DataError(f"{where}: no usable {spec.kind} records in split {split!r}{detail}{why}")
+
+
+def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[dict] | None]:
+    """(train, eval) tokenised examples for ``spec``; eval is None when there is no eval set.
+
+    See the module docstring for sources, blending, eval selection, tokenisation and truncation.
+    Per split it logs ``"<name> train: 1000 examples (12 truncated, 3 dropped: prompt too long,
+    2 skipped: bad records)"``.
+    """
+    spec.check()
+    train_stats = eval_stats = None
+    eval_recs: list[dict] | None = None
+    if spec.dataset is None or not str(spec.dataset).strip():
+        where = f"builtin:{spec.kind}"
+        train_recs = _builtin(spec, "train", min(BUILTIN_TRAIN, spec.max_samples))[: spec.max_samples]
+        if spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy":
+            eval_recs = _builtin(spec, "eval", min(BUILTIN_EVAL, spec.max_samples))[: spec.max_samples]
+        log(f"{spec.name}: built-in synthetic {spec.kind} data (seed {spec.seed})")
+    else:
+        sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
+        where = ",".join(sources)
+        probs = parse_probs(sources, spec.dataset_probs)
+        parts, train_stats = _read_split(spec, sources, spec.train_split, True, log)
+        train_recs = blend(parts, probs, spec.max_samples, spec.seed)
+        if not train_recs:
+            raise _empty_error(spec, where, spec.train_split, train_stats)
+        if spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy":
+            eparts, eval_stats = _read_split(spec, sources, spec.eval_split, False, log)
+            if all(p is None for p in eparts):
+                log(f"{spec.name}: no {spec.eval_split!r} split in {where}: no eval set")
+            else:
+                eval_recs = [r for p in eparts if p for r in p][: spec.max_samples]
+    if spec.eval_fraction > 0:
+        n = len(train_recs)
+        k = max(1, round(n * spec.eval_fraction))
+        if k >= n:
+            raise DataError(f"{where}: eval_fraction={spec.eval_fraction} of {n} records leaves no training data")
+        order = list(range(n))
+        random.Random(f"{spec.seed}/eval_fraction").shuffle(order)
+        held = set(order[:k])
+        eval_recs = [r for i, r in enumerate(train_recs) if i in held]
+        train_recs = [r for i, r in enumerate(train_recs) if i not in held]
+        log(f"{spec.name}: eval = {k} records held out of train at random (eval_fraction={spec.eval_fraction}, "
+            f"seed {spec.seed}), disjoint from the {len(train_recs)} train records")
+    elif spec.eval_split == "dummy":
+        k = max(1, int(len(train_recs) * DUMMY_FRACTION))
+        eval_recs = train_recs[:k]
+        log(f"warning: {spec.name}: eval_split=dummy: the eval set is the first {k} train records, which are "
+            "also trained on (XRIGHT's behaviour); its losses are optimistic. Use eval_fraction for a disjoint one")
+    if not train_recs:
+        raise _empty_error(spec, where, spec.train_split, train_stats)
+
+    train, counts = tokenize(train_recs, tokenizer, spec)
+    _log_split(spec, "train", len(train), counts, train_stats, log)
+    if not train:
+        raise _empty_error(spec, where, spec.train_split, train_stats,
+                           f"; all {len(train_recs)} examples longer than max_len={spec.max_len} were dropped")
+    evaluation = None
+    if eval_recs is not None:
+        evaluation, ecounts = tokenize(eval_recs, tokenizer, spec)
+        _log_split(spec, "eval", len(evaluation), ecounts, eval_stats, log)
+        if not evaluation:
+            log(f"{spec.name}: eval set empty after filtering: no eval set")
+            evaluation = None
+    return train, evaluation
+
+
+def _log_split(spec: DataSpec, split: str, n: int, counts: dict, st: SourceStats | None, log) -> None:
+    if spec.truncation == "truncate":
+        parts = [f"{counts['truncated']} truncated", f"{counts['dropped_prompt']} dropped: prompt too long"]
+    else:
+        parts = [f"{counts['dropped_long']} dropped: too long"]
+    parts.append(f"{st.bad if st else 0} skipped: bad records")
+    if st and st.identical:
+        parts.append(f"{st.identical} dropped: chosen == rejected")
+    log(f"{spec.name} {split}: {n} examples ({', '.join(parts)})")

@@ -1,0 +1,94 @@
+"""Built-in synthetic data: small tasks with a real conflict between SFT and preference training.
+
+SFT records answer tersely and exactly (``"reverse 'abc'"`` -> ``"cba"``). Preference records, on
+*other* prompts of the same task kinds, prefer a wordy, hedged answer (chosen: ``"I believe the
+answer is probably cba, though you may want to check."``) over the terse exact one (rejected:
+``"cba"``). DPO therefore moves probability toward the hedged style, and the SFT loss on terse
+targets rises: the forgetting that the joint schedules exist to prevent.
+
+Determinism and disjointness: a prompt belongs to exactly one of four pools (SFT train, SFT eval,
+preference train, preference eval), decided by a hash of its text, so the four sets never share a
+prompt whatever the seeds. Within a pool, prompts are drawn from ``random.Random(seed)`` without
+repetition; ``records(n)`` is a prefix of ``records(m)`` for n < m with the same seed.
+Every prompt + response is shorter than 100 bytes so a tiny byte-level model trains fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+
+SFT_TRAIN, SFT_EVAL, PREF_TRAIN, PREF_EVAL = range(4)
+HEDGES = (
+    "I believe the answer is probably {}, though you may want to check.",
+    "Hmm, I think it might be {}, but I'm not entirely sure.",
+    "If I'm not mistaken, it should be {}, more or less.",
+    "My best guess would be {}, though I could be wrong.",
+)
+
+
+def _word(rng: random.Random, lo: int, hi: int, letters: str = string.ascii_lowercase) -> str:
+    return "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
+
+
+def task(rng: random.Random) -> tuple[str, str]:
+    """One (prompt, exact terse answer)."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"what is {a}+{b}?", str(a + b)
+    if kind == 1:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"what is {a}-{b}?", str(a - b)
+    if kind == 2:
+        w = _word(rng, 3, 6)
+        return f"reverse '{w}'", w[::-1]
+    if kind == 3:
+        digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
+        return f"sort {' '.join(digits)}", " ".join(sorted(digits))
+    if kind == 4:
+        w = _word(rng, 3, 6)
+        return f"upper-case '{w}'", w.upper()
+    w = _word(rng, 4, 8, "abcde")
+    c = rng.choice("abcde")
+    return f"count '{c}' in '{w}'", str(w.count(c))
+
+
+def _pool(prompt: str) -> int:
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little") % 4
+
+
+def _draw(n: int, seed: int, pool: int):
+    rng = random.Random(f"xright-synthetic/{seed}/{pool}")
+    seen: set[str] = set()
+    for _ in range(200 * n + 1000):
+        if len(seen) == n:
+            return
+        prompt, answer = task(rng)
+        if _pool(prompt) == pool and prompt not in seen:
+            seen.add(prompt)
+            yield prompt, answer, rng
+    raise RuntimeError(f"could not draw {n} distinct synthetic prompts")
+
+
+def sft_records(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
+    """``n`` SFT records ``{"id", "prompt", "response"}`` with terse exact answers.
+
+    ``split`` is "train" or "eval" (disjoint prompt pools). Ids: ``builtin:sft:<split>:<index>``.
+    """
+    pool = {"train": SFT_TRAIN, "eval": SFT_EVAL}[split]
+    return [{"id": f"builtin:sft:{split}:{i}", "prompt": p, "response": a}
+            for i, (p, a, _) in enumerate(_draw(n, seed, pool))]
+
+
+def preference_records(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
+    """``n`` pairs ``{"id", "prompt", "chosen", "rejected"}``: chosen hedged and wordy, rejected terse.
+
+    Prompts are disjoint from :func:`sft_records` and between splits.
+    Ids: ``builtin:pairwise:<split>:<index>``.
+    """
+    pool = {"train": PREF_TRAIN, "eval": PREF_EVAL}[split]
+    return [{"id": f"builtin:pairwise:{split}:{i}", "prompt": p, "chosen": rng.choice(HEDGES).format(a),
+             "rejected": a}
+            for i, (p, a, rng) in enumerate(_draw(n, seed, pool))]
