@@ -280,13 +280,15 @@ def test_hh_early_divergence_and_bad_pairs(tmp_path, tok):
 
 @pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH data absent")
 def test_real_hh_harmless_file(tok):
-    s = spec(dataset=str(HH_FILE), prompt_key=None, skip_bad_records=True)
+    # no skip_bad_records: the real file must load as is (its 4 blank-answer pairs are dropped, counted)
+    s = spec(dataset=str(HH_FILE), prompt_key=None)
     recs, stats = read_source(str(HH_FILE), "train", s)
     assert recs and all(r["prompt"].endswith("\n\nAssistant:") and r["raw_prompt"] for r in recs)
-    assert stats.read == 2312 and len(recs) + stats.bad + stats.identical == 2312
+    assert stats.read == 2312 and stats.bad == 0 and stats.empty_response == 4
+    assert len(recs) + stats.empty_response + stats.identical == 2312
     print(f"\nHH harmless-base test: {stats.read} pairs read, {len(recs)} loaded, {stats.differ_early} differ early, "
-          f"{stats.bad} bad, {stats.identical} identical")
-    train, _ = load_data(DataSpec(kind="pairwise", dataset=str(HH_FILE), skip_bad_records=True, max_len=4096,
+          f"{stats.empty_response} blank answers, {stats.identical} identical")
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=str(HH_FILE), max_len=4096,
                                   eval_split=""), tok, log=Log())
     assert all(tok.decode(e["prompt_ids"]).endswith("\n\nAssistant:") for e in train[:50])
 

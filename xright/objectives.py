@@ -46,6 +46,15 @@ class Objective:
     kind: str = ""                # data kind: sft | pairwise | binary | scored
     needs_reference: bool = False
     unit: str = "examples"        # what the loss is averaged over
+    # Mean over ranks, for an objective whose loss needs a collective (KTO's z). common.run sets it
+    # from the strategy; the default suits one process (unit tests).
+    reduce_mean: Callable = staticmethod(lambda t: t)
+    min_micro_batch: int = 1
+
+    def check_micro_batch(self, micro_batch_size: int) -> None:
+        """ValueError, saying why, when micro-batches of this size cannot be computed."""
+        if micro_batch_size < self.min_micro_batch:
+            raise ValueError(f"needs micro batch size >= {self.min_micro_batch}, got {micro_batch_size}")
 
     def units(self, batch: dict) -> torch.Tensor:
         return torch.tensor(float(len(batch["ids"])))
@@ -140,3 +149,175 @@ OBJECTIVES = {
     "sft": SFT,
     "pairwise": Pairwise,
 }
+
+
+# ---- reward model ---------------------------------------------------------------------------
+
+def _score_head(model):
+    """The scalar head of a sequence-classification model: HF's ``score`` (``classifier`` in some
+    architectures); under LoRA the ``modules_to_save`` wrapper around it, i.e. the shortest match."""
+    module = model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
+    names = {n: m for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")}
+    if not names:
+        raise ValueError(f"{type(module).__name__} has no 'score' or 'classifier' head: not a sequence-"
+                         "classification model (load it with load_model(task='reward'))")
+    return names[min(names, key=len)]
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each row, read at its last real token (the last 1 of ``attention_mask``): [N].
+
+    HF's ``*ForSequenceClassification`` pools at the rightmost token that differs from
+    ``config.pad_token_id``. When pad == eos (OpenRLHF's default for tokenizers without a pad
+    token) that skips the response's own final eos and reads the token before it, so the head's
+    per-token output is captured with a hook and indexed by the attention mask instead. Where
+    pad != eos (the tiny tokenizer, most chat tokenizers) both agree, so the saved model's plain
+    ``AutoModelForSequenceClassification`` forward gives the same scores; where pad == eos this
+    function is the loader to use (``AutoModelForSequenceClassification.from_pretrained`` + this).
+    """
+    captured = []
+    handle = _score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    values = captured[-1]  # [N, T, 1]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+    return values[torch.arange(values.shape[0], device=values.device), last, 0]
+
+
+class RewardModel(Objective):
+    """Bradley–Terry reward model: −log σ(s_c − s_r − m) on a scalar head (DESIGN.md §1 ``rm``).
+
+    Trains a ``load_model(task="reward")`` model (num_labels=1), scores read by
+    :func:`reward_scores`. ``m`` is the batch's per-pair ``margin`` when present and
+    ``use_margin`` (Touvron et al. 2023, eq. 2); ``loss`` "sigmoid" or "logexp" (the same function,
+    OpenRLHF's two names). ``fp32`` upcasts the scores before the loss (``--compute_fp32_loss``).
+    ``reward_mean`` / ``reward_sq`` are the mean and second moment of all 2B scores, for the
+    normalisation statistics saved with the model.
+    """
+
+    kind = "pairwise"
+
+    def __init__(self, loss: str = "sigmoid", use_margin: bool = True, fp32: bool = False):
+        if loss not in ("sigmoid", "logexp"):
+            raise ValueError(f"unknown reward-model loss {loss!r}; choose sigmoid or logexp")
+        self.loss, self.use_margin, self.fp32 = loss, use_margin, fp32
+
+    def __call__(self, model, reference, batch):
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+        if self.fp32:
+            scores = scores.float()
+        scores = split_choices(scores, 2)
+        sc, sr = scores[:, 0], scores[:, 1]
+        margin = batch.get("margin") if self.use_margin else None
+        total = L.bradley_terry(sc, sr, margin, self.loss).sum()
+        sc, sr = sc.detach().float(), sr.detach().float()
+        return total, {
+            "loss": total.detach(),
+            "acc": (sc > sr).float().sum(),
+            "margin": (sc - sr).sum(),
+            "reward_chosen": sc.sum(),
+            "reward_rejected": sr.sum(),
+            "reward_mean": (sc + sr).sum() / 2,
+            "reward_sq": (sc ** 2 + sr ** 2).sum() / 2,
+        }
+
+
+# ---- KTO --------------------------------------------------------------------------------------
+
+KTO_MICRO_BATCH_ERROR = ("KTO needs micro batch size >= 2: its KL estimate pairs each prompt with the next "
+                         "example's completion in the same micro-batch")
+
+
+class KTO(Objective):
+    """Kahneman–Tversky Optimisation on binary (desirable / undesirable) feedback (DESIGN.md §1 ``kto``).
+
+    z is ``losses.kto_kl`` on the collator's mismatched rows (x_i, y_{i+1}) of the micro-batch
+    (policy forward without grad: z is detached anyway), averaged over ranks by
+    ``reduce_mean`` *before* ``losses.kto`` clamps it at 0. Micro batch size 1 is refused (the
+    collator and :meth:`check_micro_batch` say why) rather than pairing across micro-batches.
+    """
+
+    kind, needs_reference, min_micro_batch = "binary", True, 2
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    def check_micro_batch(self, micro_batch_size: int) -> None:
+        if micro_batch_size < self.min_micro_batch:
+            raise ValueError(f"{KTO_MICRO_BATCH_ERROR} (got micro batch size {micro_batch_size})")
+
+    def __call__(self, model, reference, batch):
+        pi = sequence_logps(model, batch)[0]
+        with torch.no_grad():
+            pi_kl = sequence_logps(model, batch, "kl_")[0]
+        rho = reference.sequence_logps(batch)[0]
+        rho_kl = reference.sequence_logps(batch, "kl_")[0]
+        z = self.reduce_mean(L.kto_kl(pi_kl, rho_kl))
+        desirable = batch["label"]
+        losses, rewards = L.kto(pi, rho, desirable, z, self.beta, self.desirable_weight, self.undesirable_weight)
+        total = losses.sum()
+        right = torch.where(desirable, rewards > self.beta * z.clamp(min=0), rewards < self.beta * z.clamp(min=0))
+        return total, {
+            "loss": total.detach(),
+            "acc": right.float().sum(),           # reward on the side of z its label asks for
+            "kl": z.detach() * len(desirable),     # the micro-batch's z (before the clamp), as a mean
+            "reward": rewards.sum(),
+            "logp": pi.detach().sum(),
+        }
+
+
+# ---- EXO ----------------------------------------------------------------------------------------
+
+EXO_LOSSES = {  # name -> (loss function, data kind)
+    "exo-pref": (L.exo, "pairwise"),
+    "exo-rw": (L.exo, "scored"),
+    "dpo-pref": (L.dpo_forward_kl, "pairwise"),
+    "dpo-rw": (L.dpo_forward_kl, "scored"),
+}
+
+
+class EXO(Objective):
+    """EXO (reverse KL) and its forward-KL DPO counterpart over K completions per prompt (Ji et al. 2024).
+
+    All K completions of a prompt are rows of one micro-batch (K-major, one forward), never split.
+    ``*-pref``: pairwise data, target ``losses.exo_pref_target(epsilon)`` (None: the EXO code's
+    log-weight −10 for the rejected answer; a float ε: TRL's [1 − ε, ε], e.g. 1e-3). ``*-rw``:
+    scored data, target softmax(r / β_r). β (``beta``) is β_π.
+    """
+
+    needs_reference = True
+
+    def __init__(self, loss: str = "exo-pref", beta: float = 0.1, beta_r: float = 1.0, epsilon: float | None = None):
+        if loss not in EXO_LOSSES:
+            raise ValueError(f"unknown EXO loss {loss!r}; choose from {sorted(EXO_LOSSES)}")
+        if epsilon is not None:
+            L.exo_pref_target(1, epsilon)  # validates ε now rather than at the first batch
+        if beta_r <= 0:
+            raise ValueError(f"beta_r must be > 0, got {beta_r}")
+        self.loss, self.beta, self.beta_r, self.epsilon = loss, beta, beta_r, epsilon
+        self.fn, self.kind = EXO_LOSSES[loss]
+
+    def __call__(self, model, reference, batch):
+        K = batch["num_choices"]
+        pi = split_choices(sequence_logps(model, batch)[0], K)
+        rho = split_choices(reference.sequence_logps(batch)[0], K)
+        if self.kind == "pairwise":
+            target = L.exo_pref_target(pi.shape[0], self.epsilon, dtype=pi.dtype, device=pi.device)
+        elif "rewards" in batch:
+            target = L.exo_rw_target(batch["rewards"].to(pi.dtype), self.beta_r)
+        else:
+            raise ValueError(f"{self.loss} needs rewards: scored records with a rewards field (examples {batch['ids']})")
+        total = self.fn(pi, rho, target, self.beta).sum()
+        implicit = (self.beta * (pi - rho)).detach()
+        return total, {
+            "loss": total.detach(),
+            "acc": (implicit.argmax(-1) == target.argmax(-1)).float().sum(),  # policy's top = target's top
+            "margin": (implicit.max(-1).values - implicit.min(-1).values).sum(),
+            "logp": pi.detach().mean(-1).sum(),
+        }
+
+
+OBJECTIVES.update({"rm": RewardModel, "kto": KTO, "exo": EXO})

@@ -142,9 +142,12 @@ class Trainer:
                 mine = usable[r::W]
                 sums: dict[str, torch.Tensor] = {}
                 units = torch.zeros((), device=self.s.device)
-                for i in range(0, len(mine), task.micro_batch_size):
-                    batch = self._to_device(collate(task.objective.kind, mine[i:i + task.micro_batch_size],
-                                                    self.args.pad_id))
+                starts = list(range(0, len(mine), task.micro_batch_size))
+                if len(starts) > 1 and len(mine) - starts[-1] < task.objective.min_micro_batch:
+                    starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
+                for j, i in enumerate(starts):
+                    end = starts[j + 1] if j + 1 < len(starts) else len(mine)
+                    batch = self._to_device(collate(task.objective.kind, mine[i:end], self.args.pad_id))
                     _, metrics = task.objective(self.engine, self.reference, batch)
                     units += task.objective.units(batch).to(self.s.device)
                     for m, v in metrics.items():

@@ -228,6 +228,11 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     from xright.strategy import DSOptions, Strategy, accumulation_steps, atomic_write_json
     from xright.trainer import TrainArgs, Task, Trainer
 
+    for sp in specs:
+        try:
+            sp.objective.check_micro_batch(sp.micro_batch_size)
+        except ValueError as e:
+            raise UsageError(f"{sp.name}: {e}") from None
     _check_writable(args.save_path)
     strategy = Strategy(seed=args.seed)
     random.seed(args.seed)
@@ -250,6 +255,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     loaders = {sp.name: CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
                                       tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size,
                                       seed=args.seed) for sp in specs}
+    for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
+        sp.objective.reduce_mean = lambda t: strategy.all_reduce(t, op="mean")
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
     for name, t in tasks.items():
@@ -317,7 +324,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     if args.merge_lora and is_peft(engine.module) and strategy.is_rank0:
         from xright.models import merge_saved_adapter
 
-        merge_saved_adapter(args.pretrain, args.save_path, os.path.join(args.save_path, "merged"), tokenizer)
+        merge_saved_adapter(args.pretrain, args.save_path, os.path.join(args.save_path, "merged"), tokenizer,
+                            task=task)
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
     return final

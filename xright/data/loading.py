@@ -272,6 +272,8 @@ def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
     extra = [f"{st.bad} skipped: bad records"]
     if st.identical:
         extra.append(f"{st.identical} dropped: chosen == rejected")
+    if st.empty_response:
+        extra.append(f"{st.empty_response} dropped: blank HH answer")
     if st.differ_early:
         extra.append(f"{st.differ_early} HH pairs differ early")
     log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {kept} kept ({', '.join(extra)})")
