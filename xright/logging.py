@@ -41,6 +41,20 @@ class MetricsLogger:
                 if key != "step":
                     self._tb.add_scalar(key, value, step)
 
+    def truncate(self, step: int) -> None:
+        """On resume: keep the records up to ``step`` (what the checkpoint has seen) and go on appending."""
+        if not self.enabled:
+            return
+        self._file.close()
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step
+                    and not {"final", "done"} & set(json.loads(line))]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+
     def close(self) -> None:
         if not self.enabled:
             return

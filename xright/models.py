@@ -17,6 +17,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
     PreTrainedTokenizerFast,
 )
 
@@ -137,8 +139,11 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         config._attn_implementation = attn
         if task == "reward":
             config.num_labels = 1
+        # The class constructor, not from_config: from_config would build under ZeRO-3's zero.Init,
+        # which initialises differently, and the tiny model must be the same tensors at every stage.
+        cls = GPTNeoXForCausalLM if task == "causal" else GPTNeoXForSequenceClassification
         with _seeded(seed):
-            model = auto.from_config(config, dtype=dtype)
+            model = cls(config).to(dtype)
     else:
         _check_local(pretrain)
         kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)

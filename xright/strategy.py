@@ -302,14 +302,95 @@ class Strategy:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
 
-    def save_checkpoint(self, engine, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"xright": client_state})
+    def save_checkpoint(self, engine, ckpt_dir: str, step: int, state: dict, rank_state: dict,
+                        max_num: int = 3, max_gb: float = 1000.0) -> str:
+        """A resumable checkpoint, atomically: a crash at any moment leaves the previous one loadable.
 
-    def load_checkpoint(self, engine, ckpt_dir: str, tag: str | None = None) -> dict:
-        path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"no loadable DeepSpeed checkpoint in {ckpt_dir}")
-        return client.get("xright", {})
+        DeepSpeed writes engine state (weights, optimizer, LR schedule) under a temporary tag; rank 0
+        adds ``xright_state.json`` (``state`` + every rank's ``rank_state``), renames the directory
+        into place and only then rewrites the ``latest`` pointer. Old checkpoints beyond
+        ``max_num`` or ``max_gb`` are removed afterwards.
+        """
+        tag = f"global_step{step}"
+        tmp_tag = f".tmp-{tag}"
+        if self.is_rank0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
+        self.barrier()
+        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, save_latest=False)
+        if os.environ.get("XRIGHT_DEBUG_CRASH_IN_CHECKPOINT") == str(step):
+            os._exit(9)  # debug: die with the checkpoint half written (tests the atomicity)
+        ranks = self.all_gather_object(rank_state)
+        self.barrier()
+        if self.is_rank0:
+            tmp = os.path.join(ckpt_dir, tmp_tag)
+            atomic_write_json(os.path.join(tmp, "xright_state.json"), {**state, "ranks": ranks})
+            final = os.path.join(ckpt_dir, tag)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+            _prune(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
+        self.barrier()
+        return tag
+
+    def load_checkpoint(self, engine, ckpt_dir: str, expect: dict) -> dict | None:
+        """Restore the latest checkpoint in ``ckpt_dir``; None if there is none.
+
+        ``expect`` holds facts the checkpoint must agree with (world size, model signature): a
+        mismatch is a clear error before DeepSpeed tries to load incompatible shards.
+        """
+        pointer = os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(pointer):
+            return None
+        with open(pointer) as f:
+            tag = f.read().strip()
+        path = os.path.join(ckpt_dir, tag, "xright_state.json")
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} is unreadable ({e}); "
+                              "remove it or point --ckpt_path elsewhere") from e
+        for key, value in expect.items():
+            if state.get(key) != value:
+                raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {key}={state.get(key)!r} but this "
+                                  f"run has {key}={value!r}; resume with the same settings or use a new --ckpt_path")
+        loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ConfigError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+        state["tag"] = tag
+        return state
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+
+
+def _prune(ckpt_dir: str, keep: str, max_num: int, max_gb: float) -> None:
+    """Drop the oldest checkpoints beyond ``max_num`` / ``max_gb`` (never ``keep``), and stale temporaries."""
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(".tmp-global_step"):
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    tags = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("global_step") and n[11:].isdigit()),
+                  key=lambda n: int(n[11:]))
+    sizes = {t: _dir_bytes(os.path.join(ckpt_dir, t)) for t in tags}
+    while len(tags) > 1 and (len(tags) > max(1, max_num) or sum(sizes.values()) > max_gb * 2**30):
+        old = tags.pop(0)
+        if old == keep:
+            break
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        sizes.pop(old)
 
 
 def _free_port() -> int:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import signal
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from xright.data import CyclingLoader, collate
@@ -44,7 +47,12 @@ class TrainArgs:
     ref_pareto: dict = field(default_factory=dict)
     debug_log_picks: bool = False
     pad_id: int = 0
-    run_info: dict = field(default_factory=dict)
+    # resumable checkpoints (DESIGN.md §2 invariant 5)
+    save_steps: int = -1
+    ckpt_path: str = "./ckpt/checkpoints"
+    max_ckpt_num: int = 3
+    max_ckpt_mem: float = 1000.0
+    signature: dict = field(default_factory=dict)  # facts a checkpoint must match (world size, model)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,7 +69,7 @@ class Trainer:
         self.tasks, self.schedule, self.args, self.logger = tasks, schedule, args, logger
         self.tokenizer = tokenizer
         self.step = 0
-        self.best: dict = {}
+        self._terminate = False
         self._pick_log = None
         if args.debug_log_picks:
             os.makedirs(args.save_path, exist_ok=True)
@@ -178,6 +186,39 @@ class Trainer:
             out[name] = float(self.s.all_reduce(value.detach()) / units)
         return out
 
+    # ---- exact resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything besides the engine that the next step depends on (identical on every rank)."""
+        return {"step": self.step, "schedule": self.schedule.state_dict(),
+                "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()}, **self.args.signature}
+
+    def save_checkpoint(self) -> None:
+        a = self.args
+        tag = self.s.save_checkpoint(self.engine, a.ckpt_path, self.step, self.state_dict(), _rng_state(),
+                                     a.max_ckpt_num, a.max_ckpt_mem)
+        self.s.print(f"checkpoint {tag} saved to {a.ckpt_path}")
+
+    def resume(self) -> bool:
+        """Restore the latest checkpoint of ``--ckpt_path`` (engine, counters, data, schedule, RNG)."""
+        state = self.s.load_checkpoint(self.engine, self.args.ckpt_path, self.args.signature)
+        if state is None:
+            self.s.print(f"no checkpoint in {self.args.ckpt_path}: starting from scratch")
+            self.logger.truncate(-1)
+            return False
+        self.step = state["step"]
+        self.schedule.load_state_dict(state["schedule"])
+        for k, t in self.tasks.items():
+            t.loader.load_state_dict(state["loaders"][k])
+        _set_rng_state(state["ranks"][self.s.rank])
+        self.logger.truncate(self.step)
+        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}")
+        return True
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Schedulers send SIGTERM before pre-empting: finish the step, checkpoint, exit cleanly.
+        self._terminate = True
+
     # ---- the loop ------------------------------------------------------------------------------
 
     def _should_stop(self, ev: dict[str, float]) -> str | None:
@@ -209,11 +250,17 @@ class Trainer:
         bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
                    dynamic_ncols=True)
         stop = None
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         if args.eval_at_start and self.step == 0:
             stop = self._log_eval()
         start = time.perf_counter()
         tokens_since, t_since = 0.0, time.perf_counter()
         while self.step < args.total_steps and stop is None:
+            if s.broadcast_object(self._terminate):  # rank 0's word, so all ranks stop at the same step
+                self.save_checkpoint()
+                s.print(f"SIGTERM: checkpoint saved at step {self.step}; exiting")
+                signal.signal(signal.SIGTERM, previous)
+                return {"terminated": True}
             record: dict = {}
             if sched.wants_refresh(self.step):
                 probes = s.broadcast_object(self.probe_losses())
@@ -248,7 +295,10 @@ class Trainer:
             bar.update(1)
             if args.eval_steps > 0 and self.step % args.eval_steps == 0:
                 stop = self._log_eval()
+            if args.save_steps > 0 and self.step % args.save_steps == 0:
+                self.save_checkpoint()
         bar.close()
+        signal.signal(signal.SIGTERM, previous)
         if stop:
             s.print(f"stopping early at step {self.step}: {stop}")
         final = self.evaluate() if stop is None else {}
@@ -263,3 +313,20 @@ class Trainer:
             if not math.isfinite(metrics.get("loss", 0.0)):
                 raise NonFiniteLoss(f"non-finite {k} loss at step {self.step}; stopping "
                                     f"(objectives this step: {sorted(plan)})")
+
+
+def _rng_state() -> dict:
+    """Python, NumPy and torch RNG states as JSON (no pickles in xright's own state)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

@@ -272,6 +272,9 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
                        load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
                        seed=args.seed, vocab_size=len(tokenizer))
+    signature = {"world_size": strategy.world_size, "model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
+                 "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                 "objectives": sorted(tasks)}
     optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
     scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
@@ -310,10 +313,16 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
         logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
         pad_id=tokenizer.pad_token_id, eps=getattr(args, "eps", 0.0),
-        stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {})
+        stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {},
+        save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
+        max_ckpt_mem=args.max_ckpt_mem, signature=signature)
     trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
     try:
+        if args.load_checkpoint:
+            trainer.resume()
         final = trainer.fit()
+        if final.get("terminated"):
+            return final
         if final:
             strategy.print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     finally:

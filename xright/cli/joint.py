@@ -19,8 +19,10 @@ PREF = "dpo"  # the preference objective's name in metrics (eval/dpo/loss), as i
 
 
 def parser(description: str, schedule: str | None, **defaults):
-    p = common.base_parser(description, learning_rate=1e-5, max_epochs=1, wandb_project="xright_maxright",
-                           ckpt_path="./ckpt/checkpoints_dpo", **defaults)
+    # the seq CLIs override some of these defaults (XRIGHT: lr 5e-6, 2 epochs)
+    defaults = {"learning_rate": 1e-5, "max_epochs": 1, "wandb_project": "xright_maxright",
+                "ckpt_path": "./ckpt/checkpoints_dpo", **defaults}
+    p = common.base_parser(description, **defaults)
     common.add_data_flags(p, "sft_", max_len=2048)
     common.add_data_flags(p, "rlhf_", max_len=512, keys=False)
     p.add_argument("--sft_tokenizer_chat_template", dest="tokenizer_chat_template", type=str, default=None)

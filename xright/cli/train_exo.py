@@ -28,7 +28,10 @@ def main(argv=None):
     p.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
     add_exo_flags(p)
     args = common.parse(p, argv)
-    objective = EXO(args.loss, args.beta, args.beta_r, args.exo_epsilon)
+    try:
+        objective = EXO(args.loss, args.beta, args.beta_r, args.exo_epsilon)
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
     spec = common.ObjectiveSpec(args.loss, objective, common.data_spec(args, objective.kind, name=args.loss),
                                 args.micro_train_batch_size)
     common.run(args, [spec], lambda total, per_epoch, tasks: Single(args.loss))

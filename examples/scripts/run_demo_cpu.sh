@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The paper's whole pipeline (Fernando et al. 2024) on a CPU, with the built-in tiny GPT-NeoX and the
+# built-in synthetic data: no GPU, no download.
+#
+#   examples/scripts/run_demo_cpu.sh [OUT_DIR]          # default runs/demo
+#
+# 1. reference: SFT on the preference data's chosen answers (train_sft_pref), as the paper's
+#    reference policy; every later run starts from it and uses it as the DPO reference;
+# 2. optima: SFT only and DPO only, OPT_STEPS each, from the reference → --sft_opt / --dpo_opt
+#    (the best eval loss of each; the ideal point);
+# 3. sequential SFT→DPO and DPO→SFT: train_sft_seq / train_dpo_seq, PHASE_STEPS each, the second
+#    phase starting from the first one's output (--pretrain) with the reference as --ref_pretrain;
+# 4. Mix, ALRIGHT, MAXRIGHT at every λ in LAMBDAS, each with 2 × PHASE_STEPS optimizer steps: the
+#    same number of steps as a whole sequential run;
+# 5. plot_pareto over all of them → OUT_DIR/pareto.png and OUT_DIR/pareto.md.
+#
+# Sizes and hyperparameters are environment variables (defaults below). Runs are single-process
+# (`python -m`; LAUNCHER=deepspeed uses `deepspeed --num_gpus 1` instead), JOBS at a time with
+# OMP_NUM_THREADS=THREADS each. The built-in data: SFT answers small tasks tersely ("reverse 'abc'"
+# → "cba"); the preference pairs, on other prompts of the same tasks, prefer a hedged wordy answer
+# over the terse one, so DPO pushes against what SFT learns (see xright/data/synthetic.py).
+# On an idle 2-core machine the defaults take about TODO minutes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+OUT=${1:-${OUT:-runs/demo}}
+BATCH=${BATCH:-16}                 # global batch = micro batch of both objectives (no accumulation)
+LR=${LR:-1e-3}                     # every run after the reference
+BETA=${BETA:-0.1}
+REF_STEPS=${REF_STEPS:-250}
+REF_LR=${REF_LR:-2e-3}
+PHASE_STEPS=${PHASE_STEPS:-60}     # one sequential phase; joint runs get 2 × PHASE_STEPS
+OPT_STEPS=${OPT_STEPS:-$((4 * PHASE_STEPS))}
+EVAL_STEPS=${EVAL_STEPS:-20}
+MAX_EVAL_STEPS=${MAX_EVAL_STEPS:-10}   # MAXRIGHT: refresh both stale losses every N steps
+LAMBDAS=${LAMBDAS:-"0.25 0.5 0.75"}
+SEED=${SEED:-42}
+JOBS=${JOBS:-2}
+THREADS=${THREADS:-1}
+LAUNCHER=${LAUNCHER:-python}       # python | deepspeed
+SKIP_DONE=${SKIP_DONE:-0}          # 1: keep runs of an earlier invocation that finished
+
+export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+rm -f "$OUT/.failed"
+START=$SECONDS
+PORT=$((29600 + RANDOM % 2000))
+
+finished() { [[ -f $1/metrics.jsonl ]] && grep -q '"done": true' "$1/metrics.jsonl"; }
+
+run() {  # run NAME MODULE ARGS... : in the background, at most JOBS at a time
+    local name=$1 module=$2
+    shift 2
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+    if [[ $SKIP_DONE == 1 ]] && finished "$OUT/$name"; then
+        echo "  [$(( SECONDS - START ))s] $name: kept from an earlier run"
+        return
+    fi
+    local cmd=(python -m "xright.cli.$module")
+    if [[ $LAUNCHER == deepspeed ]]; then
+        PORT=$((PORT + 1))
+        cmd=(deepspeed --num_gpus 1 --master_port "$PORT" --module "xright.cli.$module")
+    fi
+    echo "  [$(( SECONDS - START ))s] $name: $module $*"
+    (
+        if ! "${cmd[@]}" --save_path "$OUT/$name" --seed "$SEED" "$@" >"$LOGS/$name.log" 2>&1; then
+            echo "run $name failed; the end of $LOGS/$name.log:" >&2
+            tail -n 25 "$LOGS/$name.log" >&2
+            touch "$OUT/.failed"
+            exit 1
+        fi
+    ) &
+}
+
+barrier() {
+    wait
+    if [[ -e $OUT/.failed ]]; then echo "demo: a run failed (logs in $LOGS)" >&2; exit 1; fi
+}
+
+best_eval() {  # best_eval RUN_DIR OBJECTIVE: the lowest eval loss of that objective over the run
+    python - "$1" "$2" <<'EOF'
+import json, sys
+key = f"eval/{sys.argv[2]}/loss"
+with open(sys.argv[1] + "/metrics.jsonl") as f:
+    values = [r[key] for r in map(json.loads, filter(str.strip, f)) if key in r]
+print(f"{min(values):.4f}")
+EOF
+}
+
+REF=$OUT/ref
+# the flags every run after the reference shares
+COMMON=(--pretrain "$REF" --ref_pretrain "$REF" --train_batch_size "$BATCH"
+        --sft_micro_train_batch_size "$BATCH" --rlhf_micro_train_batch_size "$BATCH"
+        --learning_rate "$LR" --beta "$BETA" --eval_steps "$EVAL_STEPS" --logging_steps 1)
+JOINT_STEPS=$((2 * PHASE_STEPS))
+
+echo "1/5 reference: SFT on the chosen answers of the preference data ($REF_STEPS steps)"
+run ref train_sft_pref --train_batch_size "$BATCH" --micro_train_batch_size "$BATCH" \
+    --max_steps "$REF_STEPS" --learning_rate "$REF_LR" --eval_steps "$REF_STEPS"
+barrier
+
+echo "2/5 optima ($OPT_STEPS steps each) and 3/5 sequential phase 1 ($PHASE_STEPS steps each)"
+run opt_sft train_sft_seq "${COMMON[@]}" --max_steps "$OPT_STEPS" --eval_steps $((OPT_STEPS / 6))
+run opt_dpo train_dpo_seq "${COMMON[@]}" --max_steps "$OPT_STEPS" --eval_steps $((OPT_STEPS / 6))
+run seq_sft train_sft_seq "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+run seq_dpo train_dpo_seq "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+echo "4/5 Mix and ALRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each)"
+for l in $LAMBDAS; do
+    run "mix_$l" train_sft_dpo_mix "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
+    run "alright_$l" train_sft_dpo_alright "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
+done
+barrier
+
+SFT_OPT=$(best_eval "$OUT/opt_sft" sft)
+DPO_OPT=$(best_eval "$OUT/opt_dpo" dpo)
+echo "   ideal point: --sft_opt $SFT_OPT --dpo_opt $DPO_OPT"
+echo "3/5 sequential phase 2 (starts from phase 1, the reference stays the DPO reference)"
+run seq_sft_dpo train_dpo_seq "${COMMON[@]}" --pretrain "$OUT/seq_sft" --max_steps "$PHASE_STEPS"
+run seq_dpo_sft train_sft_seq "${COMMON[@]}" --pretrain "$OUT/seq_dpo" --max_steps "$PHASE_STEPS"
+echo "4/5 MAXRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each, stale losses refreshed every $MAX_EVAL_STEPS)"
+for l in $LAMBDAS; do
+    # --eps 0: the optimum is the single-objective runs' best, so don't stop when near it
+    run "maxright_$l" train_sft_dpo_maxright "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS" \
+        --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --max_eval_steps "$MAX_EVAL_STEPS" --eps 0
+done
+barrier
+
+echo "5/5 the picture"
+runs=(opt_sft opt_dpo seq_sft seq_sft_dpo seq_dpo seq_dpo_sft)
+for l in $LAMBDAS; do runs+=("mix_$l" "alright_$l" "maxright_$l"); done
+python -m xright.cli.plot_pareto "${runs[@]/#/$OUT/}" --out "$OUT" --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" \
+    --title "tiny GPT-NeoX, built-in data: sequential $PHASE_STEPS+$PHASE_STEPS steps, joint $JOINT_STEPS steps"
+echo "demo done in $(( SECONDS - START )) s: $OUT/pareto.png, $OUT/pareto.md"

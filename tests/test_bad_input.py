@@ -1,0 +1,88 @@
+"""Bad input never trains: each case exits non-zero, names the problem (file, line, field), and
+leaves no final model behind."""
+
+import json
+import os
+
+import pytest
+
+from launch import run_cli
+
+SMALL = ["--train_batch_size", "4", "--micro_train_batch_size", "2", "--max_steps", "2", "--zero_stage", "0"]
+
+
+def jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def sft_file(tmp_path, bad_line):
+    good = json.dumps({"input": "2+2", "output": "4"})
+    return jsonl(tmp_path / "sft.jsonl", [good, good, bad_line, good])
+
+
+CASES = {
+    "malformed json": (lambda t: ["--dataset", sft_file(t, '{"input": "x", "output": }')], ["sft.jsonl", "line 3"]),
+    "missing key": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "outptu": "y"}))],
+                    ["sft.jsonl", "line 3", "'output'", "outptu"]),
+    "empty field": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "output": ""}))],
+                    ["sft.jsonl", "line 3", "'output'", "empty"]),
+    "null field": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": None, "output": "y"}))],
+                   ["sft.jsonl", "line 3", "'input'"]),
+    "non-string field": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "output": 42}))],
+                         ["sft.jsonl", "line 3", "'output'"]),
+    "non-utf8": (lambda t: ["--dataset", _bytes(t)], ["bad.jsonl", "line 2", "UTF-8"]),
+    "missing model": (lambda t: ["--pretrain", str(t / "no" / "such" / "model")], ["does not exist"]),
+    "unreadable ds_config": (lambda t: ["--deepspeed", str(t / "nope.json")], ["cannot read DeepSpeed config", "nope.json"]),
+    "contradictory ds_config": (lambda t: ["--deepspeed", _ds(t), "--zero_stage", "0"],
+                                ["--zero_stage 0 contradicts zero_optimization.stage = 3"]),
+    "batch does not divide": (lambda t: ["--train_batch_size", "6", "--micro_train_batch_size", "4"],
+                              ["--train_batch_size 6 must be a positive multiple"]),
+    "empty after filtering": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "output": "y"})),
+                                         "--max_len", "4", "--truncation", "drop"], ["sft.jsonl", "no usable sft records"]),
+    "save_path not writable": (lambda t: ["--save_path", "/proc/xright-run"], ["--save_path", "/proc/xright-run"]),
+}
+
+
+def _bytes(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "\xff\xfe", "output": "b"}\n')
+    return str(path)
+
+
+def _ds(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_clearly_before_training(tmp_path, case):
+    make, needles = CASES[case]
+    out = tmp_path / "out"
+    args = [*SMALL, "--save_path", str(out), *make(tmp_path)]
+    if "--save_path" in make(tmp_path):
+        args = [*SMALL, *make(tmp_path)]
+    proc = run_cli("train_sft", args, nproc=1, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in output:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    assert not os.path.exists(out / "config.json") and not os.path.exists(out / "model.safetensors")
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+
+
+def test_unknown_loss_is_rejected(tmp_path):
+    proc = run_cli("train_dpo", ["--loss", "dpoo", "--save_path", str(tmp_path)], nproc=1, check=False)
+    assert proc.returncode == 2 and "invalid choice: 'dpoo'" in proc.stderr
+
+
+def test_skip_bad_records_counts_and_trains(tmp_path):
+    path = sft_file(tmp_path, '{"input": "x", "output": }')
+    lines = [json.dumps({"input": f"{i}+1", "output": str(i + 1)}) for i in range(12)]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    proc = run_cli("train_sft", [*SMALL, "--dataset", path, "--skip_bad_records", "--save_path", str(tmp_path / "o")],
+                   nproc=1)
+    assert "1 skipped: bad records" in proc.stdout and "line 3" in proc.stdout

@@ -1,0 +1,105 @@
+"""Exact resume: a run killed after a checkpoint and resumed with --load_checkpoint produces the same
+per-step losses and picks as an uninterrupted run (fp32 on CPU: bitwise)."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launch import ROOT, env, free_port, metrics, run_cli, train_records
+
+STEPS, SAVE = 16, 4
+BASE = ["--train_batch_size", "8", "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
+        "--max_samples", "200", "--eval_steps", "6", "--logging_steps", "1"]
+CASES = {
+    "sft": ("train_sft", ["--micro_train_batch_size", "2"]),
+    "dpo": ("train_dpo", ["--micro_train_batch_size", "2"]),
+    "alright": ("train_sft_dpo_alright", ["--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
+                                          "--sft_max_samples", "200", "--rlhf_max_samples", "64"]),
+    "maxright": ("train_sft_dpo_maxright", ["--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
+                                            "--sft_max_samples", "200", "--rlhf_max_samples", "64",
+                                            "--max_eval_steps", "3"]),
+}
+
+
+def args_for(case, zero, out):
+    module, extra = CASES[case]
+    extra = [a for a in extra]
+    if case in ("alright", "maxright"):
+        extra = [a for a in BASE if a != "--max_samples" and a != "200"] + extra
+    else:
+        extra = BASE + extra
+    return module, ["--zero_stage", zero, "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), *extra]
+
+
+def trajectory(out):
+    return [(r["step"], r["objectives"], {k: v for k, v in r.items() if k.startswith(("train/", "stale/"))})
+            for r in train_records(out)]
+
+
+def launch_and_kill(module, args, at_step, sig):
+    """Start a 2-rank run and send ``sig`` to its whole process group once it has logged ``at_step``."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", f"xright.cli.{module}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    out = args[args.index("--save_path") + 1]
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(r.get("step", 0) >= at_step and "objectives" in r for r in metrics(out)):
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, sig)
+    log = proc.communicate(timeout=120)[0]
+    return proc.returncode, log
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_sigkill_then_resume_is_exact(tmp_path, case, zero):
+    module, ref_args = args_for(case, zero, str(tmp_path / "ref"))
+    run_cli(module, ref_args)
+    _, args = args_for(case, zero, str(tmp_path / "cut"))
+    kill_at = random.Random(f"{case}{zero}").randint(SAVE + 1, STEPS - 4)
+    launch_and_kill(module, args, kill_at, signal.SIGKILL)
+    assert not any(r.get("done") for r in metrics(str(tmp_path / "cut")))
+    proc = run_cli(module, [*args, "--load_checkpoint"])
+    assert "resumed from" in proc.stdout
+    assert trajectory(str(tmp_path / "cut")) == trajectory(str(tmp_path / "ref"))
+    assert len(trajectory(str(tmp_path / "ref"))) == STEPS
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path):
+    module, ref_args = args_for("alright", "3", str(tmp_path / "ref"))
+    run_cli(module, ref_args)
+    _, args = args_for("alright", "3", str(tmp_path / "cut"))
+    args = [a if a != str(SAVE) else "100" for a in args]  # no periodic checkpoints: SIGTERM makes the only one
+    ref_args = [a if a != str(SAVE) else "100" for a in ref_args]
+    code, log = launch_and_kill(module, args, 7, signal.SIGTERM)
+    ckpt = str(tmp_path / "cut" / "ckpt")
+    assert os.path.exists(os.path.join(ckpt, "latest")), log[-3000:]
+    proc = run_cli(module, [*args, "--load_checkpoint"])
+    assert "resumed from" in proc.stdout
+    assert trajectory(str(tmp_path / "cut")) == trajectory(str(tmp_path / "ref"))
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    module, ref_args = args_for("maxright", "2", str(tmp_path / "ref"))
+    run_cli(module, ref_args)
+    _, args = args_for("maxright", "2", str(tmp_path / "cut"))
+    monkeypatch.setenv("XRIGHT_DEBUG_CRASH_IN_CHECKPOINT", str(2 * SAVE))
+    proc = run_cli(module, args, check=False)
+    assert proc.returncode != 0
+    ckpt = str(tmp_path / "cut" / "ckpt")
+    with open(os.path.join(ckpt, "latest")) as f:
+        assert f.read().strip() == f"global_step{SAVE}"  # the half-written step-8 checkpoint is not the latest
+    monkeypatch.delenv("XRIGHT_DEBUG_CRASH_IN_CHECKPOINT")
+    proc = run_cli(module, [*args, "--load_checkpoint"])
+    assert f"global_step{SAVE} at step {SAVE}" in proc.stdout
+    assert trajectory(str(tmp_path / "cut")) == trajectory(str(tmp_path / "ref"))

@@ -1,0 +1,161 @@
+"""N-objective joint training: any set of objectives, each on its own data, under one schedule.
+
+    deepspeed --module xright.cli.train_joint --objectives sft,dpo,kto --schedule maxright \\
+        --sft_weight 0.5 --dpo_weight 0.3 --kto_weight 0.2 --sft_opt 0.9 --kto_micro_train_batch_size 4
+
+``--objectives`` lists NAME or NAME:LOSS entries (NAME defaults to LOSS, so two objectives can share
+a loss on different data: ``--objectives sft,dpo,hh:dpo``). Every NAME gets its own flags, prefixed
+with NAME ('-' becomes '_'): ``--NAME_dataset`` (and ``_dataset_probs``, ``_train_split``,
+``_eval_split``, ``_eval_fraction``, ``_max_samples``, ``_max_len``), ``--NAME_micro_train_batch_size``
+(default ``--micro_train_batch_size``), ``--NAME_weight`` (default 1), ``--NAME_opt`` (its optimum
+L*, default 0) and ``--NAME_beta`` (default: the loss's usual β). Loss-specific hyperparameters
+(``--label_smoothing``, ``--simpo_gamma``, ``--desirable_loss_weight``, ``--beta_r`` …) are shared.
+Metrics are ``train/NAME/*`` and ``eval/NAME/*``. Reward modelling is not offered: it trains a
+scalar-head model, not the causal LM the other objectives share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from xright.cli import common
+from xright.cli.train_exo import add_exo_flags
+from xright.cli.train_kto import add_kto_flags, warn_balance
+from xright.objectives import EXO, EXO_LOSSES, KTO, PAIR_LOSSES, SFT, Pairwise, PrefParams
+from xright.schedules import SCHEDULES, Alright, Maxright, Mix, Sequential, Single
+
+LOSSES = ["sft", *PAIR_LOSSES, "kto", *EXO_LOSSES]
+BETA = {"simpo": 2.0}  # default β per loss; 0.1 otherwise
+
+
+def parse_objectives(text: str) -> dict[str, str]:
+    """'sft,dpo,hh:dpo' -> {name: loss}, in order."""
+    out = {}
+    for entry in (e.strip() for e in (text or "").split(",")):
+        if not entry:
+            continue
+        name, _, loss = entry.partition(":")
+        loss = loss or name
+        if loss not in LOSSES:
+            raise common.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {LOSSES}")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            raise common.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
+        if name in out:
+            raise common.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
+        out[name] = loss
+    if not out:
+        raise common.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
+    return out
+
+
+def prefix(name: str) -> str:
+    return name.replace("-", "_") + "_"
+
+
+def parser(objectives: dict[str, str]) -> argparse.ArgumentParser:
+    p = common.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="xright_joint",
+                           ckpt_path="./ckpt/checkpoints_joint")
+    p.add_argument("--objectives", type=str, required=True, help="comma-separated NAME or NAME:LOSS; LOSS in "
+                   + ", ".join(LOSSES))
+    for i, (name, loss) in enumerate(objectives.items()):
+        pre = prefix(name)
+        common.add_data_flags(p, pre, max_len=2048 if loss == "sft" else 512, keys=i == 0)
+        g = p.add_argument_group(f"objective {name} ({loss})")
+        g.add_argument(f"--{pre}micro_train_batch_size", type=int, default=None, help="default --micro_train_batch_size")
+        g.add_argument(f"--{pre}weight", type=float, default=1.0, help="schedule weight w")
+        g.add_argument(f"--{pre}opt", type=float, default=0.0, help="optimal loss L* (MAXRIGHT, stopping)")
+        if loss != "sft":
+            g.add_argument(f"--{pre}beta", type=float, default=BETA.get(loss, 0.1))
+    g = p.add_argument_group("loss hyperparameters (shared by the objectives that use them)")
+    g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO ε")
+    g.add_argument("--ipo_average", action="store_true", default=False)
+    g.add_argument("--slic_delta", type=float, default=1.0)
+    g.add_argument("--slic_lambda", type=float, default=0.0)
+    g.add_argument("--simpo_gamma", type=float, default=0.5)
+    g.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
+    add_kto_flags(p)
+    add_exo_flags(p)
+    g = p.add_argument_group("schedule")
+    g.add_argument("--schedule", choices=sorted(SCHEDULES), default="maxright")
+    g.add_argument("--max_eval_steps", type=int, default=-1,
+                   help="MAXRIGHT: recompute every objective's loss (no grad) every N steps; -1: only at the start")
+    g.add_argument("--train_only", type=str, default=None, help="single: the objective trained (default: the first)")
+    g.add_argument("--order", type=str, default=None, help="sequential: phase order (default: --objectives order)")
+    g.add_argument("--steps_per_epoch", type=int, default=None,
+                   help="optimizer steps in an epoch (default: one pass over the first objective's data; "
+                        "sequential: all phases)")
+    g.add_argument("--eps", type=float, default=0.0001, help="stop when every eval loss is within eps of its --*_opt")
+    return p
+
+
+def build(loss: str, beta: float | None, args):
+    if loss == "sft":
+        return SFT()
+    if loss in PAIR_LOSSES:
+        return Pairwise(loss, PrefParams(beta=beta, label_smoothing=args.label_smoothing, ipo_average=args.ipo_average,
+                                         slic_delta=args.slic_delta, slic_lambda=args.slic_lambda,
+                                         simpo_gamma=args.simpo_gamma))
+    if loss == "kto":
+        return KTO(beta, args.desirable_loss_weight, args.undesirable_loss_weight)
+    return EXO(loss, beta, args.beta_r, args.exo_epsilon)
+
+
+def make_schedule(args, names: list[str], tasks: dict):
+    per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
+    weights = {n: getattr(args, prefix(n) + "weight") for n in names}
+    if args.schedule == "single":
+        return Single(args.train_only or names[0])
+    if args.schedule == "sequential":
+        order = [n.strip() for n in (args.order or ",".join(names)).split(",")]
+        if sorted(order) != sorted(names):
+            raise common.UsageError(f"--order must name {names}, got {order}")
+        return Sequential([(n, args.max_epochs * per[n]) for n in order])
+    if args.schedule == "mix":
+        return Mix(weights)
+    if args.schedule == "alright":
+        return Alright(weights, seed=args.seed)
+    return Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
+                    refresh_every=max(args.max_eval_steps, 0))
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--objectives", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    objectives = parse_objectives(known.objectives) if known.objectives else {}
+    args = common.parse(parser(objectives), argv)
+    names = list(objectives)
+    if args.train_only and args.train_only not in names:
+        raise common.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
+    specs = []
+    for name, loss in objectives.items():
+        pre = prefix(name)
+        try:
+            objective = build(loss, getattr(args, pre + "beta", None), args)
+        except ValueError as e:
+            raise common.UsageError(f"{name}: {e}") from None
+        micro = getattr(args, pre + "micro_train_batch_size") or args.micro_train_batch_size
+        specs.append(common.ObjectiveSpec(name, objective, common.data_spec(args, objective.kind, pre, name=name),
+                                          micro, getattr(args, pre + "opt")))
+    args.stop_at_optimum = any(sp.optimum for sp in specs)
+
+    def schedule(total, per_epoch, tasks):  # the data is loaded by now
+        for sp in specs:
+            if sp.objective.kind == "binary":
+                warn_balance(tasks[sp.name].loader.examples, args)
+        return make_schedule(args, names, tasks)
+
+    def steps_per_epoch(tasks):
+        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
+        if args.steps_per_epoch:
+            return args.steps_per_epoch
+        if args.schedule == "sequential":
+            return sum(per.values())
+        return per[args.train_only or names[0]]
+
+    common.run(args, specs, schedule, steps_per_epoch=steps_per_epoch)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
