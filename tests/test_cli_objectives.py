@@ -32,11 +32,11 @@ def train_loss_drops(out, name, k=2):
 
 def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     out = str(tmp_path / "rm")
-    run_cli("train_rm", ["--save_path", out, *COMMON, "--max_samples", "128", "--max_steps", "16"])
+    run_cli("train_rm", ["--save_path", out, *COMMON, "--max_samples", "64", "--max_steps", "16"])
     rows = metrics(out)
     start, final = rows[0], [r for r in rows if r.get("final")][-1]
     assert final["eval/rm/loss"] < start["eval/rm/loss"] - 0.3
-    assert final["eval/rm/acc"] >= 0.9  # chance is 0.5
+    assert final["eval/rm/acc"] >= 0.95  # chance is 0.5
     print(f"reward model held-out accuracy {start['eval/rm/acc']:.3f} -> {final['eval/rm/acc']:.3f}, "
           f"loss {start['eval/rm/loss']:.3f} -> {final['eval/rm/loss']:.4f}")
 
@@ -44,7 +44,7 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1
-    _, ev = load_data(DataSpec(kind="pairwise", max_samples=128, max_len=512, prompt_key=None), tok,
+    _, ev = load_data(DataSpec(kind="pairwise", max_samples=64, max_len=512, prompt_key=None), tok,
                       log=lambda *a: None)
     objective, sums, scores = RewardModel(), {}, []
     with torch.no_grad():

@@ -53,6 +53,9 @@ class TrainArgs:
     max_ckpt_num: int = 3
     max_ckpt_mem: float = 1000.0
     signature: dict = field(default_factory=dict)  # facts a checkpoint must match (world size, model)
+    # XRIGHT's pairing (--equal_length): every loader advances every step and all restart together
+    equal_length: bool = False
+    steps_per_epoch: int = 0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -273,6 +276,8 @@ class Trainer:
                 self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
             sums, units, tokens = self.train_step(plan)
             self.step += 1
+            if args.equal_length:
+                self._advance_in_lockstep(plan)
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
             if log_now or sched.needs_losses:
@@ -307,6 +312,18 @@ class Trainer:
         self.logger.log({"step": self.step, "done": True, "stopped_early": stop,
                          "wall_time": time.perf_counter() - start})
         return final
+
+    def _advance_in_lockstep(self, plan: dict) -> None:
+        """XRIGHT zips the loaders: the unpicked objective's batch is drawn and discarded, and a joint
+        epoch (the shorter loader) restarts every loader. Only for reproducing XRIGHT exactly."""
+        for k, t in self.tasks.items():
+            if k not in plan:
+                for _ in range(t.grad_accum):
+                    t.loader.next()
+        if self.step % self.args.steps_per_epoch == 0:
+            for t in self.tasks.values():
+                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "position": 0,
+                                          "seed": t.loader.seed})
 
     def _check_finite(self, reduced: dict, plan: dict) -> None:
         for k, metrics in reduced.items():

@@ -315,7 +315,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         pad_id=tokenizer.pad_token_id, eps=getattr(args, "eps", 0.0),
         stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {},
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
-        max_ckpt_mem=args.max_ckpt_mem, signature=signature)
+        max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
+        steps_per_epoch=per_epoch)
     trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
     try:
         if args.load_checkpoint:

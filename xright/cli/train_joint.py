@@ -37,6 +37,9 @@ def parse_objectives(text: str) -> dict[str, str]:
             continue
         name, _, loss = entry.partition(":")
         loss = loss or name
+        if loss == "rm":
+            raise common.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
+                                    "objectives share; train it on its own with xright.cli.train_rm")
         if loss not in LOSSES:
             raise common.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {LOSSES}")
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):

@@ -1,0 +1,280 @@
+"""Time per optimizer step of the joint schedules against single-objective steps, in one run.
+
+    python benchmarks/bench_schedules.py [--steps 40 --rounds 5 --lambd 0.5 --max_eval_steps 10] [JOINT CLI FLAGS]
+    deepspeed --num_gpus 2 benchmarks/bench_schedules.py ...          # the same under ZeRO, 2 ranks
+
+One training run of the joint CLI (``xright.cli.joint``: same model, same data, same engine, the real
+training loop) whose schedule is a sequence of *segments*: ``--steps`` optimizer steps of SFT only,
+DPO only, sequential (SFT then DPO, half each), Mix, ALRIGHT and MAXRIGHT, repeated ``--rounds``
+times in a shuffled order per round (so that a slow spell of a shared machine hits every method
+alike). Every step's wall time is the difference of consecutive ``elapsed`` stamps in
+``metrics.jsonl`` (``--logging_steps 1``): the whole loop iteration — schedule decision, broadcast,
+data, forward/backward, optimizer step, metric reduction, logging. The first ``--skip`` steps of
+every segment are dropped (the switch between segments is not part of any method).
+
+Reported (medians are robust to the machine's noise; means are shown for completeness):
+
+* per objective, the median time of the steps that computed only that objective, under each
+  schedule, and its ratio to the single-objective median;
+* ALRIGHT / MAXRIGHT: the predicted step time f_sft·T_sft + f_dpo·T_dpo (f = the schedule's pick
+  frequency in the benchmark, T = single-objective medians) against the measured one
+  (f_sft·M_sft + f_dpo·M_dpo with the schedule's own per-objective medians; and its plain mean);
+* Mix: its median against T_sft + T_dpo (one optimizer step computing both objectives);
+* MAXRIGHT's refresh (all objectives recomputed without grad every ``--max_eval_steps`` steps):
+  the median extra time of a refresh step over a plain step of the same objective, and that cost
+  amortised per step.
+
+The results and the exact command are written to ``--results`` (default benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from xright.cli import common, joint  # noqa: E402
+from xright.objectives import SFT  # noqa: E402
+from xright.schedules import Alright, Maxright, Mix, Schedule, Sequential, Single, paper_weights  # noqa: E402
+
+METHODS = ["sft", "dpo", "sequential", "mix", "alright", "maxright"]
+PREF = joint.PREF
+
+
+class Segments(Schedule):
+    """Consecutive segments, each driven by its own schedule (which sees steps relative to its start).
+
+    ALRIGHT and MAXRIGHT keep one instance across their segments, so their RNG and stale losses carry
+    on as in one long run; MAXRIGHT refreshes every ``refresh_every`` of its own steps.
+    """
+
+    kind = "bench-segments"
+    needs_losses = True
+
+    def __init__(self, segments: list[tuple[str, Schedule, int, int]], names):
+        self.segments = segments  # (label, schedule, first step, steps of earlier segments of that schedule)
+        self.names = tuple(names)
+        self._starts = [start for _, _, start, _ in segments]
+
+    def _at(self, step):
+        i = max(j for j, start in enumerate(self._starts) if start <= step)
+        label, sched, start, before = self.segments[i]
+        return label, sched, step - start + before
+
+    def wants_refresh(self, step):  # the loop asks before plan(step), and refreshes right after
+        _, self._refreshing, local = self._at(step)
+        return self._refreshing.wants_refresh(local)
+
+    def refresh(self, losses):
+        self._refreshing.refresh(losses)
+
+    def plan(self, step):
+        label, sched, local = self._at(step)
+        self._current, self._label = sched, label
+        return sched.plan(local)
+
+    def observe(self, step, losses):
+        _, sched, local = self._at(step)
+        sched.observe(local, losses)
+
+    def info(self):
+        return {**self._current.info(), "bench/segment": self._label}
+
+
+def build_segments(args, tasks) -> Segments:
+    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
+    shared = {
+        "alright": Alright(weights, seed=args.seed),
+        "maxright": Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
+                             refresh_every=max(args.max_eval_steps, 0)),
+        "mix": Mix(weights),
+        "sft": Single("sft"),
+        "dpo": Single(PREF),
+    }
+    n = args.bench_steps
+    half = max(1, n // 2)
+    segments, step = [], 0
+    done = {m: 0 for m in METHODS}
+    # warm-up: a few Mix steps touch both objectives' code paths before anything is timed
+    segments.append(("warmup", Mix(weights), step, 0))
+    step += args.bench_warmup
+    rng = random.Random(args.seed)
+    for _ in range(args.bench_rounds):
+        order = list(METHODS)
+        rng.shuffle(order)
+        for m in order:
+            sched = shared.get(m) or Sequential([("sft", half), (PREF, n - half)])
+            segments.append((m, sched, step, done[m] if m in shared else 0))
+            step += n
+            done[m] += n
+    return Segments(segments, ("sft", PREF))
+
+
+def step_times(records, skip):
+    """[(segment, objectives tuple, refreshed?, seconds)] from consecutive 'elapsed' stamps."""
+    out, prev, seg_pos, last_seg = [], 0.0, 0, None
+    for r in records:
+        if "elapsed" not in r or "objectives" not in r:
+            continue
+        dt, prev = r["elapsed"] - prev, r["elapsed"]
+        seg = r.get("bench/segment")
+        seg_pos = seg_pos + 1 if seg == last_seg else 0
+        last_seg = seg
+        if seg == "warmup" or seg_pos < skip:
+            continue
+        out.append((seg, tuple(r["objectives"]), any(k.startswith("refresh/") for k in r), dt))
+    return out
+
+
+def analyse(times, max_eval_steps):
+    med = statistics.median
+    by = {}
+    for seg, objs, refreshed, dt in times:
+        by.setdefault((seg, objs, refreshed), []).append(dt)
+    S, D = ("sft",), (PREF,)
+    t_sft, t_dpo = med(by[("sft", S, False)]), med(by[("dpo", D, False)])
+    res = {"T_sft": t_sft, "T_dpo": t_dpo, "n_sft": len(by[("sft", S, False)]),
+           "n_dpo": len(by[("dpo", D, False)]), "methods": {}}
+    for m in ("sequential", "alright", "maxright"):
+        plain = {o: by.get((m, o, False), []) for o in (S, D)}
+        n = {o: len(plain[o]) + len(by.get((m, o, True), [])) for o in (S, D)}
+        total = n[S] + n[D]
+        f_s, f_d = n[S] / total, n[D] / total
+        m_s = med(plain[S]) if plain[S] else None
+        m_d = med(plain[D]) if plain[D] else None
+        predicted = f_s * t_sft + f_d * t_dpo
+        measured = (f_s * (m_s or 0.0)) + (f_d * (m_d or 0.0))
+        all_plain = plain[S] + plain[D]
+        res["methods"][m] = {
+            "steps": total, "f_sft": f_s, "f_dpo": f_d, "M_sft": m_s, "M_dpo": m_d,
+            "ratio_sft": m_s / t_sft if m_s else None, "ratio_dpo": m_d / t_dpo if m_d else None,
+            "predicted": predicted, "measured": measured, "ratio": measured / predicted,
+            "mean": statistics.fmean(all_plain), "mean_predicted": f_s * statistics.fmean(by[("sft", S, False)])
+            + f_d * statistics.fmean(by[("dpo", D, False)]),
+        }
+    mix = by[("mix", tuple(sorted(("sft", PREF))), False)]  # the loop logs sorted(plan)
+    res["mix"] = {"steps": len(mix), "median": med(mix), "ratio_sum": med(mix) / (t_sft + t_dpo),
+                  "ratio_sft": med(mix) / t_sft}
+    refresh = {o: by.get(("maxright", o, True), []) for o in (S, D)}
+    extra = []
+    for o in (S, D):
+        base = by.get(("maxright", o, False))
+        if base:
+            extra += [dt - med(base) for dt in refresh[o]]
+    if extra:
+        cost = med(extra)
+        res["refresh"] = {"count": len(extra), "cost": cost, "every": max_eval_steps,
+                          "per_step": cost / max_eval_steps if max_eval_steps > 0 else None}
+    return res
+
+
+def _ms(x):
+    return "—" if x is None else f"{1000 * x:.1f}"
+
+
+def _r(x):
+    return "—" if x is None else f"{x:.3f}"
+
+
+def report(res, command, args, load_before, load_after) -> str:
+    import deepspeed
+    import torch
+
+    L = [
+        "# Schedule cost: time per optimizer step", "",
+        f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} with `benchmarks/bench_schedules.py`:", "",
+        "```", command, "```", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work; load average "
+        f"{load_before} before, {load_after} after), torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+        f"{args.bench_rounds} rounds × {len(METHODS)} segments × {args.bench_steps} steps, λ = {args.lambd}, "
+        f"first {args.bench_skip} steps of every segment dropped; per-step wall time of the whole loop iteration.",
+        "",
+        f"Single-objective steps (medians): SFT T_sft = {_ms(res['T_sft'])} ms (n = {res['n_sft']}), "
+        f"DPO T_dpo = {_ms(res['T_dpo'])} ms (n = {res['n_dpo']}).",
+        "",
+        "| schedule | steps | picks SFT / DPO | median SFT step (ms) | ÷ T_sft | median DPO step (ms) | ÷ T_dpo "
+        "| measured step (ms) | predicted f·T (ms) | **measured ÷ predicted** | mean ÷ mean-predicted |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, name in (("sequential", "Sequential (SFT→DPO)"), ("alright", "ALRIGHT"), ("maxright", "MAXRIGHT")):
+        r = res["methods"][m]
+        L.append(f"| {name} | {r['steps']} | {r['f_sft']:.2f} / {r['f_dpo']:.2f} | {_ms(r['M_sft'])} | "
+                 f"{_r(r['ratio_sft'])} | {_ms(r['M_dpo'])} | {_r(r['ratio_dpo'])} | {_ms(r['measured'])} | "
+                 f"{_ms(r['predicted'])} | **{_r(r['ratio'])}** | {_r(r['mean'] / r['mean_predicted'])} |")
+    mix = res["mix"]
+    L += ["", f"Mix (both objectives every step, λ = {args.lambd}): median {_ms(mix['median'])} ms over "
+          f"{mix['steps']} steps = **{_r(mix['ratio_sum'])} × (T_sft + T_dpo)** = {_r(mix['ratio_sft'])} × T_sft."]
+    ref = res.get("refresh")
+    if ref:
+        L += ["", f"MAXRIGHT refresh (`--max_eval_steps {ref['every']}`: every objective's loss recomputed without "
+              f"grad on its next batch): median extra time of a refresh step {_ms(ref['cost'])} ms "
+              f"(n = {ref['count']}), i.e. {_ms(ref['per_step'])} ms per step amortised "
+              f"({_r(ref['per_step'] / res['methods']['maxright']['predicted'] if ref['per_step'] else None)} of a "
+              "MAXRIGHT step). Refresh steps are excluded from the MAXRIGHT row above."]
+    L += ["", "How to read: *measured ÷ predicted* compares the schedule's step time with the average of the "
+          "single-objective step times weighted by how often the schedule picked each objective; 1.000 means the "
+          "schedule itself (decision, broadcast, bookkeeping) costs nothing measurable. The per-objective columns "
+          "compare like with like (an SFT step under ALRIGHT vs an SFT step of plain SFT).", ""]
+    return "\n".join(L)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=True)
+    p.add_argument("--steps", dest="bench_steps", type=int, default=40, help="optimizer steps per segment")
+    p.add_argument("--rounds", dest="bench_rounds", type=int, default=5)
+    p.add_argument("--warmup", dest="bench_warmup", type=int, default=10)
+    p.add_argument("--skip", dest="bench_skip", type=int, default=2, help="steps dropped at each segment start")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    p.add_argument("--save_path", default="/tmp/xright_bench_schedules")
+    mine, rest = p.parse_known_args()
+    total = mine.bench_warmup + mine.bench_rounds * len(METHODS) * mine.bench_steps
+    # defaults: the tiny built-in model and data, one micro-batch per step, no evaluation in the loop
+    defaults = ["--train_batch_size", "16", "--sft_micro_train_batch_size", "16", "--rlhf_micro_train_batch_size",
+                "16", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lambd", "0.5",
+                "--max_eval_steps", "10", "--sft_eval_split", "dummy", "--rlhf_eval_split", "dummy"]
+    argv = [*defaults, *rest, "--save_path", mine.save_path, "--max_steps", str(total), "--logging_steps", "1",
+            "--eval_steps", str(10 * total)]
+    jp = joint.parser(__doc__, "alright")
+    args = common.parse(jp, argv)
+    for k, v in vars(mine).items():
+        setattr(args, k, v)
+    args.ref_pareto, args.stop_at_optimum = {}, False
+    specs = [
+        common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
+                             args.sft_micro_train_batch_size, args.sft_opt),
+        common.ObjectiveSpec(PREF, joint.pair_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+                             args.rlhf_micro_train_batch_size, args.dpo_opt),
+    ]
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    common.run(args, specs, lambda total, per_epoch, tasks: build_segments(args, tasks))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    with open(os.path.join(mine.save_path, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    res = analyse(step_times(records, mine.bench_skip), args.max_eval_steps)
+    launcher = "deepspeed --num_gpus N " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} " * ("OMP_NUM_THREADS" in os.environ) + \
+        launcher + "benchmarks/bench_schedules.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                                              if not a.startswith("--local_rank"))
+    text = report(res, command, args, load_before, load_after)
+    with open(mine.results, "w") as f:
+        f.write(text)
+    with open(os.path.join(mine.save_path, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,91 @@
+"""The paper's joint CLIs under 2 CPU ranks: every rank makes the same pick, MAXRIGHT follows its rule,
+loaders of very different lengths never stop a run, Mix computes both objectives every step."""
+
+import json
+import os
+
+import pytest
+
+from launch import metrics, run_cli, train_records
+
+STEPS = 12
+JOINT = ["--train_batch_size", "8", "--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
+         "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--eval_steps", "6",
+         # very different lengths: 8 SFT examples (one optimizer step per epoch) vs 400 pairs
+         "--sft_max_samples", "8", "--rlhf_max_samples", "400", "--debug_log_picks"]
+
+
+def rank_picks(out, rank):
+    with open(os.path.join(out, f"picks.rank{rank}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_common(out):
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))  # no StopIteration, no early end
+    r0, r1 = rank_picks(out, 0), rank_picks(out, 1)
+    assert [p["plan"] for p in r0] == [p["plan"] for p in r1]
+    assert [sorted(p["plan"]) for p in r0] == [r["objectives"] for r in recs]
+    evals = [r for r in metrics(out) if "eval/ideal_distance" in r]
+    assert {r["step"] for r in evals} >= {0, 6, 12}
+    assert all("eval/sft/loss" in r and "eval/dpo/loss" in r for r in evals)
+    return recs, r0, r1
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_alright_ranks_agree_even_when_seeded_differently(tmp_path, zero):
+    out = str(tmp_path / "alright")
+    run_cli("train_sft_dpo_alright", ["--zero_stage", zero, "--save_path", out, *JOINT, "--lambd", "0.5",
+                                      "--debug_rank_seed"])
+    recs, r0, r1 = check_common(out)
+    assert all(len(r["objectives"]) == 1 for r in recs)
+    # rank 1's own schedule (seeded differently) would have picked otherwise at some step; rank 0's pick won
+    assert any(a["local"] != b["local"] for a, b in zip(r0, r1))
+    assert {tuple(r["objectives"]) for r in recs} == {("sft",), ("dpo",)}
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_maxright_picks_follow_the_rule(tmp_path, zero):
+    out = str(tmp_path / "maxright")
+    run_cli("train_sft_dpo_maxright", ["--zero_stage", zero, "--save_path", out, *JOINT, "--lambd", "0.6",
+                                       "--max_eval_steps", "5", "--sft_opt", "0.5", "--dpo_opt", "0.1"])
+    recs, _, _ = check_common(out)
+    w, opt = {"sft": 0.4, "dpo": 0.6}, {"sft": 0.5, "dpo": 0.1}
+    for r in recs:
+        scores = {k: w[k] * (r[f"stale/{k}"] - opt[k]) for k in w}
+        best = "sft" if scores["sft"] >= scores["dpo"] else "dpo"
+        assert r["objectives"] == [best], r
+    assert [r["step"] for r in recs if "refresh/sft" in r] == [1, 6, 11]
+    # the stepped objective's stale value is refreshed from its own (rank-averaged) loss
+    for prev, cur in zip(recs, recs[1:]):
+        k = prev["objectives"][0]
+        if f"refresh/{k}" not in cur:
+            assert cur[f"stale/{k}"] == pytest.approx(prev[f"train/{k}/loss"])
+
+
+def test_mix_computes_both_every_step(tmp_path):
+    out = str(tmp_path / "mix")
+    run_cli("train_sft_dpo_mix", ["--zero_stage", "3", "--save_path", out, *JOINT, "--lambd", "0.25"])
+    recs, _, _ = check_common(out)
+    assert all(r["objectives"] == ["dpo", "sft"] and r["weights"] == {"sft": 0.75, "dpo": 0.25} for r in recs)
+
+
+def test_sequential_schedule_in_one_run(tmp_path):
+    out = str(tmp_path / "seq")
+    args = [a for a in JOINT if a not in ("--max_steps", str(STEPS))]
+    run_cli("joint", ["--schedule", "sequential", "--order", "dpo,sft", "--zero_stage", "2", "--save_path", out,
+                      *args, "--rlhf_max_samples", "16", "--max_epochs", "2"])
+    recs = train_records(out)
+    # 16 pairs / (2 × 2 ranks × accum 2) = 2 steps per DPO epoch; 8 SFT examples: 1 step per epoch
+    assert [r["objectives"][0] for r in recs] == ["dpo"] * 4 + ["sft"] * 2
+
+
+@pytest.mark.parametrize("module,trained,zero", [("train_sft_seq", "sft", "3"), ("train_dpo_seq", "dpo", "2")])
+def test_seq_phase_trains_one_and_evaluates_both(tmp_path, module, trained, zero):
+    out = str(tmp_path / module)
+    args = [a for a in JOINT if a != "--debug_log_picks"]
+    run_cli(module, ["--zero_stage", zero, "--save_path", out, *args, "--rlhf_beta", "0.2"])
+    recs = train_records(out)
+    assert len(recs) == STEPS and all(r["objectives"] == [trained] for r in recs)
+    assert all("eval/sft/loss" in r and "eval/dpo/loss" in r for r in metrics(out) if "eval/ideal_distance" in r)
+    assert json.load(open(os.path.join(out, "xright_args.json")))["beta"] == 0.2

@@ -1,0 +1,150 @@
+"""The training loop in one process with a recording engine: loss assembly, data advancement, picks."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from xright.data import CyclingLoader, DataSpec, load_data
+from xright.models import load_model, load_tokenizer
+from xright.objectives import SFT, Pairwise, Reference
+from xright.schedules import Alright, Maxright, Mix
+from xright.trainer import Task, TrainArgs, Trainer
+
+
+class FakeStrategy:
+    world_size, rank, is_rank0, device = 1, 0, True, torch.device("cpu")
+
+    def all_reduce(self, t, op="sum"):
+        return t.detach().clone()
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def print(self, *a, **k):
+        pass
+
+
+class RecordingEngine:
+    """Stands in for a DeepSpeed engine: forwards to the model and records what backward receives."""
+
+    def __init__(self, model):
+        self.module = model
+        self.losses, self.boundaries, self.steps = [], [], 0
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        self.boundaries.append(flag)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        assert scale_wrt_gas is False
+        self.losses.append(float(loss))
+
+    def step(self):
+        self.steps += 1
+
+    def get_lr(self):
+        return [0.0]
+
+
+class NullLogger:
+    def __init__(self):
+        self.records = []
+
+    def log(self, r):
+        self.records.append(json.loads(json.dumps(r)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = load_tokenizer("tiny")
+    sft, _ = load_data(DataSpec(kind="sft", max_samples=12), tok, log=lambda *a: None)
+    pref, _ = load_data(DataSpec(kind="pairwise", max_samples=200), tok, log=lambda *a: None)
+    model = load_model("tiny", seed=1).eval()
+    ref = Reference(model=load_model("tiny", seed=2, trainable=False))
+    return tok, sft, pref, model, ref
+
+
+def make(setup, schedule, sft_mb=2, pref_mb=2, accum=(2, 3), steps=20):
+    tok, sft, pref, model, ref = setup
+    tasks = {
+        "sft": Task(SFT(), CyclingLoader(sft, "sft", sft_mb, tok.pad_token_id, seed=1), None, sft_mb, accum[0]),
+        "dpo": Task(Pairwise("dpo"), CyclingLoader(pref, "pairwise", pref_mb, tok.pad_token_id, seed=1), None,
+                    pref_mb, accum[1]),
+    }
+    engine = RecordingEngine(model)
+    trainer = Trainer(FakeStrategy(), engine, ref, tasks, schedule,
+                      TrainArgs(total_steps=steps, save_path="/tmp/unused", eval_at_start=False), NullLogger())
+    return trainer, engine, tasks
+
+
+def global_mean(objective, model, ref, batches):
+    with torch.no_grad():
+        total = sum(float(objective(model, ref, b)[0]) for b in batches)
+        units = sum(float(objective.units(b)) for b in batches)
+    return total / units
+
+
+def test_mix_loss_is_weighted_sum_of_separate_losses(setup):
+    _, _, _, model, ref = setup
+    trainer, engine, tasks = make(setup, Mix({"sft": 0.3, "dpo": 0.7}), accum=(2, 3))
+    # the same batches, drawn from copies of the loaders
+    copies = {k: CyclingLoader(t.loader.examples, t.loader.kind, t.loader.mb, t.loader.pad_id, seed=1)
+              for k, t in tasks.items()}
+    sft_batches = [copies["sft"].next() for _ in range(2)]
+    dpo_batches = [copies["dpo"].next() for _ in range(3)]
+    with torch.no_grad():
+        trainer.train_step({"sft": 0.3, "dpo": 0.7})
+    expected = 0.3 * global_mean(SFT(), model, ref, sft_batches) + 0.7 * global_mean(Pairwise("dpo"), model, ref,
+                                                                                     dpo_batches)
+    # three micro-steps (max of the accumulations); the losses add up to the weighted global means
+    assert len(engine.losses) == 3 and engine.boundaries == [False, False, True] and engine.steps == 1
+    assert math.isclose(sum(engine.losses), expected, rel_tol=1e-5)
+
+
+def test_sft_mean_is_over_tokens_of_the_whole_step(setup):
+    _, _, _, model, ref = setup
+    trainer, engine, tasks = make(setup, Mix({"sft": 1.0}), accum=(3, 1))
+    copy = CyclingLoader(tasks["sft"].loader.examples, "sft", 2, tasks["sft"].loader.pad_id, seed=1)
+    batches = [copy.next() for _ in range(3)]
+    with torch.no_grad():
+        trainer.train_step({"sft": 1.0})
+    token_mean = global_mean(SFT(), model, ref, batches)
+    with torch.no_grad():
+        mean_of_means = sum(float(SFT()(model, None, b)[0] / SFT().units(b)) for b in batches) / 3
+    assert math.isclose(sum(engine.losses), token_mean, rel_tol=1e-5)
+    assert not math.isclose(token_mean, mean_of_means, rel_tol=1e-4)
+
+
+def test_only_the_picked_objective_advances_and_loaders_cycle(setup):
+    # 12 SFT examples in micro-batches of 2: 6 per epoch, so SFT cycles many times in 60 steps
+    trainer, engine, tasks = make(setup, Alright({"sft": 0.5, "dpo": 0.5}, seed=3), accum=(2, 1), steps=60)
+    with torch.no_grad():
+        trainer.fit()
+    picks = [r["objectives"] for r in trainer.logger.records if "objectives" in r]
+    assert len(picks) == 60
+    n_sft = sum(p == ["sft"] for p in picks)
+    n_dpo = sum(p == ["dpo"] for p in picks)
+    assert n_sft + n_dpo == 60 and n_sft > 10 and n_dpo > 10
+    sft_drawn = n_sft * 2
+    assert tasks["sft"].loader.epoch * 6 + tasks["sft"].loader.position == sft_drawn
+    assert tasks["sft"].loader.epoch >= 3
+    dpo = tasks["dpo"].loader
+    assert dpo.epoch * len(dpo) + dpo.position == n_dpo
+
+
+def test_maxright_refresh_and_picks_follow_logged_stale_values(setup):
+    sched = Maxright({"sft": 0.5, "dpo": 0.5}, {"sft": 1.0, "dpo": 0.0}, seed=0, refresh_every=4)
+    trainer, engine, tasks = make(setup, sched, accum=(1, 1), steps=12)
+    with torch.no_grad():
+        trainer.fit()
+    recs = [r for r in trainer.logger.records if "objectives" in r]
+    refreshes = [r["step"] for r in recs if "refresh/sft" in r]
+    assert refreshes == [1, 5, 9]
+    for r in recs:
+        scores = {k: 0.5 * (r[f"stale/{k}"] - {"sft": 1.0, "dpo": 0.0}[k]) for k in ("sft", "dpo")}
+        assert r["objectives"] == [max(("sft", "dpo"), key=lambda k: (scores[k], k == "sft"))]
+        assert scores[r["objectives"][0]] == pytest.approx(r[f"score/{r['objectives'][0]}"])
