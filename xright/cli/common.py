@@ -156,6 +156,10 @@ def parse(p: argparse.ArgumentParser, argv=None):
                 kwargs["nargs"] = action.nargs
             probe.add_argument(*action.option_strings, **kwargs)
     args.explicit = set(vars(probe.parse_known_args(argv)[0]))
+    token = getattr(args, "use_wandb", None)
+    if token and token.lower() not in ("true", "false", "1", "0", "yes", "no", "none"):
+        # wandb records sys.argv in its run metadata: keep the key out of it
+        sys.argv[:] = [a.replace(token, "<redacted>") for a in sys.argv]
     return args
 
 

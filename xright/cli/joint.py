@@ -44,7 +44,8 @@ def parser(description: str, schedule: str | None, **defaults):
     g.add_argument("--eps", type=float, default=0.0001,
                    help="stop when both eval losses are within eps of --sft_opt/--dpo_opt (if either is set)")
     g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {common.COMPAT}")
-    g.add_argument("--ref_pareto_sft", type=str, default="", help="comma-separated SFT losses of a reference front")
+    g.add_argument("--ref_pareto_sft", type=str, default="",
+                   help="SFT losses of a reference front, separated by spaces or commas")
     g.add_argument("--ref_pareto_dpo", type=str, default="", help="matching preference losses; dominating a point stops")
     g.add_argument("--steps_per_epoch", type=int, default=None,
                    help="optimizer steps in a joint epoch (default: one pass over the SFT data, as XRIGHT)")
@@ -60,11 +61,14 @@ def parser(description: str, schedule: str | None, **defaults):
 def _front(args) -> dict:
     if not args.ref_pareto_sft and not args.ref_pareto_dpo:
         return {}
+    # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
+    split = lambda text: text.replace(",", " ").split()  # noqa: E731
     try:
-        sft = [float(x) for x in args.ref_pareto_sft.split(",")]
-        pref = [float(x) for x in args.ref_pareto_dpo.split(",")]
+        sft = [float(x) for x in split(args.ref_pareto_sft)]
+        pref = [float(x) for x in split(args.ref_pareto_dpo)]
     except ValueError as e:
-        raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be comma-separated numbers: {e}") from e
+        raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
+                                f"spaces: {e}") from e
     if len(sft) != len(pref):
         raise common.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
     return {"sft": sft, PREF: pref}
