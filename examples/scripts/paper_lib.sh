@@ -138,6 +138,7 @@ stage_plot() {
     for d in "$(ckpt "$REF_KIND-ref-")"{seq-,sft_dpo_}*; do
         [[ -f $d/metrics.jsonl ]] && runs+=("$d")
     done
+    if [[ ${#runs[@]} -eq 0 ]]; then echo "plot: no finished runs under $CKPT" >&2; return; fi
     python -m xright.cli.plot_pareto "${runs[@]}" --out "$CKPT/$MODEL_TAG-pareto-$REF_KIND-ref" \
         --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --title "$MODEL_TAG: final eval losses ($REF_KIND reference)"
 }

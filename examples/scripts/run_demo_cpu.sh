@@ -26,12 +26,13 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-${OUT:-runs/demo}}
 BATCH=${BATCH:-16}                 # global batch = micro batch of both objectives (no accumulation)
 LR=${LR:-1e-3}                     # every run after the reference
+LR_SCHEDULER=${LR_SCHEDULER:-constant}   # as XRIGHT's trainers (the reference uses the default cosine)
 BETA=${BETA:-0.1}
 REF_STEPS=${REF_STEPS:-250}
 REF_LR=${REF_LR:-2e-3}
 PHASE_STEPS=${PHASE_STEPS:-60}     # one sequential phase; joint runs get 2 × PHASE_STEPS
 OPT_STEPS=${OPT_STEPS:-$((4 * PHASE_STEPS))}
-EVAL_STEPS=${EVAL_STEPS:-20}
+EVAL_STEPS=${EVAL_STEPS:-30}
 MAX_EVAL_STEPS=${MAX_EVAL_STEPS:-10}   # MAXRIGHT: refresh both stale losses every N steps
 LAMBDAS=${LAMBDAS:-"0.25 0.5 0.75"}
 SEED=${SEED:-42}
@@ -92,7 +93,8 @@ REF=$OUT/ref
 # the flags every run after the reference shares
 COMMON=(--pretrain "$REF" --ref_pretrain "$REF" --train_batch_size "$BATCH"
         --sft_micro_train_batch_size "$BATCH" --rlhf_micro_train_batch_size "$BATCH"
-        --learning_rate "$LR" --beta "$BETA" --eval_steps "$EVAL_STEPS" --logging_steps 1)
+        --learning_rate "$LR" --lr_scheduler "$LR_SCHEDULER" --beta "$BETA" --eval_steps "$EVAL_STEPS"
+        --logging_steps 1)
 JOINT_STEPS=$((2 * PHASE_STEPS))
 
 echo "1/5 reference: SFT on the chosen answers of the preference data ($REF_STEPS steps)"

@@ -2,7 +2,8 @@
 
 The paper's CLIs (``train_sft_dpo_alright``, ``_maxright``, ``_mix``, ``train_sft_seq``,
 ``train_dpo_seq``) are presets of :func:`main`: they fix ``--schedule`` and keep XRIGHT's flag
-names and defaults. λ (``--lambd``) is the weight of the preference objective: w_dpo = λ,
+names and defaults; the schedule and the joint epoch come from :mod:`xright.cli.train_joint`, of
+which this is the two-objective preset with XRIGHT's ``--sft_*``/``--rlhf_*`` flags. λ (``--lambd``) is the weight of the preference objective: w_dpo = λ,
 w_sft = 1 − λ (Fernando et al. 2024).
 
     deepspeed --module xright.cli.train_sft_dpo_alright --lambd 0.5 --save_path ./ckpt/alright
@@ -10,7 +11,7 @@ w_sft = 1 − λ (Fernando et al. 2024).
 
 from __future__ import annotations
 
-from xright.cli import common
+from xright.cli import common, train_joint
 from xright.cli.train_dpo import add_pair_loss_flags, pair_objective
 from xright.objectives import SFT
 from xright.schedules import SCHEDULES, paper_weights
@@ -74,42 +75,6 @@ def _front(args) -> dict:
     return {"sft": sft, PREF: pref}
 
 
-def make_schedule(args, total: int, tasks: dict):
-    from xright.schedules import Alright, Maxright, Mix, Sequential, Single
-
-    if args.train_only:
-        return Single(args.train_only)
-    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
-    if args.schedule == "alright":
-        return Alright(weights, seed=args.seed)
-    if args.schedule == "maxright":
-        return Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
-                        refresh_every=max(args.max_eval_steps, 0))
-    if args.schedule == "mix":
-        return Mix(weights)
-    if args.schedule == "sequential":
-        order = [n.strip() for n in args.order.split(",")]
-        if sorted(order) != sorted(tasks):
-            raise common.UsageError(f"--order must name {sorted(tasks)}, got {order}")
-        return Sequential([(n, args.max_epochs * (len(tasks[n].loader) // tasks[n].grad_accum)) for n in order])
-    raise common.UsageError(f"unknown schedule {args.schedule!r}")
-
-
-def steps_per_epoch(args):
-    def count(tasks):
-        if args.steps_per_epoch:
-            return args.steps_per_epoch
-        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
-        if args.equal_length:
-            return min(per.values())
-        if args.train_only:
-            return per[args.train_only]
-        if args.schedule == "sequential":
-            return sum(per.values())
-        return per["sft"]
-    return count
-
-
 def main(argv=None, schedule: str | None = None, description: str = __doc__, **defaults):
     p = parser(description, schedule, **defaults)
     args = common.parse(p, argv)
@@ -125,8 +90,9 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
     ]
     if args.train_only and args.train_only not in ("sft", PREF):
         raise common.UsageError(f"--train_only must be sft or {PREF}")
-    common.run(args, specs, lambda total, per_epoch, tasks: make_schedule(args, total, tasks),
-               steps_per_epoch=steps_per_epoch(args))
+    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
+    common.run(args, specs, lambda total, per_epoch, tasks: train_joint.make_schedule(args, weights, tasks),
+               steps_per_epoch=train_joint.epoch_steps(args, "sft"))
 
 
 if __name__ == "__main__":

@@ -104,22 +104,40 @@ def build(loss: str, beta: float | None, args):
     return EXO(loss, beta, args.beta_r, args.exo_epsilon)
 
 
-def make_schedule(args, names: list[str], tasks: dict):
-    per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
-    weights = {n: getattr(args, prefix(n) + "weight") for n in names}
-    if args.schedule == "single":
+def make_schedule(args, weights: dict[str, float], tasks: dict):
+    """The schedule named by ``--schedule`` over ``weights`` (also used by the paper's presets)."""
+    names = list(weights)
+    if args.train_only or args.schedule == "single":
         return Single(args.train_only or names[0])
     if args.schedule == "sequential":
         order = [n.strip() for n in (args.order or ",".join(names)).split(",")]
         if sorted(order) != sorted(names):
             raise common.UsageError(f"--order must name {names}, got {order}")
-        return Sequential([(n, args.max_epochs * per[n]) for n in order])
+        return Sequential([(n, args.max_epochs * (len(tasks[n].loader) // tasks[n].grad_accum)) for n in order])
     if args.schedule == "mix":
         return Mix(weights)
     if args.schedule == "alright":
         return Alright(weights, seed=args.seed)
     return Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
                     refresh_every=max(args.max_eval_steps, 0))
+
+
+def epoch_steps(args, first: str):
+    """Optimizer steps in a joint epoch: ``--steps_per_epoch``, else one pass over ``first``'s data
+    (XRIGHT: the SFT loader), the trained objective's (``--train_only``), all phases (sequential),
+    or the shorter loader (``--equal_length``, XRIGHT's zip)."""
+    def count(tasks):
+        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
+        if args.steps_per_epoch:
+            return args.steps_per_epoch
+        if getattr(args, "equal_length", False):
+            return min(per.values())
+        if args.train_only:
+            return per[args.train_only]
+        if args.schedule == "sequential":
+            return sum(per.values())
+        return per[first]
+    return count
 
 
 def main(argv=None):
@@ -147,17 +165,9 @@ def main(argv=None):
         for sp in specs:
             if sp.objective.kind == "binary":
                 warn_balance(tasks[sp.name].loader.examples, args)
-        return make_schedule(args, names, tasks)
+        return make_schedule(args, {n: getattr(args, prefix(n) + "weight") for n in names}, tasks)
 
-    def steps_per_epoch(tasks):
-        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
-        if args.steps_per_epoch:
-            return args.steps_per_epoch
-        if args.schedule == "sequential":
-            return sum(per.values())
-        return per[args.train_only or names[0]]
-
-    common.run(args, specs, schedule, steps_per_epoch=steps_per_epoch)
+    common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]))
 
 
 if __name__ == "__main__":
