@@ -118,7 +118,7 @@ class Trainer:
         engine.step()
         return sums, units, tokens
 
-    def _reduce_metrics(self, sums, units, tokens=None) -> dict[str, dict[str, float]]:
+    def _reduce_metrics(self, sums, units) -> dict[str, dict[str, float]]:
         """All-reduce every objective's metric sums in one collective; divide by the units."""
         keys = [(k, m) for k in sorted(sums) for m in sorted(sums[k])]
         if not keys:
@@ -177,8 +177,8 @@ class Trainer:
     def probe_losses(self) -> dict[str, float]:
         """Each objective's loss on its next batch, without grad (MAXRIGHT's stale-loss refresh).
 
-        The batch is drawn from the objective's own loader, so it advances exactly as if the
-        objective were trained on it; nothing is drawn and thrown away.
+        Each probe takes the objective's next batch from its own loader (fresh data, counted in the
+        loader's position and so restored exactly on resume); the other objectives' data is untouched.
         """
         out = {}
         for name in self.schedule.names:
