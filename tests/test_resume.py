@@ -103,3 +103,17 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     proc = run_cli(module, [*args, "--load_checkpoint"])
     assert f"global_step{SAVE} at step {SAVE}" in proc.stdout
     assert trajectory(str(tmp_path / "cut")) == trajectory(str(tmp_path / "ref"))
+
+
+def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    module, args = args_for("sft", "2", str(out))
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6")
+    proc = run_cli(module, args, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "non-finite sft loss (nan) at step 6" in text, text[-3000:]
+    assert "builtin:sft:train:" in text  # the batch's example ids are named
+    with open(out / "ckpt" / "latest") as f:
+        assert f.read().strip() == f"global_step{SAVE}"
+    assert max(r["step"] for r in train_records(str(out))) == 5
+    assert not (out / "config.json").exists()

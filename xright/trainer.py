@@ -73,6 +73,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.step = 0
         self._terminate = False
+        self._debug_nan_step = int(os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", 0))
+        self._last_ids: dict[str, list] = {}
         self._pick_log = None
         if args.debug_log_picks:
             os.makedirs(args.save_path, exist_ok=True)
@@ -97,6 +99,7 @@ class Trainer:
         engine, W = self.engine, self.s.world_size
         batches = {k: [self._to_device(self.tasks[k].loader.next()) for _ in range(self.tasks[k].grad_accum)]
                    for k in plan}
+        self._last_ids = {k: [i for b in bs for i in b["ids"]] for k, bs in batches.items()}
         units = {k: self.s.all_reduce(torch.stack([self.tasks[k].objective.units(b) for b in bs]).sum().to(self.s.device))
                  for k, bs in batches.items()}
         micro_steps = max(len(bs) for bs in batches.values())
@@ -110,6 +113,9 @@ class Trainer:
                     continue
                 batch = batches[k][m]
                 value, metrics = self.tasks[k].objective(engine, self.reference, batch)
+                if self._debug_nan_step == self.step + 1:
+                    value = value * float("nan")  # debug: a non-finite loss at this step
+                    metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
                 loss = loss + w * value * (W / units[k])
                 for name, v in metrics.items():
                     sums[k][name] = sums[k].get(name, 0.0) + v.detach()
@@ -279,8 +285,10 @@ class Trainer:
             if args.equal_length:
                 self._advance_in_lockstep(plan)
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
+            save_now = args.save_steps > 0 and self.step % args.save_steps == 0
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
-            if log_now or sched.needs_losses:
+            # losses reach the host only when needed: to log, for MAXRIGHT, or to check before a save
+            if log_now or sched.needs_losses or save_now:
                 reduced = self._reduce_metrics(sums, units)
                 self._check_finite(reduced, plan)
                 sched.observe(self.step - 1, {k: reduced[k]["loss"] for k in reduced})
@@ -294,13 +302,14 @@ class Trainer:
                                "tokens_per_sec": tokens_since / max(now - t_since, 1e-9),
                                "elapsed": now - start})
                 tokens_since, t_since = 0.0, now
-                bar.set_postfix({k.split("/")[1]: round(record[f"train/{k.split('/')[1]}/loss"], 4)
-                                 for k in record if k.endswith("/loss") and k.startswith("train/")})
+                bar.set_postfix({**{k.split("/")[1]: round(v, 4) for k, v in record.items()
+                                    if k.startswith("train/") and k.endswith("/loss")},
+                                 "tok/s": round(record["tokens_per_sec"])})
             self.logger.log(record)
             bar.update(1)
             if args.eval_steps > 0 and self.step % args.eval_steps == 0:
                 stop = self._log_eval()
-            if args.save_steps > 0 and self.step % args.save_steps == 0:
+            if save_now:
                 self.save_checkpoint()
         bar.close()
         signal.signal(signal.SIGTERM, previous)
@@ -326,10 +335,14 @@ class Trainer:
                                           "seed": t.loader.seed})
 
     def _check_finite(self, reduced: dict, plan: dict) -> None:
+        """A NaN/inf loss stops the run before anything is logged or saved from this step."""
         for k, metrics in reduced.items():
             if not math.isfinite(metrics.get("loss", 0.0)):
-                raise NonFiniteLoss(f"non-finite {k} loss at step {self.step}; stopping "
-                                    f"(objectives this step: {sorted(plan)})")
+                ids = self._last_ids.get(k, [])
+                raise NonFiniteLoss(
+                    f"non-finite {k} loss ({metrics['loss']}) at step {self.step}; stopping. Batch examples on "
+                    f"rank {self.s.rank}: {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''}. "
+                    f"The last checkpoint in {self.args.ckpt_path} (if any) is from before this step.")
 
 
 def _rng_state() -> dict:

@@ -201,12 +201,16 @@ def main_guard(fn: Callable[[], None]) -> None:
     from xright.data import DataError
     from xright.models import ModelLoadError
     from xright.strategy import ConfigError
+    from xright.trainer import NonFiniteLoss
 
     try:
         fn()
     except (DataError, ConfigError, ModelLoadError, UsageError) as e:
         print(f"xright: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"xright: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 class UsageError(ValueError):

@@ -1,0 +1,78 @@
+"""Model loading: local paths (the hub code path), errors, LoRA, the reference with adapters off."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from xright.logging import MetricsLogger, wandb_settings
+from xright.models import (LoraSpec, ModelLoadError, attn_implementation, is_peft, load_model, load_tokenizer,
+                           tiny_tokenizer)
+from xright.objectives import Reference
+
+
+def test_tiny_is_deterministic_and_loads_from_a_local_path(tmp_path):
+    a, b = load_model("tiny", seed=7), load_model("tiny", seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    a.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    c = load_model(str(tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token_id == 256 and tok.decode(tok("héllo")["input_ids"]) == "héllo"
+
+
+def test_missing_model_and_flash_attention_fail_clearly(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_tokenizer("./no/such/dir")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="--flash_attn needs"):
+            attn_implementation(True)
+    assert attn_implementation(False) == "sdpa"
+
+
+def test_lora_reference_is_the_base_model():
+    base = load_model("tiny", seed=3, trainable=False)
+    policy = load_model("tiny", seed=3, lora=LoraSpec(rank=4, alpha=8))
+    assert is_peft(policy)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)  # make the adapter matter
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "loss_mask": torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)}
+    ref = Reference(lora_policy=policy).sequence_logps(batch)[0]
+    base_lp = Reference(model=base).sequence_logps(batch)[0]
+    from xright.logprobs import sequence_logps
+    with torch.no_grad():
+        pol = sequence_logps(policy, batch)[0]
+    torch.testing.assert_close(ref, base_lp)
+    assert not torch.allclose(pol, base_lp)
+    assert policy.training  # the reference pass leaves the policy's mode alone
+
+
+def test_metrics_logger_jsonl_tensorboard_and_truncate(tmp_path):
+    log = MetricsLogger(str(tmp_path), True, tensorboard_dir=str(tmp_path / "tb"))
+    for step in range(1, 5):
+        log.log({"step": step, "train/sft/loss": 1.0 / step})
+    log.log({"step": 4, "done": True})
+    log.truncate(2)
+    log.log({"step": 3, "train/sft/loss": 0.3})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_wandb_settings_prefers_environment(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_settings(None, None, None, "p", "r") is None
+    assert wandb_settings("True", None, None, "p", "r")["key"] is None
+    assert wandb_settings("abc123", None, None, "p", "r")["key"] == "abc123"
+    monkeypatch.setenv("WANDB_API_KEY", "from-env")
+    assert wandb_settings("abc123", None, None, "p", "r")["key"] == "from-env"
