@@ -117,3 +117,28 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
         assert f.read().strip() == f"global_step{SAVE}"
     assert max(r["step"] for r in train_records(str(out))) == 5
     assert not (out / "config.json").exists()
+
+
+def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):
+    out = str(tmp_path / "one")
+    args = ["--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), "--max_steps", "2", "--save_steps", "2",
+            "--train_batch_size", "4", "--micro_train_batch_size", "2", "--zero_stage", "2"]
+    run_cli("train_sft", args, nproc=1)
+    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--lora_rank", "4"], nproc=1, check=False)
+    assert proc.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in proc.stderr
+    proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
+    assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    from xright.strategy import _prune
+
+    for step in (2, 4, 6, 8):
+        d = tmp_path / f"global_step{step}"
+        d.mkdir()
+        (d / "w").write_bytes(b"x" * 1000)
+    (tmp_path / ".tmp-global_step10").mkdir()
+    _prune(str(tmp_path), keep="global_step8", max_num=2, max_gb=1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step6", "global_step8"]
+    _prune(str(tmp_path), keep="global_step8", max_num=5, max_gb=1500 / 2**30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step8"]
