@@ -83,9 +83,8 @@ class CyclingLoader:
     ``epoch`` is the epoch of the last batch drawn and ``position`` the number of micro-batches drawn
     from it; :meth:`state_dict` / :meth:`load_state_dict` save and restore them exactly.
 
-    A training loader (``shuffle=True``) over fewer than ``world_size * micro_batch_size`` examples
-    is an error at construction; an evaluation loader (``shuffle=False``) only errors if training
-    batches are drawn from it, since :meth:`iter_epoch` handles any size.
+    A loader over fewer than ``world_size * micro_batch_size`` examples is an error. (Evaluation
+    does not use loaders: the trainer walks the eval set in a fixed order, see ``Trainer.evaluate``.)
     """
 
     def __init__(self, examples: list[dict], kind: str, micro_batch_size: int, pad_id: int, rank: int = 0,
@@ -99,8 +98,7 @@ class CyclingLoader:
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[int]] | None = None
-        if shuffle:
-            self._check_size()
+        self._check_size()
 
     def _check_size(self) -> None:
         need = self.world_size * self.mb
@@ -144,29 +142,3 @@ class CyclingLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
         self._cache = None
-
-    def iter_epoch(self):
-        """This rank's micro-batches of one full pass, for evaluation; the training position is untouched.
-
-        The order is fixed (identity with ``shuffle=False``, else epoch 0's permutation) and nothing
-        is dropped: rank r takes examples ``order[r::world_size]``, so the last micro-batch may be
-        short and a rank may yield one batch fewer than another (callers reduce sums and counts
-        across ranks, never a per-batch collective). For ``binary`` a trailing single example joins
-        the previous micro-batch, as KTO needs two per batch.
-        """
-        idx = self._order(0)[self.rank::self.world_size]
-        chunks = [idx[i:i + self.mb] for i in range(0, len(idx), self.mb)]
-        if self.kind == "binary" and len(chunks) > 1 and len(chunks[-1]) == 1:
-            last = chunks.pop()
-            chunks[-1] = chunks[-1] + last
-        for chunk in chunks:
-            yield collate(self.kind, [self.examples[i] for i in chunk], self.pad_id)
-
-    def peek_all(self, max_batches: int | None = None) -> list[dict]:
-        """The first ``max_batches`` (default all) micro-batches of :meth:`iter_epoch`, as a list."""
-        out = []
-        for batch in self.iter_epoch():
-            if max_batches is not None and len(out) >= max_batches:
-                break
-            out.append(batch)
-        return out
