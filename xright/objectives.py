@@ -145,12 +145,6 @@ class Pairwise(Objective):
         }
 
 
-OBJECTIVES = {
-    "sft": SFT,
-    "pairwise": Pairwise,
-}
-
-
 # ---- reward model ---------------------------------------------------------------------------
 
 def _score_head(model):
@@ -319,5 +313,3 @@ class EXO(Objective):
             "logp": pi.detach().mean(-1).sum(),
         }
 
-
-OBJECTIVES.update({"rm": RewardModel, "kto": KTO, "exo": EXO})
