@@ -11,8 +11,8 @@ from launch import metrics, run_cli, train_records
 STEPS = 12
 JOINT = ["--train_batch_size", "8", "--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
          "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--eval_steps", "6",
-         # very different lengths: 8 SFT examples (one optimizer step per epoch) vs 400 pairs
-         "--sft_max_samples", "8", "--rlhf_max_samples", "400", "--debug_log_picks"]
+         # very different lengths: 8 SFT examples (one optimizer step per epoch) vs 96 pairs (12 steps)
+         "--sft_max_samples", "8", "--rlhf_max_samples", "96", "--debug_log_picks"]
 
 
 def rank_picks(out, rank):

@@ -13,14 +13,14 @@ from launch import ROOT, env, free_port, metrics, run_cli, train_records
 
 STEPS, SAVE = 16, 4
 BASE = ["--train_batch_size", "8", "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
-        "--max_samples", "200", "--eval_steps", "6", "--logging_steps", "1"]
+        "--max_samples", "64", "--eval_steps", "6", "--logging_steps", "1"]
 CASES = {
     "sft": ("train_sft", ["--micro_train_batch_size", "2"]),
     "dpo": ("train_dpo", ["--micro_train_batch_size", "2"]),
     "alright": ("train_sft_dpo_alright", ["--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
-                                          "--sft_max_samples", "200", "--rlhf_max_samples", "64"]),
+                                          "--sft_max_samples", "64", "--rlhf_max_samples", "48"]),
     "maxright": ("train_sft_dpo_maxright", ["--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
-                                            "--sft_max_samples", "200", "--rlhf_max_samples", "64",
+                                            "--sft_max_samples", "64", "--rlhf_max_samples", "48",
                                             "--max_eval_steps", "3"]),
 }
 
@@ -29,7 +29,7 @@ def args_for(case, zero, out):
     module, extra = CASES[case]
     extra = [a for a in extra]
     if case in ("alright", "maxright"):
-        extra = [a for a in BASE if a != "--max_samples" and a != "200"] + extra
+        extra = [a for a in BASE if a not in ("--max_samples", "64")] + extra
     else:
         extra = BASE + extra
     return module, ["--zero_stage", zero, "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), *extra]
