@@ -120,56 +120,81 @@ def build_segments(args, tasks) -> Segments:
 
 
 def step_times(records, skip):
-    """[(segment, objectives tuple, refreshed?, seconds)] from consecutive 'elapsed' stamps."""
-    out, prev, seg_pos, last_seg = [], 0.0, 0, None
+    """[(segment, objectives, refreshed?, switched?, seconds)] from consecutive 'elapsed' stamps.
+
+    switched: the step computed other objectives than the step before it (an ALRIGHT/MAXRIGHT switch).
+    """
+    out, prev_t, prev_objs, pos, last_seg = [], 0.0, None, 0, None
     for r in records:
         if "elapsed" not in r or "objectives" not in r:
             continue
-        dt, prev = r["elapsed"] - prev, r["elapsed"]
-        seg = r.get("bench/segment")
-        seg_pos = seg_pos + 1 if seg == last_seg else 0
-        last_seg = seg
-        if seg == "warmup" or seg_pos < skip:
+        dt, prev_t = r["elapsed"] - prev_t, r["elapsed"]
+        objs, seg = tuple(r["objectives"]), r.get("bench/segment")
+        pos = pos + 1 if seg == last_seg else 0
+        switched, last_seg, prev_objs = objs != prev_objs, seg, objs
+        if seg == "warmup" or pos < skip:
             continue
-        out.append((seg, tuple(r["objectives"]), any(k.startswith("refresh/") for k in r), dt))
+        out.append((seg, objs, any(k.startswith("refresh/") for k in r), switched, dt))
     return out
 
 
-def analyse(times, max_eval_steps):
+def trimmed_mean(xs, cut=0.1):
+    xs = sorted(xs)
+    k = int(len(xs) * cut)
+    return statistics.fmean(xs[k:len(xs) - k] if len(xs) > 2 * k else xs)
+
+
+def analyse(times, max_eval_steps, reps=2000):
+    """Medians per (schedule, objective); ratios to the single-objective steps; bootstrap 95 % intervals."""
     med = statistics.median
-    by = {}
-    for seg, objs, refreshed, dt in times:
+    S, D, SD = ("sft",), (PREF,), tuple(sorted(("sft", PREF)))  # the loop logs sorted(plan)
+    by, switch = {}, {}
+    for seg, objs, refreshed, switched, dt in times:
         by.setdefault((seg, objs, refreshed), []).append(dt)
-    S, D = ("sft",), (PREF,)
-    t_sft, t_dpo = med(by[("sft", S, False)]), med(by[("dpo", D, False)])
-    res = {"T_sft": t_sft, "T_dpo": t_dpo, "n_sft": len(by[("sft", S, False)]),
-           "n_dpo": len(by[("dpo", D, False)]), "methods": {}}
+        if not refreshed:
+            switch.setdefault((seg, objs, switched), []).append(dt)
+    single = {S: by[("sft", S, False)], D: by[("dpo", D, False)]}
+    T = {o: med(v) for o, v in single.items()}
+    rng = random.Random(0)
+    boot = lambda xs: [rng.choice(xs) for _ in xs]  # noqa: E731
+
+    def ratio(groups, f, stat):  # Σ f_o·stat(schedule's o-steps) / Σ f_o·stat(single o-steps)
+        return (sum(f[o] * stat(groups[o]) for o in groups if f[o]) /
+                sum(f[o] * stat(single[o]) for o in groups if f[o]))
+
+    res = {"T_sft": T[S], "T_dpo": T[D], "n_sft": len(single[S]), "n_dpo": len(single[D]), "methods": {}}
     for m in ("sequential", "alright", "maxright"):
-        plain = {o: by.get((m, o, False), []) for o in (S, D)}
-        n = {o: len(plain[o]) + len(by.get((m, o, True), [])) for o in (S, D)}
-        total = n[S] + n[D]
-        f_s, f_d = n[S] / total, n[D] / total
-        m_s = med(plain[S]) if plain[S] else None
-        m_d = med(plain[D]) if plain[D] else None
-        predicted = f_s * t_sft + f_d * t_dpo
-        measured = (f_s * (m_s or 0.0)) + (f_d * (m_d or 0.0))
-        all_plain = plain[S] + plain[D]
+        groups = {o: by.get((m, o, False), []) for o in (S, D)}
+        n = {o: len(groups[o]) + len(by.get((m, o, True), [])) for o in (S, D)}
+        f = {o: n[o] / (n[S] + n[D]) for o in (S, D)}
+        groups = {o: g for o, g in groups.items() if g}
+        f = {o: f[o] for o in groups}
+        r = ratio(groups, f, med)
+        samples = sorted(
+            (sum(f[o] * med(boot(groups[o])) for o in groups) /
+             sum(f[o] * med(boot(single[o])) for o in groups)) for _ in range(reps))
         res["methods"][m] = {
-            "steps": total, "f_sft": f_s, "f_dpo": f_d, "M_sft": m_s, "M_dpo": m_d,
-            "ratio_sft": m_s / t_sft if m_s else None, "ratio_dpo": m_d / t_dpo if m_d else None,
-            "predicted": predicted, "measured": measured, "ratio": measured / predicted,
-            "mean": statistics.fmean(all_plain), "mean_predicted": f_s * statistics.fmean(by[("sft", S, False)])
-            + f_d * statistics.fmean(by[("dpo", D, False)]),
+            "steps": n[S] + n[D], "f_sft": n[S] / (n[S] + n[D]), "f_dpo": n[D] / (n[S] + n[D]),
+            "M_sft": med(groups[S]) if S in groups else None, "M_dpo": med(groups[D]) if D in groups else None,
+            "predicted": sum(f[o] * T[o] for o in groups), "measured": sum(f[o] * med(groups[o]) for o in groups),
+            "ratio": r, "ci": (samples[int(0.025 * reps)], samples[int(0.975 * reps)]),
+            "ratio_trimmed": ratio(groups, f, trimmed_mean),
         }
-    mix = by[("mix", tuple(sorted(("sft", PREF))), False)]  # the loop logs sorted(plan)
-    res["mix"] = {"steps": len(mix), "median": med(mix), "ratio_sum": med(mix) / (t_sft + t_dpo),
-                  "ratio_sft": med(mix) / t_sft}
-    refresh = {o: by.get(("maxright", o, True), []) for o in (S, D)}
+        for o in (S, D):
+            res["methods"][m][f"ratio_{o[0]}"] = med(groups[o]) / T[o] if o in groups else None
+        if m == "alright":  # does switching objective cost anything? same objective, switched vs not
+            res["methods"][m]["switch"] = {
+                o[0]: (med(switch[(m, o, True)]) / med(switch[(m, o, False)]))
+                if switch.get((m, o, True)) and switch.get((m, o, False)) else None for o in (S, D)}
+    mix = by[("mix", SD, False)]
+    mix_samples = sorted(med(boot(mix)) / (med(boot(single[S])) + med(boot(single[D]))) for _ in range(reps))
+    res["mix"] = {"steps": len(mix), "median": med(mix), "ratio_sum": med(mix) / (T[S] + T[D]),
+                  "ci": (mix_samples[int(0.025 * reps)], mix_samples[int(0.975 * reps)]), "ratio_sft": med(mix) / T[S]}
     extra = []
     for o in (S, D):
         base = by.get(("maxright", o, False))
         if base:
-            extra += [dt - med(base) for dt in refresh[o]]
+            extra += [dt - med(base) for dt in by.get(("maxright", o, True), [])]
     if extra:
         cost = med(extra)
         res["refresh"] = {"count": len(extra), "cost": cost, "every": max_eval_steps,
@@ -203,17 +228,22 @@ def report(res, command, args, load_before, load_after) -> str:
         f"DPO T_dpo = {_ms(res['T_dpo'])} ms (n = {res['n_dpo']}).",
         "",
         "| schedule | steps | picks SFT / DPO | median SFT step (ms) | ÷ T_sft | median DPO step (ms) | ÷ T_dpo "
-        "| measured step (ms) | predicted f·T (ms) | **measured ÷ predicted** | mean ÷ mean-predicted |",
+        "| measured f·M (ms) | predicted f·T (ms) | **measured ÷ predicted** (95 % CI) | same with 10 %-trimmed means |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m, name in (("sequential", "Sequential (SFT→DPO)"), ("alright", "ALRIGHT"), ("maxright", "MAXRIGHT")):
         r = res["methods"][m]
         L.append(f"| {name} | {r['steps']} | {r['f_sft']:.2f} / {r['f_dpo']:.2f} | {_ms(r['M_sft'])} | "
                  f"{_r(r['ratio_sft'])} | {_ms(r['M_dpo'])} | {_r(r['ratio_dpo'])} | {_ms(r['measured'])} | "
-                 f"{_ms(r['predicted'])} | **{_r(r['ratio'])}** | {_r(r['mean'] / r['mean_predicted'])} |")
+                 f"{_ms(r['predicted'])} | **{_r(r['ratio'])}** ({_r(r['ci'][0])}–{_r(r['ci'][1])}) | "
+                 f"{_r(r['ratio_trimmed'])} |")
+    sw = res["methods"]["alright"].get("switch", {})
+    L += ["", f"ALRIGHT steps that switched objective vs steps that repeated the previous one (median ratio): "
+          f"SFT {_r(sw.get('s'))}, DPO {_r(sw.get('d'))}."]
     mix = res["mix"]
     L += ["", f"Mix (both objectives every step, λ = {args.lambd}): median {_ms(mix['median'])} ms over "
-          f"{mix['steps']} steps = **{_r(mix['ratio_sum'])} × (T_sft + T_dpo)** = {_r(mix['ratio_sft'])} × T_sft."]
+          f"{mix['steps']} steps = **{_r(mix['ratio_sum'])} × (T_sft + T_dpo)** "
+          f"(95 % CI {_r(mix['ci'][0])}–{_r(mix['ci'][1])}) = {_r(mix['ratio_sft'])} × T_sft."]
     ref = res.get("refresh")
     if ref:
         L += ["", f"MAXRIGHT refresh (`--max_eval_steps {ref['every']}`: every objective's loss recomputed without "

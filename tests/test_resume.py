@@ -32,6 +32,8 @@ def args_for(case, zero, out):
         extra = [a for a in BASE if a not in ("--max_samples", "64")] + extra
     else:
         extra = BASE + extra
+    if case == "dpo" and zero == "3":  # resume under LoRA too (the reference is the adapter-less policy)
+        extra += ["--lora_rank", "4", "--lora_alpha", "8"]
     return module, ["--zero_stage", zero, "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), *extra]
 
 

@@ -148,3 +148,14 @@ def test_maxright_refresh_and_picks_follow_logged_stale_values(setup):
         scores = {k: 0.5 * (r[f"stale/{k}"] - {"sft": 1.0, "dpo": 0.0}[k]) for k in ("sft", "dpo")}
         assert r["objectives"] == [max(("sft", "dpo"), key=lambda k: (scores[k], k == "sft"))]
         assert scores[r["objectives"][0]] == pytest.approx(r[f"score/{r['objectives'][0]}"])
+
+
+def test_equal_length_reproduces_xright_zip(setup):
+    # XRIGHT zips the two loaders: both advance every step, the unpicked batch is discarded, and a
+    # joint epoch (the shorter loader: 12 SFT examples / 2 = 6 steps) restarts both.
+    trainer, engine, tasks = make(setup, Alright({"sft": 0.5, "dpo": 0.5}, seed=5), accum=(1, 1), steps=9)
+    trainer.args.equal_length, trainer.args.steps_per_epoch = True, 6
+    with torch.no_grad():
+        trainer.fit()
+    assert tasks["sft"].loader.state_dict()["epoch"] == tasks["dpo"].loader.state_dict()["epoch"] == 1
+    assert tasks["sft"].loader.position == tasks["dpo"].loader.position == 3

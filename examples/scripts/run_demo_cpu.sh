@@ -31,8 +31,8 @@ BETA=${BETA:-0.1}
 REF_STEPS=${REF_STEPS:-250}
 REF_LR=${REF_LR:-2e-3}
 PHASE_STEPS=${PHASE_STEPS:-60}     # one sequential phase; joint runs get 2 × PHASE_STEPS
-OPT_STEPS=${OPT_STEPS:-$((4 * PHASE_STEPS))}
-EVAL_STEPS=${EVAL_STEPS:-30}
+OPT_STEPS=${OPT_STEPS:-$((2 * PHASE_STEPS))}   # as the paper: the optimum runs train as long as a joint run
+EVAL_STEPS=${EVAL_STEPS:-25}       # (a multiple of it at the last step would evaluate twice there)
 MAX_EVAL_STEPS=${MAX_EVAL_STEPS:-10}   # MAXRIGHT: refresh both stale losses every N steps
 LAMBDAS=${LAMBDAS:-"0.25 0.5 0.75"}
 SEED=${SEED:-42}
@@ -90,11 +90,10 @@ EOF
 }
 
 REF=$OUT/ref
-# the flags every run after the reference shares
-COMMON=(--pretrain "$REF" --ref_pretrain "$REF" --train_batch_size "$BATCH"
-        --sft_micro_train_batch_size "$BATCH" --rlhf_micro_train_batch_size "$BATCH"
-        --learning_rate "$LR" --lr_scheduler "$LR_SCHEDULER" --beta "$BETA" --eval_steps "$EVAL_STEPS"
-        --logging_steps 1)
+# the flags every run after the reference shares; every run uses the reference as DPO reference
+COMMON=(--ref_pretrain "$REF" --train_batch_size "$BATCH" --sft_micro_train_batch_size "$BATCH"
+        --rlhf_micro_train_batch_size "$BATCH" --learning_rate "$LR" --lr_scheduler "$LR_SCHEDULER"
+        --beta "$BETA" --eval_steps "$EVAL_STEPS" --logging_steps 1)
 JOINT_STEPS=$((2 * PHASE_STEPS))
 
 echo "1/5 reference: SFT on the chosen answers of the preference data ($REF_STEPS steps)"
@@ -103,28 +102,28 @@ run ref train_sft_pref --train_batch_size "$BATCH" --micro_train_batch_size "$BA
 barrier
 
 echo "2/5 optima ($OPT_STEPS steps each) and 3/5 sequential phase 1 ($PHASE_STEPS steps each)"
-run opt_sft train_sft_seq "${COMMON[@]}" --max_steps "$OPT_STEPS" --eval_steps $((OPT_STEPS / 6))
-run opt_dpo train_dpo_seq "${COMMON[@]}" --max_steps "$OPT_STEPS" --eval_steps $((OPT_STEPS / 6))
-run seq_sft train_sft_seq "${COMMON[@]}" --max_steps "$PHASE_STEPS"
-run seq_dpo train_dpo_seq "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+run opt_sft train_sft_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$OPT_STEPS"
+run opt_dpo train_dpo_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$OPT_STEPS"
+run seq_sft train_sft_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+run seq_dpo train_dpo_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
 echo "4/5 Mix and ALRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each)"
 for l in $LAMBDAS; do
-    run "mix_$l" train_sft_dpo_mix "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
-    run "alright_$l" train_sft_dpo_alright "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
+    run "mix_$l" train_sft_dpo_mix --pretrain "$REF" "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
+    run "alright_$l" train_sft_dpo_alright --pretrain "$REF" "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
 done
 barrier
 
 SFT_OPT=$(best_eval "$OUT/opt_sft" sft)
 DPO_OPT=$(best_eval "$OUT/opt_dpo" dpo)
 echo "   ideal point: --sft_opt $SFT_OPT --dpo_opt $DPO_OPT"
-echo "3/5 sequential phase 2 (starts from phase 1, the reference stays the DPO reference)"
-run seq_sft_dpo train_dpo_seq "${COMMON[@]}" --pretrain "$OUT/seq_sft" --max_steps "$PHASE_STEPS"
-run seq_dpo_sft train_sft_seq "${COMMON[@]}" --pretrain "$OUT/seq_dpo" --max_steps "$PHASE_STEPS"
+echo "3/5 sequential phase 2 (from phase 1's model; the reference stays the DPO reference)"
+run seq_sft_dpo train_dpo_seq --pretrain "$OUT/seq_sft" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+run seq_dpo_sft train_sft_seq --pretrain "$OUT/seq_dpo" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
 echo "4/5 MAXRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each, stale losses refreshed every $MAX_EVAL_STEPS)"
 for l in $LAMBDAS; do
-    # --eps 0: the optimum is the single-objective runs' best, so don't stop when near it
-    run "maxright_$l" train_sft_dpo_maxright "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS" \
-        --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --max_eval_steps "$MAX_EVAL_STEPS" --eps 0
+    # --eps 0: don't stop early near the optimum (it is the single-objective runs' best)
+    run "maxright_$l" train_sft_dpo_maxright --pretrain "$REF" "${COMMON[@]}" --lambd "$l" \
+        --max_steps "$JOINT_STEPS" --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --max_eval_steps "$MAX_EVAL_STEPS" --eps 0
 done
 barrier
 
