@@ -215,7 +215,7 @@ def report(res, command, args, load_before, load_after) -> str:
     import torch
 
     L = [
-        "# Schedule cost: time per optimizer step", "",
+        f"## {args.label}", "",
         f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} with `benchmarks/bench_schedules.py`:", "",
         "```", command, "```", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work; load average "
@@ -258,6 +258,19 @@ def report(res, command, args, load_before, load_after) -> str:
     return "\n".join(L)
 
 
+def write_section(path: str, label: str, text: str) -> None:
+    """Replace the section between this label's markers in ``path`` (or append it); keep everything else."""
+    begin, end = f"<!-- bench_schedules: {label} -->", f"<!-- /bench_schedules: {label} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = open(path).read() if os.path.exists(path) else "# Schedule cost: time per optimizer step\n\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(new)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 add_help=True)
@@ -265,7 +278,9 @@ def main():
     p.add_argument("--rounds", dest="bench_rounds", type=int, default=5)
     p.add_argument("--warmup", dest="bench_warmup", type=int, default=10)
     p.add_argument("--skip", dest="bench_skip", type=int, default=2, help="steps dropped at each segment start")
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
+                   help="markdown file; this run's section (by --label) is replaced or appended, the rest kept")
+    p.add_argument("--label", default="single process", help="section title in --results")
     p.add_argument("--save_path", default="/tmp/xright_bench_schedules")
     mine, rest = p.parse_known_args()
     total = mine.bench_warmup + mine.bench_rounds * len(METHODS) * mine.bench_steps
@@ -299,8 +314,7 @@ def main():
         launcher + "benchmarks/bench_schedules.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
                                                               if not a.startswith("--local_rank"))
     text = report(res, command, args, load_before, load_after)
-    with open(mine.results, "w") as f:
-        f.write(text)
+    write_section(mine.results, mine.label, text)
     with open(os.path.join(mine.save_path, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(text)

@@ -63,7 +63,7 @@ def runs(tmp_path):
 def test_methods_chain_optimum_and_table(runs, tmp_path):
     root, d = runs
     out = os.path.join(root, "plot")
-    res = plot_pareto.main([*d.values(), "--out", out])
+    res = plot_pareto.main([*d.values(), "--out", out, "--inset"])
     by_method = {r.method: r for r in res["points"]}
     assert set(by_method) == {"SFT only", "DPO only", "Sequential SFT→DPO", "Sequential DPO→SFT", "ALRIGHT",
                               "MAXRIGHT", "Mix"}
@@ -101,7 +101,7 @@ def test_methods_chain_optimum_and_table(runs, tmp_path):
 def test_optimum_flags_win_and_fallback_to_single_runs(runs):
     root, d = runs
     res = plot_pareto.main([d["sft_opt"], d["dpo_opt"], d["mix"], "--out", os.path.join(root, "a"),
-                            "--sft_opt", "0.5", "--dpo_opt", "0.05"])
+                            "--sft_opt", "0.5", "--dpo_opt", "0.05", "--yscale", "log", "--trajectories", "all"])
     assert res["optimum"] == (0.5, 0.05)
     # without flags or joint runs' optima: the best single-objective runs
     res = plot_pareto.main([d["sft_opt"], d["dpo_opt"], d["mix"], "--out", os.path.join(root, "b")])
@@ -112,7 +112,7 @@ def test_optimum_flags_win_and_fallback_to_single_runs(runs):
 
 def test_a_lone_phase_is_a_single_objective_run(runs):
     root, d = runs
-    res = plot_pareto.main([d["seq_sft_dpo"], "--out", os.path.join(root, "c")])
+    res = plot_pareto.main([d["seq_sft_dpo"], "--out", os.path.join(root, "c"), "--equal_axes", "--inset"])
     assert [r.method for r in res["points"]] == ["DPO only"]
 
 

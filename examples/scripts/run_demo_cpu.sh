@@ -19,7 +19,9 @@
 # OMP_NUM_THREADS=THREADS each. The built-in data: SFT answers small tasks tersely ("reverse 'abc'"
 # → "cba"); the preference pairs, on other prompts of the same tasks, prefer a hedged wordy answer
 # over the terse one, so DPO pushes against what SFT learns (see xright/data/synthetic.py).
-# On an idle 2-core machine the defaults take about TODO minutes.
+# Time: 19 minutes with the defaults on a 2-core machine that other jobs kept at load ≈ 4; most of it is
+# waiting for CPU. Quicker look: PHASE_STEPS=30 REF_STEPS=150 LAMBDAS=0.5. The result is in
+# docs/demo_pareto.md. Losses are deterministic for a given SEED and sizes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -50,10 +52,12 @@ PORT=$((29600 + RANDOM % 2000))
 
 finished() { [[ -f $1/metrics.jsonl ]] && grep -q '"done": true' "$1/metrics.jsonl"; }
 
+declare -A PID
 run() {  # run NAME MODULE ARGS... : in the background, at most JOBS at a time
     local name=$1 module=$2
     shift 2
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+    check
     if [[ $SKIP_DONE == 1 ]] && finished "$OUT/$name"; then
         echo "  [$(( SECONDS - START ))s] $name: kept from an earlier run"
         return
@@ -72,11 +76,18 @@ run() {  # run NAME MODULE ARGS... : in the background, at most JOBS at a time
             exit 1
         fi
     ) &
+    PID[$name]=$!
 }
 
-barrier() {
-    wait
-    if [[ -e $OUT/.failed ]]; then echo "demo: a run failed (logs in $LOGS)" >&2; exit 1; fi
+check() {
+    if [[ -e $OUT/.failed ]]; then echo "demo: a run failed (logs in $LOGS)" >&2; wait; exit 1; fi
+}
+
+after() {  # after NAME...: wait until these runs have finished (the others keep running)
+    for name in "$@"; do
+        [[ -n ${PID[$name]:-} ]] && { wait "${PID[$name]}" 2>/dev/null || true; }
+    done
+    check
 }
 
 best_eval() {  # best_eval RUN_DIR OBJECTIVE: the lowest eval loss of that objective over the run
@@ -99,11 +110,13 @@ JOINT_STEPS=$((2 * PHASE_STEPS))
 echo "1/5 reference: SFT on the chosen answers of the preference data ($REF_STEPS steps)"
 run ref train_sft_pref --train_batch_size "$BATCH" --micro_train_batch_size "$BATCH" \
     --max_steps "$REF_STEPS" --learning_rate "$REF_LR" --eval_steps "$REF_STEPS"
-barrier
+after ref
 
-echo "2/5 optima ($OPT_STEPS steps each) and 3/5 sequential phase 1 ($PHASE_STEPS steps each)"
+# JOBS runs at a time, in this order; a run that needs another one's result waits for it ("after")
+echo "2/5 optima ($OPT_STEPS steps each)"
 run opt_sft train_sft_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$OPT_STEPS"
 run opt_dpo train_dpo_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$OPT_STEPS"
+echo "3/5 sequential SFT→DPO and DPO→SFT, phase 1 ($PHASE_STEPS steps each)"
 run seq_sft train_sft_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
 run seq_dpo train_dpo_seq --pretrain "$REF" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
 echo "4/5 Mix and ALRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each)"
@@ -111,25 +124,27 @@ for l in $LAMBDAS; do
     run "mix_$l" train_sft_dpo_mix --pretrain "$REF" "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
     run "alright_$l" train_sft_dpo_alright --pretrain "$REF" "${COMMON[@]}" --lambd "$l" --max_steps "$JOINT_STEPS"
 done
-barrier
-
+echo "3/5 sequential, phase 2 (from phase 1's model; the reference stays the DPO reference)"
+after seq_sft
+run seq_sft_dpo train_dpo_seq --pretrain "$OUT/seq_sft" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+after seq_dpo
+run seq_dpo_sft train_sft_seq --pretrain "$OUT/seq_dpo" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
+after opt_sft opt_dpo
 SFT_OPT=$(best_eval "$OUT/opt_sft" sft)
 DPO_OPT=$(best_eval "$OUT/opt_dpo" dpo)
 echo "   ideal point: --sft_opt $SFT_OPT --dpo_opt $DPO_OPT"
-echo "3/5 sequential phase 2 (from phase 1's model; the reference stays the DPO reference)"
-run seq_sft_dpo train_dpo_seq --pretrain "$OUT/seq_sft" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
-run seq_dpo_sft train_sft_seq --pretrain "$OUT/seq_dpo" "${COMMON[@]}" --max_steps "$PHASE_STEPS"
 echo "4/5 MAXRIGHT, λ ∈ {$LAMBDAS} ($JOINT_STEPS steps each, stale losses refreshed every $MAX_EVAL_STEPS)"
 for l in $LAMBDAS; do
     # --eps 0: don't stop early near the optimum (it is the single-objective runs' best)
     run "maxright_$l" train_sft_dpo_maxright --pretrain "$REF" "${COMMON[@]}" --lambd "$l" \
         --max_steps "$JOINT_STEPS" --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --max_eval_steps "$MAX_EVAL_STEPS" --eps 0
 done
-barrier
+wait
+check
 
 echo "5/5 the picture"
 runs=(opt_sft opt_dpo seq_sft seq_sft_dpo seq_dpo seq_dpo_sft)
 for l in $LAMBDAS; do runs+=("mix_$l" "alright_$l" "maxright_$l"); done
-python -m xright.cli.plot_pareto "${runs[@]/#/$OUT/}" --out "$OUT" --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" \
+python -m xright.cli.plot_pareto "${runs[@]/#/$OUT/}" --out "$OUT" --sft_opt "$SFT_OPT" --dpo_opt "$DPO_OPT" --inset \
     --title "tiny GPT-NeoX, built-in data: sequential $PHASE_STEPS+$PHASE_STEPS steps, joint $JOINT_STEPS steps"
 echo "demo done in $(( SECONDS - START )) s: $OUT/pareto.png, $OUT/pareto.md"

@@ -38,6 +38,8 @@ SFT, PREF = "sft", "dpo"
 METHODS = {"alright": "ALRIGHT", "maxright": "MAXRIGHT", "mix": "Mix"}
 # order of methods in the table and legend; colour and marker per method
 ORDER = ["SFT only", "DPO only", "Sequential SFT→DPO", "Sequential DPO→SFT", "Mix", "ALRIGHT", "MAXRIGHT"]
+# where each method writes its λ next to its points, so that close points' labels don't collide
+LABEL_OFFSET = {"Mix": (-8, -12), "ALRIGHT": (6, 4), "MAXRIGHT": (6, -10)}
 STYLE = {
     "SFT only": ("tab:gray", "s"),
     "DPO only": ("tab:brown", "D"),
@@ -244,16 +246,9 @@ def table(rows: list[Run], s_opt, d_opt, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectories: str, title: str,
-         yscale: str, dpi: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.2, 5.2))
+def _draw(ax, points: list[Run], rows: list[Run], s_opt, d_opt, trajectories: str, legend: bool,
+          lambdas: bool = True) -> None:
     plotted = [r for r in points if r.sft is not None and r.pref is not None]
-    ys = [r.pref for r in plotted]
     seen = set()
     for r in sorted(plotted, key=_sort_key):
         color, marker = STYLE.get(r.method, ("black", "."))
@@ -262,19 +257,17 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
             tr = [(a, b) for _, a, b in r.evals if a is not None and b is not None]
             if len(tr) > 1:
                 ax.plot([a for a, _ in tr], [b for _, b in tr], "--", color=color, lw=0.9, alpha=0.6, zorder=1)
-                ys += [b for _, b in tr]
-        label = r.method if r.method not in seen else None
+        label = r.method if legend and r.method not in seen else None
         seen.add(r.method)
         ax.scatter([r.sft], [r.pref], color=color, marker=marker, s=60, edgecolor="black", linewidth=0.5,
                    label=label, zorder=3)
-        if r.lambd is not None:
-            ax.annotate(f"{r.lambd:g}", (r.sft, r.pref), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                        color=color)
+        if r.lambd is not None and lambdas:
+            ax.annotate(f"{r.lambd:g}", (r.sft, r.pref), textcoords="offset points", fontsize=7, color=color,
+                        xytext=LABEL_OFFSET.get(r.method, (5, 4)))
     for r in rows:  # ends of earlier sequential phases: hollow markers
         if "after phase" in r.method and r.sft is not None and r.pref is not None:
             color, marker = STYLE.get(r.method.split(",")[0], ("black", "."))
             ax.scatter([r.sft], [r.pref], facecolor="none", edgecolor=color, marker=marker, s=60, zorder=3)
-            ys.append(r.pref)
     for method in ORDER:  # connect each joint method's λ sweep
         sweep = sorted((r for r in plotted if r.method == method and r.lambd is not None), key=lambda r: r.lambd)
         if len(sweep) > 1:
@@ -282,17 +275,42 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
                     alpha=0.5, zorder=2)
     if s_opt is not None and d_opt is not None:
         ax.scatter([s_opt], [d_opt], marker="*", s=220, color="gold", edgecolor="black", linewidth=0.7,
-                   label="ideal point", zorder=4)
-        ys.append(d_opt)
-    if yscale == "auto":
-        pos = [y for y in ys if y is not None and y > 0]
-        yscale = "log" if pos and len(pos) == len(ys) and max(pos) / min(pos) > 30 else "linear"
+                   label="ideal point" if legend else None, zorder=4)
+
+
+def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectories: str, title: str,
+         yscale: str, equal_axes: bool, inset: bool, dpi: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 5.2))
+    joint = [r for r in points if r.lambd is not None and r.sft is not None and r.pref is not None]
+    inset = inset and bool(joint)
+    _draw(ax, points, rows, s_opt, d_opt, trajectories, legend=True, lambdas=not inset)
     ax.set_yscale(yscale)
+    if equal_axes and yscale == "linear":
+        ax.set_aspect("equal", adjustable="box")  # the ideal distance is then a distance on the page
     ax.set_xlabel("final eval SFT loss")
     ax.set_ylabel("final eval DPO loss")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    ax.legend(fontsize=7, loc="upper right", framealpha=0.8, ncol=2 if inset else 1)
+    if inset:
+        # the joint runs (and the ideal point) often sit close together: repeat them magnified
+        xs = [r.sft for r in joint] + ([s_opt] if s_opt is not None else [])
+        ys = [r.pref for r in joint] + ([d_opt] if d_opt is not None else [])
+        pad_x, pad_y = 0.12 * (max(xs) - min(xs) or 1.0), 0.12 * (max(ys) - min(ys) or 1.0)
+        sub = ax.inset_axes([0.45, 0.2, 0.52, 0.45])
+        _draw(sub, joint, [], s_opt, d_opt, "none", legend=False)
+        sub.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+        sub.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+        sub.set_yscale(yscale)
+        sub.tick_params(labelsize=6)
+        sub.grid(True, alpha=0.3)
+        sub.set_title("joint runs, magnified", fontsize=7)
+        ax.indicate_inset_zoom(sub, edgecolor="gray", alpha=0.6)
     fig.text(0.99, 0.01, "numbers: λ (weight of DPO); hollow: end of a sequential run's first phase; "
              "dashed: eval trajectory", ha="right", va="bottom", fontsize=6, color="dimgray")
     fig.tight_layout()
@@ -309,8 +327,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dpo_opt", type=float, default=None, help="L*_dpo of the ideal point")
     p.add_argument("--trajectories", choices=["none", "sequential", "all"], default="sequential",
                    help="draw the eval trajectory of these runs")
-    p.add_argument("--yscale", choices=["auto", "linear", "log"], default="auto",
-                   help="auto: log when the DPO losses span more than a factor 30")
+    p.add_argument("--yscale", choices=["linear", "log"], default="linear")
+    p.add_argument("--equal_axes", action="store_true", help="same scale on both axes (linear only)")
+    p.add_argument("--inset", action="store_true", help="add a magnified view of the joint runs and the ideal point")
     p.add_argument("--title", default="SFT vs DPO loss: final eval losses per method and λ")
     p.add_argument("--dpi", type=int, default=110)
     args = p.parse_args(argv)
@@ -326,7 +345,8 @@ def main(argv=None) -> dict:
     png = os.path.join(args.out, f"{args.name}.png")
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(md)
-    plot(points, rows, s_opt, d_opt, png, args.trajectories, args.title, args.yscale, args.dpi)
+    plot(points, rows, s_opt, d_opt, png, args.trajectories, args.title, args.yscale, args.equal_axes,
+         args.inset, args.dpi)
     print(md, end="")
     print(f"wrote {png} and {os.path.join(args.out, args.name + '.md')}")
     return {"points": points, "rows": rows, "optimum": (s_opt, d_opt), "table": md}
