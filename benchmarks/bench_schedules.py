@@ -1,30 +1,35 @@
 """Time per optimizer step of the joint schedules against single-objective steps, in one run.
 
-    python benchmarks/bench_schedules.py [--steps 40 --rounds 5 --lambd 0.5 --max_eval_steps 10] [JOINT CLI FLAGS]
-    deepspeed --num_gpus 2 benchmarks/bench_schedules.py ...          # the same under ZeRO, 2 ranks
+    python benchmarks/bench_schedules.py [--steps 12 --rounds 16 --lambd 0.5 --max_eval_steps 10] [JOINT CLI FLAGS]
+    deepspeed --num_gpus 2 benchmarks/bench_schedules.py --label "2 ranks, ZeRO-2" ...
 
-One training run of the joint CLI (``xright.cli.joint``: same model, same data, same engine, the real
-training loop) whose schedule is a sequence of *segments*: ``--steps`` optimizer steps of SFT only,
-DPO only, sequential (SFT then DPO, half each), Mix, ALRIGHT and MAXRIGHT, repeated ``--rounds``
-times in a shuffled order per round (so that a slow spell of a shared machine hits every method
-alike). Every step's wall time is the difference of consecutive ``elapsed`` stamps in
-``metrics.jsonl`` (``--logging_steps 1``): the whole loop iteration — schedule decision, broadcast,
-data, forward/backward, optimizer step, metric reduction, logging. The first ``--skip`` steps of
-every segment are dropped (the switch between segments is not part of any method).
+One training run of the joint CLI's machinery (``xright.cli.joint`` flags, ``common.run``: same model,
+same data, same engine, the real training loop) whose schedule is a sequence of *segments*:
+``--steps`` optimizer steps each of SFT only, DPO only, sequential (SFT then DPO, half each), Mix,
+ALRIGHT and MAXRIGHT, repeated ``--rounds`` times in a shuffled order per round, so that the slow and
+fast spells of a shared machine hit every method alike (short segments, many rounds). Every step's
+wall time is the difference of consecutive ``elapsed`` stamps in ``metrics.jsonl``
+(``--logging_steps 1``): the whole loop iteration — schedule decision, broadcast, data,
+forward/backward, optimizer step, metric reduction, logging. The first ``--skip`` steps of every
+segment are dropped (the switch between segments belongs to no method). Any joint CLI flag can be
+added (``--pretrain``, batch sizes, ``--sft_opt`` …); with the tiny random default model MAXRIGHT
+picks SFT almost always, so pass a trained model (e.g. the demo's ``runs/demo/ref``) and its optima.
 
-Reported (medians are robust to the machine's noise; means are shown for completeness):
+Reported:
 
 * per objective, the median time of the steps that computed only that objective, under each
   schedule, and its ratio to the single-objective median;
-* ALRIGHT / MAXRIGHT: the predicted step time f_sft·T_sft + f_dpo·T_dpo (f = the schedule's pick
-  frequency in the benchmark, T = single-objective medians) against the measured one
-  (f_sft·M_sft + f_dpo·M_dpo with the schedule's own per-objective medians; and its plain mean);
-* Mix: its median against T_sft + T_dpo (one optimizer step computing both objectives);
-* MAXRIGHT's refresh (all objectives recomputed without grad every ``--max_eval_steps`` steps):
-  the median extra time of a refresh step over a plain step of the same objective, and that cost
-  amortised per step.
+* sequential / ALRIGHT / MAXRIGHT: measured f_sft·M_sft + f_dpo·M_dpo (their own per-objective
+  medians) against predicted f_sft·T_sft + f_dpo·T_dpo (single-objective medians), f = the schedule's
+  pick frequency in the benchmark, with a 95 % interval from a bootstrap over whole segments; the same
+  ratio with 10 %-trimmed means;
+* Mix: its median against T_sft + T_dpo;
+* MAXRIGHT's refresh (all objectives recomputed without grad every ``--max_eval_steps`` steps): the
+  median extra time of a refresh step over a plain step of the same objective, amortised per step;
+* the schedule's own work per step (plan, broadcast, bookkeeping), timed directly.
 
-The results and the exact command are written to ``--results`` (default benchmarks/RESULTS.md).
+The section (titled ``--label``) and the exact command go into ``--results`` (default
+benchmarks/RESULTS.md); other sections of that file are kept.
 """
 
 from __future__ import annotations
@@ -120,21 +125,22 @@ def build_segments(args, tasks) -> Segments:
 
 
 def step_times(records, skip):
-    """[(segment, objectives, refreshed?, switched?, seconds)] from consecutive 'elapsed' stamps.
+    """[(segment, segment index, objectives, refreshed?, switched?, seconds)] from consecutive 'elapsed' stamps.
 
     switched: the step computed other objectives than the step before it (an ALRIGHT/MAXRIGHT switch).
     """
-    out, prev_t, prev_objs, pos, last_seg = [], 0.0, None, 0, None
+    out, prev_t, prev_objs, pos, last_seg, index = [], 0.0, None, 0, None, -1
     for r in records:
         if "elapsed" not in r or "objectives" not in r:
             continue
         dt, prev_t = r["elapsed"] - prev_t, r["elapsed"]
         objs, seg = tuple(r["objectives"]), r.get("bench/segment")
         pos = pos + 1 if seg == last_seg else 0
+        index += pos == 0
         switched, last_seg, prev_objs = objs != prev_objs, seg, objs
         if seg == "warmup" or pos < skip:
             continue
-        out.append((seg, objs, any(k.startswith("refresh/") for k in r), switched, dt))
+        out.append((seg, index, objs, any(k.startswith("refresh/") for k in r), switched, dt))
     return out
 
 
@@ -145,18 +151,27 @@ def trimmed_mean(xs, cut=0.1):
 
 
 def analyse(times, max_eval_steps, reps=2000):
-    """Medians per (schedule, objective); ratios to the single-objective steps; bootstrap 95 % intervals."""
+    """Medians per (schedule, objective); ratios to the single-objective steps; bootstrap 95 % intervals.
+
+    The intervals resample whole segments (block bootstrap): steps of one segment share the machine's
+    load of that moment, so resampling single steps would understate the uncertainty.
+    """
     med = statistics.median
     S, D, SD = ("sft",), (PREF,), tuple(sorted(("sft", PREF)))  # the loop logs sorted(plan)
-    by, switch = {}, {}
-    for seg, objs, refreshed, switched, dt in times:
+    by, blocks, switch = {}, {}, {}
+    for seg, index, objs, refreshed, switched, dt in times:
         by.setdefault((seg, objs, refreshed), []).append(dt)
+        blocks.setdefault((seg, objs, refreshed), {}).setdefault(index, []).append(dt)
         if not refreshed:
             switch.setdefault((seg, objs, switched), []).append(dt)
     single = {S: by[("sft", S, False)], D: by[("dpo", D, False)]}
     T = {o: med(v) for o, v in single.items()}
     rng = random.Random(0)
-    boot = lambda xs: [rng.choice(xs) for _ in xs]  # noqa: E731
+    block_of = {id(by[k]): list(v.values()) for k, v in blocks.items()}
+
+    def boot(xs):  # the steps of as many segments, drawn with replacement, as xs came from
+        segs = block_of[id(xs)]
+        return [dt for _ in segs for dt in rng.choice(segs)]
 
     def ratio(groups, f, stat):  # Σ f_o·stat(schedule's o-steps) / Σ f_o·stat(single o-steps)
         return (sum(f[o] * stat(groups[o]) for o in groups if f[o]) /
@@ -202,6 +217,37 @@ def analyse(times, max_eval_steps, reps=2000):
     return res
 
 
+def decision_cost(args, n=2000) -> dict:
+    """Seconds per step of what a schedule adds to the loop, measured directly: wants_refresh, plan,
+    the broadcast of the plan from rank 0 (on every rank, as the loop does), info and observe."""
+    import time
+
+    from xright.strategy import Strategy
+
+    strategy = Strategy(seed=args.seed)  # the run's process group, already initialised
+    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
+    schedules = {
+        "single (SFT)": Single("sft"),
+        "sequential": Sequential([("sft", n // 2), (PREF, n - n // 2)]),
+        "mix": Mix(weights),
+        "alright": Alright(weights, seed=args.seed),
+        "maxright": Maxright(weights, {"sft": args.sft_opt, PREF: args.dpo_opt}, seed=args.seed, refresh_every=0),
+    }
+    out = {}
+    for name, sched in schedules.items():
+        if sched.wants_refresh(0):
+            sched.refresh({"sft": 2.0, PREF: 1.0})
+        strategy.barrier()
+        t0 = time.perf_counter()
+        for step in range(n):
+            sched.wants_refresh(step)
+            plan = strategy.broadcast_object(sched.plan(step))
+            sched.info()
+            sched.observe(step, {k: 1.0 + 1e-3 * (step % 7) for k in plan})
+        out[name] = (time.perf_counter() - t0) / n
+    return out
+
+
 def _ms(x):
     return "—" if x is None else f"{1000 * x:.1f}"
 
@@ -239,11 +285,18 @@ def report(res, command, args, load_before, load_after) -> str:
                  f"{_r(r['ratio_trimmed'])} |")
     sw = res["methods"]["alright"].get("switch", {})
     L += ["", f"ALRIGHT steps that switched objective vs steps that repeated the previous one (median ratio): "
-          f"SFT {_r(sw.get('s'))}, DPO {_r(sw.get('d'))}."]
+          f"SFT {_r(sw.get('sft'))}, DPO {_r(sw.get(PREF))}."]
     mix = res["mix"]
     L += ["", f"Mix (both objectives every step, λ = {args.lambd}): median {_ms(mix['median'])} ms over "
           f"{mix['steps']} steps = **{_r(mix['ratio_sum'])} × (T_sft + T_dpo)** "
           f"(95 % CI {_r(mix['ci'][0])}–{_r(mix['ci'][1])}) = {_r(mix['ratio_sft'])} × T_sft."]
+    dec = res.get("decision")
+    if dec:
+        L += ["", "The schedule's own work per step, measured directly (2000 iterations of wants_refresh, plan, "
+              "broadcast of the plan from rank 0, info, observe): " + ", ".join(
+                  f"{name} {1e6 * t:.1f} µs" for name, t in dec.items()) +
+              f" — at most {100 * max(dec.values()) / res['T_sft']:.2g} % of an SFT step and "
+              f"{100 * max(dec.values()) / res['T_dpo']:.2g} % of a DPO step here."]
     ref = res.get("refresh")
     if ref:
         L += ["", f"MAXRIGHT refresh (`--max_eval_steps {ref['every']}`: every objective's loss recomputed without "
@@ -274,10 +327,10 @@ def write_section(path: str, label: str, text: str) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 add_help=True)
-    p.add_argument("--steps", dest="bench_steps", type=int, default=40, help="optimizer steps per segment")
-    p.add_argument("--rounds", dest="bench_rounds", type=int, default=5)
+    p.add_argument("--steps", dest="bench_steps", type=int, default=12, help="optimizer steps per segment")
+    p.add_argument("--rounds", dest="bench_rounds", type=int, default=16)
     p.add_argument("--warmup", dest="bench_warmup", type=int, default=10)
-    p.add_argument("--skip", dest="bench_skip", type=int, default=2, help="steps dropped at each segment start")
+    p.add_argument("--skip", dest="bench_skip", type=int, default=1, help="steps dropped at each segment start")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
                    help="markdown file; this run's section (by --label) is replaced or appended, the rest kept")
     p.add_argument("--label", default="single process", help="section title in --results")
@@ -303,13 +356,16 @@ def main():
     ]
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     common.run(args, specs, lambda total, per_epoch, tasks: build_segments(args, tasks))
+    decisions = decision_cost(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     with open(os.path.join(mine.save_path, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     res = analyse(step_times(records, mine.bench_skip), args.max_eval_steps)
-    launcher = "deepspeed --num_gpus N " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    res["decision"] = decisions
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"deepspeed --num_gpus {world} " if world > 1 else "python "
     command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} " * ("OMP_NUM_THREADS" in os.environ) + \
         launcher + "benchmarks/bench_schedules.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
                                                               if not a.startswith("--local_rank"))

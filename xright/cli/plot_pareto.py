@@ -141,7 +141,10 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
         up = by_dir.get(_norm(pre)) if pre else None
         if up is None and pre and not os.path.isabs(pre):
             # a relative --pretrain is relative to where the run was launched: match it as a suffix
-            tail = os.sep + os.path.normpath(pre).lstrip("." + os.sep)
+            parts = os.path.normpath(pre).split(os.sep)
+            while parts and parts[0] in (".", ".."):
+                parts.pop(0)
+            tail = os.sep + os.sep.join(parts)
             ups = {id(c): c for k, c in by_dir.items() if k.endswith(tail)}
             up = next(iter(ups.values())) if len(ups) == 1 else None
         if up is not None and up is not r:
