@@ -73,6 +73,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.step = 0
         self._terminate = False
+        self._last_eval: tuple[int, dict] = (-1, {})
         self._debug_nan_step = int(os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", 0))
         self._last_ids: dict[str, list] = {}
         self._pick_log = None
@@ -247,6 +248,7 @@ class Trainer:
 
     def _log_eval(self) -> str | None:
         ev = self.evaluate()
+        self._last_eval = (self.step, ev)
         if ev:
             self.logger.log({"step": self.step, **ev})
             self.s.print("eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
@@ -315,7 +317,9 @@ class Trainer:
         signal.signal(signal.SIGTERM, previous)
         if stop:
             s.print(f"stopping early at step {self.step}: {stop}")
-        final = self.evaluate() if stop is None else {}
+        # the final record reuses an evaluation of this very step rather than running it twice
+        last_step, last = self._last_eval
+        final = {} if stop is not None else last if last_step == self.step else self.evaluate()
         if final:
             self.logger.log({"step": self.step, "final": True, **final})
         self.logger.log({"step": self.step, "done": True, "stopped_early": stop,
