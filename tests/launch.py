@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import glob
 import subprocess
 import sys
 
@@ -27,16 +28,30 @@ def env() -> dict:
     return e
 
 
+def launcher_cmd(module: str, args: list[str], nproc: int = 2) -> tuple[list[str], int]:
+    port = free_port()
+    return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port),
+            "--module", f"xright.cli.{module}", *args], port
+
+
+def assert_no_shm_left(port: int) -> None:
+    """DeepSpeed's CPU comm op leaves ~69 MB per rank in RAM-backed /dev/shm unless xright unlinks it."""
+    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not left, f"shared-memory buffers left behind: {left}"
+
+
 def run_cli(module: str, args: list[str], nproc: int = 2, timeout: int = 600, check: bool = True):
     """Run ``xright.cli.<module>``; with nproc > 1 under ``deepspeed --num_gpus nproc``."""
+    port = None
     if nproc > 1:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "--module", f"xright.cli.{module}", *args]
+        cmd, port = launcher_cmd(module, args, nproc)
     else:
         cmd = [sys.executable, "-m", f"xright.cli.{module}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    if port is not None:
+        assert_no_shm_left(port)
     return proc
 
 

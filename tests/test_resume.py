@@ -1,6 +1,7 @@
 """Exact resume: a run killed after a checkpoint and resumed with --load_checkpoint produces the same
 per-step losses and picks as an uninterrupted run (fp32 on CPU: bitwise)."""
 
+import math
 import os
 import random
 import signal
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from launch import ROOT, env, free_port, metrics, run_cli, train_records
+from launch import ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, run_cli, train_records
 
 STEPS, SAVE = 16, 4
 BASE = ["--train_batch_size", "8", "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
@@ -44,7 +45,7 @@ def trajectory(out):
 
 def launch_and_kill(module, args, at_step, sig):
     """Start a 2-rank run and send ``sig`` to its whole process group once it has logged ``at_step``."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", f"xright.cli.{module}", *args]
+    cmd, port = launcher_cmd(module, args)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     out = args[args.index("--save_path") + 1]
@@ -59,6 +60,7 @@ def launch_and_kill(module, args, at_step, sig):
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
     os.killpg(proc.pid, sig)
     log = proc.communicate(timeout=120)[0]
+    assert_no_shm_left(port)
     return proc.returncode, log
 
 
@@ -118,6 +120,31 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
         assert f.read().strip() == f"global_step{SAVE}"
     assert max(r["step"] for r in train_records(str(out))) == 5
     assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_skip_nonfinite_discards_the_step_and_trains_on(tmp_path, monkeypatch, zero):
+    out = tmp_path / "skip"
+    module, args = args_for("sft", zero, str(out))
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6")
+    proc = run_cli(module, [*args, "--skip_nonfinite"])
+    assert "skipped 1 optimizer step(s)" in proc.stdout
+    recs = {r["step"]: r for r in train_records(str(out))}
+    assert sorted(recs) == list(range(1, STEPS + 1))
+    assert "non-finite sft loss (nan) at step 6" in recs[6]["skipped"] and recs[6]["skipped_nonfinite"] == 1
+    assert "train/sft/loss" not in recs[6]
+    # the NaN gradients never reached the weights: every later loss is finite, the model saved
+    assert all(math.isfinite(recs[s]["train/sft/loss"]) for s in range(7, STEPS + 1))
+    assert (out / "config.json").exists() and math.isfinite(final_eval(str(out))["eval/sft/loss"])
+    # the discarded step did not advance the learning-rate schedule either
+    assert recs[6]["lr"] == recs[5]["lr"] and recs[5]["lr"] != recs[4]["lr"] and recs[7]["lr"] != recs[6]["lr"]
+    assert [r for r in metrics(str(out)) if r.get("done")][-1]["skipped_nonfinite"] == 1
+
+
+def test_skip_nonfinite_needs_a_zero_optimizer(tmp_path):
+    proc = run_cli("train_sft", ["--zero_stage", "0", "--skip_nonfinite", "--save_path", str(tmp_path / "z0")],
+                   nproc=1, check=False)
+    assert proc.returncode == 2 and "--skip_nonfinite needs --zero_stage 1, 2 or 3" in proc.stderr
 
 
 def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):

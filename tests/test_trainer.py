@@ -10,7 +10,7 @@ from xright.data import CyclingLoader, DataSpec, load_data
 from xright.models import load_model, load_tokenizer
 from xright.objectives import SFT, Pairwise, Reference
 from xright.schedules import Alright, Maxright, Mix
-from xright.trainer import Task, TrainArgs, Trainer
+from xright.trainer import NonFiniteLoss, Task, TrainArgs, Trainer, _poison_nonfinite
 
 
 class FakeStrategy:
@@ -32,6 +32,7 @@ class RecordingEngine:
     def __init__(self, model):
         self.module = model
         self.losses, self.boundaries, self.steps = [], [], 0
+        self._step_losses, self.applied, self.overflow_at = [], [], set()
 
     def __call__(self, **kw):
         return self.module(**kw)
@@ -42,9 +43,16 @@ class RecordingEngine:
     def backward(self, loss, scale_wrt_gas=True):
         assert scale_wrt_gas is False
         self.losses.append(float(loss))
+        self._step_losses.append(float(loss))
 
     def step(self):
+        # like DeepSpeed's ZeRO optimizers: a step with non-finite gradients is discarded
         self.steps += 1
+        self.applied.append(all(map(math.isfinite, self._step_losses)) and self.steps not in self.overflow_at)
+        self._step_losses = []
+
+    def was_step_applied(self):
+        return self.applied[-1]
 
     def get_lr(self):
         return [0.0]
@@ -159,3 +167,50 @@ def test_equal_length_reproduces_xright_zip(setup):
         trainer.fit()
     assert tasks["sft"].loader.state_dict()["epoch"] == tasks["dpo"].loader.state_dict()["epoch"] == 1
     assert tasks["sft"].loader.position == tasks["dpo"].loader.position == 3
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_loss_poisons_every_gradient(value):
+    # an inf loss can have finite gradients; DeepSpeed discards a step only on non-finite ones
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = (w * torch.tensor([1.0, value])).sum()
+    _poison_nonfinite(loss).backward()
+    assert torch.isnan(w.grad).all()
+
+
+def test_finite_loss_is_bitwise_unchanged_by_the_check():
+    w = torch.tensor([0.3, 1.7], requires_grad=True)
+    loss = (w.exp() / 3).sum()
+    poisoned = _poison_nonfinite(loss)
+    assert poisoned.item() == loss.item()
+    (g1,) = torch.autograd.grad(loss, w, retain_graph=True)
+    (g2,) = torch.autograd.grad(poisoned, w)
+    assert torch.equal(g1, g2)
+
+
+def test_nonfinite_step_stops_by_default(setup, monkeypatch):
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "3")
+    trainer, engine, _ = make(setup, Alright({"sft": 0.5, "dpo": 0.5}, seed=3), accum=(1, 1), steps=8)
+    with torch.no_grad(), pytest.raises(NonFiniteLoss, match=r"non-finite (sft|dpo) loss \(nan\) at step 3.*stopping"):
+        trainer.fit()
+    assert max(r["step"] for r in trainer.logger.records if "objectives" in r) == 2  # step 3 is not logged
+
+
+def test_skip_nonfinite_skips_counts_and_keeps_schedule_state_finite(setup, monkeypatch):
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "3")
+    sched = Maxright({"sft": 0.5, "dpo": 0.5}, {"sft": 1.0, "dpo": 0.0}, seed=0, refresh_every=0)
+    trainer, engine, _ = make(setup, sched, accum=(1, 1), steps=8)
+    trainer.args.skip_nonfinite = True
+    engine.overflow_at = {6}  # finite losses, but gradients that overflow
+    with torch.no_grad():
+        trainer.fit()
+    recs = {r["step"]: r for r in trainer.logger.records if "objectives" in r}
+    assert sorted(recs) == list(range(1, 9)) and engine.applied.count(False) == 2
+    assert "non-finite" in recs[3]["skipped"] and " loss (nan) at step 3" in recs[3]["skipped"]
+    assert recs[6]["skipped"].startswith("non-finite gradients at step 6")
+    assert [recs[s].get("skipped_nonfinite") for s in (3, 6)] == [1, 2]
+    # a skipped step logs no losses and MAXRIGHT never observes them: every stale loss stays finite
+    assert not any(k.startswith("train/") for k in recs[3])
+    assert all(math.isfinite(v) for r in recs.values() for k, v in r.items() if k.startswith(("stale/", "train/")))
+    assert trainer.state_dict()["skipped_nonfinite"] == 2
+    assert [r for r in trainer.logger.records if r.get("done")][0]["skipped_nonfinite"] == 2

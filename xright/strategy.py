@@ -147,6 +147,34 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
     return cfg
 
 
+def _unlink_shm_buffer(rank: int, world_size: int) -> None:
+    """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+
+    On CPU, DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (~69 MB per rank) and never unlinks it: every launch, finished or killed, leaves its
+    buffers in RAM-backed /dev/shm until the machine runs out of memory. The op maps all
+    peers' buffers inside ``init_distributed``; after a barrier the names are no longer
+    needed, and unlinking them lets the kernel free the memory when the last process exits.
+    """
+    path = os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank))
+    if os.environ.get("LOCAL_SIZE") != str(world_size):  # the op only maps buffers when all ranks are local
+        return
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def close_process_group() -> None:
+    """Tear the process group down after a successful run. Left to interpreter exit, gloo's
+    worker threads can abort the process ("terminate called without an active exception")
+    after everything was saved, and the launcher then reports the run as failed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Strategy:
     """Process group, engines and collectives.
 
@@ -162,6 +190,7 @@ class Strategy:
             deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        _unlink_shm_buffer(self.rank, self.world_size)
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         accel = get_accelerator()
         if accel.device_name() != "cpu":

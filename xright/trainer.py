@@ -56,6 +56,8 @@ class TrainArgs:
     # XRIGHT's pairing (--equal_length): every loader advances every step and all restart together
     equal_length: bool = False
     steps_per_epoch: int = 0
+    # a step with a non-finite loss or gradient: stop (default) or skip it and count
+    skip_nonfinite: bool = False
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,6 +74,7 @@ class Trainer:
         self.tasks, self.schedule, self.args, self.logger = tasks, schedule, args, logger
         self.tokenizer = tokenizer
         self.step = 0
+        self.skipped = 0  # optimizer steps discarded for a non-finite loss or gradient
         self._terminate = False
         self._last_eval: tuple[int, dict] = (-1, {})
         self._debug_nan_step = int(os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", 0))
@@ -121,7 +124,7 @@ class Trainer:
                 for name, v in metrics.items():
                     sums[k][name] = sums[k].get(name, 0.0) + v.detach()
                 tokens += batch["attention_mask"].sum()
-            engine.backward(loss, scale_wrt_gas=False)
+            engine.backward(_poison_nonfinite(loss), scale_wrt_gas=False)
         engine.step()
         return sums, units, tokens
 
@@ -200,7 +203,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything besides the engine that the next step depends on (identical on every rank)."""
-        return {"step": self.step, "schedule": self.schedule.state_dict(),
+        return {"step": self.step, "skipped_nonfinite": self.skipped, "schedule": self.schedule.state_dict(),
                 "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()}, **self.args.signature}
 
     def save_checkpoint(self) -> None:
@@ -217,6 +220,7 @@ class Trainer:
             self.logger.truncate(-1)
             return False
         self.step = state["step"]
+        self.skipped = state.get("skipped_nonfinite", 0)
         self.schedule.load_state_dict(state["schedule"])
         for k, t in self.tasks.items():
             t.loader.load_state_dict(state["loaders"][k])
@@ -289,10 +293,12 @@ class Trainer:
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
             save_now = args.save_steps > 0 and self.step % args.save_steps == 0
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
+            if not self.engine.was_step_applied():  # DeepSpeed discarded it: non-finite gradients (same on all ranks)
+                record.update(self._skip_or_stop(self._reduce_metrics(sums, units)))
             # losses reach the host only when needed: to log, for MAXRIGHT, or to check before a save
-            if log_now or sched.needs_losses or save_now:
+            elif log_now or sched.needs_losses or save_now:
                 reduced = self._reduce_metrics(sums, units)
-                self._check_finite(reduced, plan)
+                self._check_finite(reduced)
                 sched.observe(self.step - 1, {k: reduced[k]["loss"] for k in reduced})
                 for k, metrics in reduced.items():
                     record.update({f"train/{k}/{m}": v for m, v in metrics.items()})
@@ -322,7 +328,9 @@ class Trainer:
         final = {} if stop is not None else last if last_step == self.step else self.evaluate()
         if final:
             self.logger.log({"step": self.step, "final": True, **final})
-        self.logger.log({"step": self.step, "done": True, "stopped_early": stop,
+        if self.skipped:
+            s.print(f"skipped {self.skipped} optimizer step(s) with a non-finite loss or gradient")
+        self.logger.log({"step": self.step, "done": True, "stopped_early": stop, "skipped_nonfinite": self.skipped,
                          "wall_time": time.perf_counter() - start})
         return final
 
@@ -338,15 +346,42 @@ class Trainer:
                 t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "position": 0,
                                           "seed": t.loader.seed})
 
-    def _check_finite(self, reduced: dict, plan: dict) -> None:
-        """A NaN/inf loss stops the run before anything is logged or saved from this step."""
+    def _nonfinite(self, reduced: dict) -> str | None:
+        """What was non-finite in this step's losses (all ranks), with the batch's example ids."""
         for k, metrics in reduced.items():
             if not math.isfinite(metrics.get("loss", 0.0)):
                 ids = self._last_ids.get(k, [])
-                raise NonFiniteLoss(
-                    f"non-finite {k} loss ({metrics['loss']}) at step {self.step}; stopping. Batch examples on "
-                    f"rank {self.s.rank}: {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''}. "
-                    f"The last checkpoint in {self.args.ckpt_path} (if any) is from before this step.")
+                return (f"non-finite {k} loss ({metrics['loss']}) at step {self.step}. Batch examples on rank "
+                        f"{self.s.rank}: {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''}")
+        return None
+
+    def _check_finite(self, reduced: dict) -> None:
+        """A NaN/inf loss that reached the weights (ZeRO stage 0) stops the run before anything is logged
+        or saved from this step."""
+        what = self._nonfinite(reduced)
+        if what:
+            raise NonFiniteLoss(f"{what}; stopping. The last checkpoint in {self.args.ckpt_path} (if any) is from "
+                                f"before this step.")
+
+    def _skip_or_stop(self, reduced: dict) -> dict:
+        """DeepSpeed discarded this step (non-finite gradients; a non-finite loss is made to poison them).
+        The weights are unchanged: count it and go on with --skip_nonfinite, else stop."""
+        what = self._nonfinite(reduced) or f"non-finite gradients at step {self.step} (the losses are finite)"
+        if not self.args.skip_nonfinite:
+            raise NonFiniteLoss(f"{what}; stopping (--skip_nonfinite skips such steps). The weights are those of "
+                                f"step {self.step - 1}; the last checkpoint in {self.args.ckpt_path} (if any) is "
+                                f"from before this step.")
+        self.skipped += 1
+        self.s.print(f"warning: skipped step: {what}")
+        return {"skipped": what, "skipped_nonfinite": self.skipped}
+
+
+def _poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """A non-finite loss gets non-finite gradients (an inf loss can have finite ones), so that
+    DeepSpeed's ZeRO optimizers discard the step on every rank; a finite loss is unchanged (× 1.0).
+    No host sync: the check stays on the device."""
+    finite = torch.isfinite(loss.detach())
+    return loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan")))
 
 
 def _rng_state() -> dict:

@@ -91,6 +91,9 @@ def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--skip_bad_records", action="store_true", default=False,
                    help="count and report malformed records instead of failing")
+    g.add_argument("--skip_nonfinite", action="store_true", default=False,
+                   help="skip an optimizer step whose loss or gradients are NaN/inf (counted, logged) instead of "
+                        "stopping the run; needs ZeRO stage >= 1")
     g.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
                    help="over-long examples: cut responses on the right, or drop them")
     p.set_defaults(**defaults)
@@ -200,11 +203,12 @@ def main_guard(fn: Callable[[], None]) -> None:
     """Run a CLI; input and configuration errors end it with one clear line, not a traceback."""
     from xright.data import DataError
     from xright.models import ModelLoadError
-    from xright.strategy import ConfigError
+    from xright.strategy import ConfigError, close_process_group
     from xright.trainer import NonFiniteLoss
 
     try:
         fn()
+        close_process_group()
     except (DataError, ConfigError, ModelLoadError, UsageError) as e:
         print(f"xright: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -253,6 +257,9 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
         explicit={"micro_train_batch_size" if f.endswith("micro_train_batch_size") else f for f in args.explicit})
     strategy.configure(opts)
+    if args.skip_nonfinite and strategy.zero_stage == 0:
+        raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
+                         "a step whose gradients are non-finite; at stage 0 it would already be applied")
     accum = {sp.name: accumulation_steps(args.train_batch_size, sp.micro_batch_size, strategy.world_size,
                                          f"{sp.name} ") for sp in specs}
 
@@ -324,7 +331,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {},
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
-        steps_per_epoch=per_epoch)
+        steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)
     trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
     try:
         if args.load_checkpoint:
