@@ -126,12 +126,13 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
 def test_skip_nonfinite_discards_the_step_and_trains_on(tmp_path, monkeypatch, zero):
     out = tmp_path / "skip"
     module, args = args_for("sft", zero, str(out))
-    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6")
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6:1")  # only rank 1's loss: every rank must skip
     proc = run_cli(module, [*args, "--skip_nonfinite"])
     assert "skipped 1 optimizer step(s)" in proc.stdout
     recs = {r["step"]: r for r in train_records(str(out))}
     assert sorted(recs) == list(range(1, STEPS + 1))
-    assert "non-finite sft loss (nan) at step 6" in recs[6]["skipped"] and recs[6]["skipped_nonfinite"] == 1
+    assert recs[6]["skipped"].startswith("non-finite sft loss (nan) at step 6, from the batch of rank 1 (examples "
+                                         "builtin:sft:train:") and recs[6]["skipped_nonfinite"] == 1
     assert "train/sft/loss" not in recs[6]
     # the NaN gradients never reached the weights: every later loss is finite, the model saved
     assert all(math.isfinite(recs[s]["train/sft/loss"]) for s in range(7, STEPS + 1))

@@ -77,7 +77,9 @@ class Trainer:
         self.skipped = 0  # optimizer steps discarded for a non-finite loss or gradient
         self._terminate = False
         self._last_eval: tuple[int, dict] = (-1, {})
-        self._debug_nan_step = int(os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", 0))
+        # debug: "STEP" makes every rank's loss NaN at that step, "STEP:RANK" only that rank's
+        nan_at = os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", "0").split(":")
+        self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
         self._last_ids: dict[str, list] = {}
         self._pick_log = None
         if args.debug_log_picks:
@@ -294,11 +296,11 @@ class Trainer:
             save_now = args.save_steps > 0 and self.step % args.save_steps == 0
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
             if not self.engine.was_step_applied():  # DeepSpeed discarded it: non-finite gradients (same on all ranks)
-                record.update(self._skip_or_stop(self._reduce_metrics(sums, units)))
+                record.update(self._skip_or_stop(self._reduce_metrics(sums, units), sums))
             # losses reach the host only when needed: to log, for MAXRIGHT, or to check before a save
             elif log_now or sched.needs_losses or save_now:
                 reduced = self._reduce_metrics(sums, units)
-                self._check_finite(reduced)
+                self._check_finite(reduced, sums)
                 sched.observe(self.step - 1, {k: reduced[k]["loss"] for k in reduced})
                 for k, metrics in reduced.items():
                     record.update({f"train/{k}/{m}": v for m, v in metrics.items()})
@@ -346,27 +348,30 @@ class Trainer:
                 t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "position": 0,
                                           "seed": t.loader.seed})
 
-    def _nonfinite(self, reduced: dict) -> str | None:
-        """What was non-finite in this step's losses (all ranks), with the batch's example ids."""
-        for k, metrics in reduced.items():
-            if not math.isfinite(metrics.get("loss", 0.0)):
-                ids = self._last_ids.get(k, [])
-                return (f"non-finite {k} loss ({metrics['loss']}) at step {self.step}. Batch examples on rank "
-                        f"{self.s.rank}: {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''}")
-        return None
+    def _nonfinite(self, reduced: dict, sums: dict) -> str | None:
+        """What was non-finite in this step's losses, naming the ranks and example ids of the batches
+        it came from. Collective: every rank calls it on the same step."""
+        bad = [k for k, m in reduced.items() if not math.isfinite(m.get("loss", 0.0))]
+        if not bad:
+            return None
+        mine = {k: self._last_ids.get(k, []) for k in bad if not math.isfinite(float(sums[k]["loss"]))}
+        where = [(r, ids[bad[0]]) for r, ids in enumerate(self.s.all_gather_object(mine)) if bad[0] in ids]
+        return (f"non-finite {bad[0]} loss ({reduced[bad[0]]['loss']}) at step {self.step}, from the batch of " +
+                "; ".join(f"rank {r} (examples {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''})"
+                          for r, ids in where))
 
-    def _check_finite(self, reduced: dict) -> None:
+    def _check_finite(self, reduced: dict, sums: dict) -> None:
         """A NaN/inf loss that reached the weights (ZeRO stage 0) stops the run before anything is logged
         or saved from this step."""
-        what = self._nonfinite(reduced)
+        what = self._nonfinite(reduced, sums)
         if what:
             raise NonFiniteLoss(f"{what}; stopping. The last checkpoint in {self.args.ckpt_path} (if any) is from "
                                 f"before this step.")
 
-    def _skip_or_stop(self, reduced: dict) -> dict:
+    def _skip_or_stop(self, reduced: dict, sums: dict) -> dict:
         """DeepSpeed discarded this step (non-finite gradients; a non-finite loss is made to poison them).
         The weights are unchanged: count it and go on with --skip_nonfinite, else stop."""
-        what = self._nonfinite(reduced) or f"non-finite gradients at step {self.step} (the losses are finite)"
+        what = self._nonfinite(reduced, sums) or f"non-finite gradients at step {self.step} (the losses are finite)"
         if not self.args.skip_nonfinite:
             raise NonFiniteLoss(f"{what}; stopping (--skip_nonfinite skips such steps). The weights are those of "
                                 f"step {self.step - 1}; the last checkpoint in {self.args.ckpt_path} (if any) is "
