@@ -68,6 +68,34 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     assert (model.config.mean, model.config.std) == (stats["mean"], stats["std"])
 
 
+def test_lora_reward_model_in_bf16_with_offloaded_adam_reloads_merged(tmp_path):
+    # LoRA + bf16 + DeepSpeedCPUAdam (compiled on first use) under ZeRO-2: the merged model must carry
+    # the trained value head, so its fp32 eval matches the run's bf16 one up to bf16 rounding
+    out = str(tmp_path / "rm")
+    run_cli("train_rm", ["--save_path", out, "--zero_stage", "2", "--bf16", "--adam_offload", "--lora_rank", "4",
+                         "--lora_alpha", "8", "--merge_lora", "--train_batch_size", "8", "--micro_train_batch_size",
+                         "2", "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--max_samples", "64",
+                         "--max_steps", "8", "--eval_steps", "1000"])
+    rows = metrics(out)
+    start, final = rows[0], [r for r in rows if r.get("final")][-1]
+    assert final["eval/rm/loss"] < start["eval/rm/loss"] - 0.3
+    ds = json.load(open(os.path.join(out, "ds_config.json")))
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    merged = os.path.join(out, "merged")
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    _, ev = load_data(DataSpec(kind="pairwise", max_samples=64, max_len=512, prompt_key=None), tok,
+                      log=lambda *a: None)
+    sums = {}
+    with torch.no_grad():
+        for i in range(0, len(ev), 16):
+            _, m = RewardModel()(model, None, collate("pairwise", ev[i:i + 16], tok.pad_token_id))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    assert math.isclose(sums["loss"] / len(ev), final["eval/rm/loss"], abs_tol=0.01)
+    assert math.isclose(sums["margin"] / len(ev), final["eval/rm/margin"], rel_tol=0.02)
+
+
 def test_kto_trains(tmp_path):
     out = str(tmp_path / "kto")
     proc = run_cli("train_kto", ["--save_path", out, *FIXED, "--beta", "0.1", "--desirable_loss_weight", "2"])
