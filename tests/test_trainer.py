@@ -219,3 +219,12 @@ def test_skip_nonfinite_skips_counts_and_keeps_schedule_state_finite(setup, monk
     assert all(math.isfinite(v) for r in recs.values() for k, v in r.items() if k.startswith(("stale/", "train/")))
     assert trainer.state_dict()["skipped_nonfinite"] == 2
     assert [r for r in trainer.logger.records if r.get("done")][0]["skipped_nonfinite"] == 2
+
+
+def test_eval_set_smaller_than_the_world_is_skipped_not_divided_by_zero(setup):
+    trainer, _, tasks = make(setup, Mix({"sft": 1.0}), accum=(1, 1))
+    tasks["sft"].eval_examples = tasks["sft"].loader.examples[:1]
+    trainer.s = type("TwoRanks", (FakeStrategy,), {"world_size": 2})()
+    assert trainer.evaluate() == {}
+    trainer.s = FakeStrategy()
+    assert set(trainer.evaluate()) >= {"eval/sft/loss"}

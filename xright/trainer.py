@@ -162,6 +162,8 @@ class Trainer:
                     continue
                 W, r = self.s.world_size, self.s.rank
                 usable = task.eval_examples[: len(task.eval_examples) - len(task.eval_examples) % W]
+                if not usable:  # fewer eval examples than ranks (same on every rank)
+                    continue
                 mine = usable[r::W]
                 sums: dict[str, torch.Tensor] = {}
                 units = torch.zeros((), device=self.s.device)

@@ -275,6 +275,9 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
     for name, t in tasks.items():
+        if t.eval_examples and len(t.eval_examples) < strategy.world_size:
+            strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples are fewer than the "
+                           f"{strategy.world_size} ranks: no evaluation")
         if len(t.loader) < t.grad_accum:
             raise UsageError(f"{name}: {len(t.loader)} micro-batches per rank per epoch are fewer than the "
                              f"{t.grad_accum} one optimizer step needs; lower --train_batch_size or add data")
