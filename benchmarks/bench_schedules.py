@@ -241,7 +241,7 @@ def decision_cost(args, n=2000) -> dict:
         t0 = time.perf_counter()
         for step in range(n):
             sched.wants_refresh(step)
-            plan = strategy.broadcast_object(sched.plan(step))
+            plan, _ = strategy.broadcast_object((sched.plan(step), False))  # with the SIGTERM flag, as the loop does
             sched.info()
             sched.observe(step, {k: 1.0 + 1e-3 * (step % 7) for k in plan})
         out[name] = (time.perf_counter() - t0) / n

@@ -274,8 +274,9 @@ class Trainer:
             stop = self._log_eval()
         start = time.perf_counter()
         tokens_since, t_since = 0.0, time.perf_counter()
+        terminate = False
         while self.step < args.total_steps and stop is None:
-            if s.broadcast_object(self._terminate):  # rank 0's word, so all ranks stop at the same step
+            if terminate:  # rank 0's word, broadcast with the last plan, so all ranks stop at the same step
                 self.save_checkpoint()
                 s.print(f"SIGTERM: checkpoint saved at step {self.step}; exiting")
                 signal.signal(signal.SIGTERM, previous)
@@ -286,7 +287,7 @@ class Trainer:
                 sched.refresh(probes)
                 record.update({f"refresh/{k}": v for k, v in probes.items()})
             local_plan = sched.plan(self.step)
-            plan = s.broadcast_object(local_plan)
+            plan, terminate = s.broadcast_object((local_plan, self._terminate))
             info = sched.info()
             if self._pick_log is not None:
                 self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
