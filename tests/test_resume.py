@@ -1,6 +1,7 @@
 """Exact resume: a run killed after a checkpoint and resumed with --load_checkpoint produces the same
 per-step losses and picks as an uninterrupted run (fp32 on CPU: bitwise)."""
 
+import json
 import math
 import os
 import random
@@ -142,10 +143,16 @@ def test_skip_nonfinite_discards_the_step_and_trains_on(tmp_path, monkeypatch, z
     assert [r for r in metrics(str(out)) if r.get("done")][-1]["skipped_nonfinite"] == 1
 
 
-def test_skip_nonfinite_needs_a_zero_optimizer(tmp_path):
+def test_skip_nonfinite_needs_a_zero_optimizer_that_checks(tmp_path):
     proc = run_cli("train_sft", ["--zero_stage", "0", "--skip_nonfinite", "--save_path", str(tmp_path / "z0")],
                    nproc=1, check=False)
     assert proc.returncode == 2 and "--skip_nonfinite needs --zero_stage 1, 2 or 3" in proc.stderr
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                              "bf16": {"enabled": True, "check_grad_overflow": False}}))
+    proc = run_cli("train_sft", ["--deepspeed", str(ds), "--skip_nonfinite", "--save_path", str(tmp_path / "b")],
+                   nproc=1, check=False)
+    assert proc.returncode == 2 and "contradicts bf16.check_grad_overflow = false" in proc.stderr
 
 
 def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):

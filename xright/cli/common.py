@@ -260,6 +260,10 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     if args.skip_nonfinite and strategy.zero_stage == 0:
         raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
                          "a step whose gradients are non-finite; at stage 0 it would already be applied")
+    bf16 = strategy.ds_config.get("bf16") or {}
+    if args.skip_nonfinite and bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
+        raise UsageError("--skip_nonfinite contradicts bf16.check_grad_overflow = false in the DeepSpeed config: "
+                         "without that check a bf16 ZeRO-1/2 optimizer applies non-finite gradients")
     accum = {sp.name: accumulation_steps(args.train_batch_size, sp.micro_batch_size, strategy.world_size,
                                          f"{sp.name} ") for sp in specs}
 
