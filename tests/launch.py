@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
-import glob
 import subprocess
 import sys
 

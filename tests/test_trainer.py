@@ -37,6 +37,7 @@ class RecordingEngine:
         self.module = model
         self.losses, self.boundaries, self.steps = [], [], 0
         self._step_losses, self.applied, self.overflow_at = [], [], set()
+        self.discards_nonfinite = True  # False: like a plain optimizer at ZeRO stage 0
 
     def __call__(self, **kw):
         return self.module(**kw)
@@ -52,7 +53,8 @@ class RecordingEngine:
     def step(self):
         # like DeepSpeed's ZeRO optimizers: a step with non-finite gradients is discarded
         self.steps += 1
-        self.applied.append(all(map(math.isfinite, self._step_losses)) and self.steps not in self.overflow_at)
+        finite = all(map(math.isfinite, self._step_losses)) or not self.discards_nonfinite
+        self.applied.append(finite and self.steps not in self.overflow_at)
         self._step_losses = []
 
     def was_step_applied(self):
@@ -195,9 +197,24 @@ def test_finite_loss_is_bitwise_unchanged_by_the_check():
 def test_nonfinite_step_stops_by_default(setup, monkeypatch):
     monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "3")
     trainer, engine, _ = make(setup, Alright({"sft": 0.5, "dpo": 0.5}, seed=3), accum=(1, 1), steps=8)
-    with torch.no_grad(), pytest.raises(NonFiniteLoss, match=r"non-finite (sft|dpo) loss \(nan\) at step 3.*stopping"):
+    with torch.no_grad(), pytest.raises(NonFiniteLoss, match=r"non-finite (sft|dpo) loss \(nan\) at step 3.*stopping "
+                                                             r"\(--skip_nonfinite skips such steps\)\. The weights "
+                                                             r"are those of step 2"):
         trainer.fit()
+    assert engine.applied == [True, True, False]  # the step was discarded, not applied
     assert max(r["step"] for r in trainer.logger.records if "objectives" in r) == 2  # step 3 is not logged
+
+
+def test_nonfinite_loss_applied_by_a_plain_optimizer_still_stops(setup, monkeypatch):
+    # ZeRO stage 0: nothing discards the step, the loop's own check on the reduced losses stops the run
+    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "3")
+    trainer, engine, _ = make(setup, Alright({"sft": 0.5, "dpo": 0.5}, seed=3), accum=(1, 1), steps=8)
+    engine.discards_nonfinite = False
+    with torch.no_grad(), pytest.raises(NonFiniteLoss, match=r"loss \(nan\) at step 3, from the batch of rank 0 "
+                                                             r"\(examples builtin:.*; stopping\. The last checkpoint"):
+        trainer.fit()
+    assert engine.applied == [True, True, True]
+    assert max(r["step"] for r in trainer.logger.records if "objectives" in r) == 2
 
 
 def test_skip_nonfinite_skips_counts_and_keeps_schedule_state_finite(setup, monkeypatch):

@@ -156,13 +156,12 @@ def _unlink_shm_buffer(rank: int, world_size: int) -> None:
     peers' buffers inside ``init_distributed``; after a barrier the names are no longer
     needed, and unlinking them lets the kernel free the memory when the last process exits.
     """
-    path = os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank))
     if os.environ.get("LOCAL_SIZE") != str(world_size):  # the op only maps buffers when all ranks are local
         return
     dist.barrier()
     try:
-        os.unlink(path)
+        os.unlink(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+            os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)))
     except FileNotFoundError:
         pass
 

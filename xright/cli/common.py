@@ -257,13 +257,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
         explicit={"micro_train_batch_size" if f.endswith("micro_train_batch_size") else f for f in args.explicit})
     strategy.configure(opts)
-    if args.skip_nonfinite and strategy.zero_stage == 0:
-        raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
-                         "a step whose gradients are non-finite; at stage 0 it would already be applied")
-    bf16 = strategy.ds_config.get("bf16") or {}
-    if args.skip_nonfinite and bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
-        raise UsageError("--skip_nonfinite contradicts bf16.check_grad_overflow = false in the DeepSpeed config: "
-                         "without that check a bf16 ZeRO-1/2 optimizer applies non-finite gradients")
+    if args.skip_nonfinite:
+        _check_skip_nonfinite(strategy)
     accum = {sp.name: accumulation_steps(args.train_batch_size, sp.micro_batch_size, strategy.world_size,
                                          f"{sp.name} ") for sp in specs}
 
@@ -281,7 +276,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     for name, t in tasks.items():
         if t.eval_examples and len(t.eval_examples) < strategy.world_size:
             strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples are fewer than the "
-                           f"{strategy.world_size} ranks: no evaluation")
+                           f"{strategy.world_size} ranks: {name} is not evaluated")
         if len(t.loader) < t.grad_accum:
             raise UsageError(f"{name}: {len(t.loader)} micro-batches per rank per epoch are fewer than the "
                              f"{t.grad_accum} one optimizer step needs; lower --train_batch_size or add data")
@@ -361,6 +356,17 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
     return final
+
+
+def _check_skip_nonfinite(strategy) -> None:
+    """--skip_nonfinite relies on DeepSpeed's ZeRO optimizers discarding a step with non-finite gradients."""
+    if strategy.zero_stage == 0:
+        raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
+                         "a step whose gradients are non-finite; at stage 0 it would already be applied")
+    bf16 = strategy.ds_config.get("bf16") or {}
+    if bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
+        raise UsageError("--skip_nonfinite contradicts bf16.check_grad_overflow = false in the DeepSpeed config: "
+                         "without that check a bf16 ZeRO-1/2 optimizer applies non-finite gradients")
 
 
 def _check_writable(path: str) -> None:
