@@ -76,3 +76,32 @@ def test_wandb_settings_prefers_environment(monkeypatch):
     assert wandb_settings("abc123", None, None, "p", "r")["key"] == "abc123"
     monkeypatch.setenv("WANDB_API_KEY", "from-env")
     assert wandb_settings("abc123", None, None, "p", "r")["key"] == "from-env"
+
+
+def _tiny_llama_dir(tmp_path):
+    """A two-layer Llama saved locally (no download): q/k/v/o and MLP projections by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("targets", ["one", "several", "all-linear"])
+def test_lora_target_modules_as_argparse_gives_them(tmp_path, arch, targets):
+    """--target_modules NAME [NAME …] arrives as a list (one name too); its default is the string all-linear."""
+    names = {"gpt_neox": {"one": ["query_key_value"], "several": ["query_key_value", "dense_4h_to_h"]},
+             "llama": {"one": ["q_proj"], "several": ["q_proj", "v_proj", "down_proj"]}}[arch]
+    pretrain = "tiny" if arch == "gpt_neox" else _tiny_llama_dir(tmp_path)
+    linear = {"gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
+              "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}[arch]
+    cases = {"one": [names["one"]], "several": [names["several"]], "all-linear": ["all-linear", ["all-linear"]]}
+    for value in cases[targets]:
+        model = load_model(pretrain, lora=LoraSpec(rank=4, alpha=8, target_modules=value))
+        lora_a = [n for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")]
+        adapted = {n.split(".")[-4] for n in lora_a}  # …layers.0.attention.query_key_value.lora_A.default.weight
+        assert adapted == (linear if targets == "all-linear" else set(names[targets])), value
+        assert len(lora_a) == model.config.num_hidden_layers * len(adapted)  # every layer, not only the first

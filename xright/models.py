@@ -190,9 +190,11 @@ def _four_bit_config(dtype):
 def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = spec.target_modules
-    if isinstance(targets, list) and len(targets) == 1:
-        targets = targets[0]
+    # peft reads a string as a regex that must match the whole module path (so "query_key_value"
+    # matches nothing) and a list as module-name suffixes: only "all-linear" is meant as a string
+    targets = [spec.target_modules] if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
     config = LoraConfig(
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
         task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none",
