@@ -50,6 +50,9 @@ class Objective:
     # from the strategy; the default suits one process (unit tests).
     reduce_mean: Callable = staticmethod(lambda t: t)
     min_micro_batch: int = 1
+    # batch prefixes of reference rows that depend on the micro-batch's composition, so a table of
+    # precomputed log-probs (xright.refcache) cannot hold them: they stay on a live reference
+    live_reference_prefixes: tuple = ()
 
     def check_micro_batch(self, micro_batch_size: int) -> None:
         """ValueError, saying why, when micro-batches of this size cannot be computed."""
@@ -235,6 +238,7 @@ class KTO(Objective):
     """
 
     kind, needs_reference, min_micro_batch = "binary", True, 2
+    live_reference_prefixes = ("kl_",)  # (x_i, y_{i+1}) changes with every epoch's shuffle
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight

@@ -52,6 +52,13 @@ def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=False)
     g.add_argument("--adam_offload", action="store_true", default=False)
     g.add_argument("--ref_offload", action="store_true", default=False)
+    g.add_argument("--precompute_ref_log_probs", action="store_true", default=True,
+                   help="compute the frozen reference's log-probs once before training (cached under "
+                        "--ref_cache_dir) and release the reference model; unless typed, skipped for runs too "
+                        "short to see their data once")
+    g.add_argument("--no_precompute_ref_log_probs", dest="precompute_ref_log_probs", action="store_false",
+                   help="keep the reference model live and run it at every step")
+    g.add_argument("--ref_cache_dir", type=str, default=None, help="default: <ckpt_path>/ref_cache")
     g.add_argument("--zpg", type=int, default=1, help="ZeRO++ hierarchical partition size (stage 3)")
     g.add_argument("--grad_accum_dtype", type=str, default=None)
     g.add_argument("--disable_trace_cache", action="store_true", default=False)
@@ -301,15 +308,29 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     engine = strategy.prepare(model, optimizer, scheduler)
 
     reference = None
-    if any(sp.objective.needs_reference for sp in specs):
+    ref_specs = [sp for sp in specs if sp.objective.needs_reference]
+    if ref_specs:
         ref_path = getattr(args, "ref_pretrain", None)
-        if is_peft(engine.module) and not ref_path:
-            reference = Reference(lora_policy=engine)
-        else:
+
+        def live_reference():
+            if is_peft(engine.module) and not ref_path:
+                return Reference(lora_policy=engine)
             ref = load_model(ref_path or args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
                              vocab_size=len(tokenizer), trainable=False)
-            reference = Reference(model=strategy.prepare_reference(ref))
+            return Reference(model=strategy.prepare_reference(ref))
+
+        if _precompute_pays(args, ref_specs, tasks, total, strategy):
+            from xright import refcache
+
+            reference = refcache.cached_reference(
+                live_reference, strategy, [ex for sp in ref_specs for ex in data[sp.name] if ex],
+                tuple(sorted({p for sp in ref_specs for p in sp.objective.live_reference_prefixes})),
+                refcache.fingerprint(args, specs, tokenizer),
+                args.ref_cache_dir or os.path.join(args.ckpt_path, "ref_cache"),
+                min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id)
+        else:
+            reference = live_reference()
 
     schedule = make_schedule(total, per_epoch, tasks)
     if args.debug_rank_seed and hasattr(schedule, "rng"):
@@ -356,6 +377,16 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
     return final
+
+
+def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
+    """--precompute_ref_log_probs, unless left at its default for a run whose steps cannot draw every
+    training example once (a smoke test of a few steps): then one pass over all of them costs more
+    than the live reference forwards it replaces."""
+    if not getattr(args, "precompute_ref_log_probs", False):
+        return False
+    if "precompute_ref_log_probs" in args.explicit:
+        return True
 
 
 def _check_skip_nonfinite(strategy) -> None:
