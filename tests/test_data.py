@@ -80,7 +80,16 @@ def spec(kind="pairwise", **kw):
 
 
 def strip_ids(records):
-    return [{k: v for k, v in r.items() if k != "id"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("id", "source")} for r in records]
+
+
+def rid(e):
+    """The readable part of an example id (file and line), without the source and token hashes."""
+    return e["id"].split("@")[0]
+
+
+def rids(examples):
+    return [rid(e) for e in examples]
 
 
 # ------------------------------------------------------------------------------ sources
@@ -141,8 +150,8 @@ def test_directory_with_split_files(tmp_path, tok):
     write(d / "test.parquet", pairs(2, 100))
     log = Log()
     train, ev = load_data(spec(dataset=str(d), eval_split="test"), tok, log=log)
-    assert [e["id"] for e in train] == [f"ds/train.jsonl:{i}" for i in range(1, 7)]
-    assert [e["id"] for e in ev] == ["ds/test.parquet:1", "ds/test.parquet:2"]
+    assert rids(train) == [f"ds/train.jsonl:{i}" for i in range(1, 7)]
+    assert rids(ev) == ["ds/test.parquet:1", "ds/test.parquet:2"]
     assert "data train: 6 examples" in log.text() and "data eval: 2 examples" in log.text()
     # a directory without split names: its files are the train split, there is no test split
     d2 = tmp_path / "plain"
@@ -182,7 +191,7 @@ def test_hub_source_through_datasets(monkeypatch, tok):
     log = Log()
     train, ev = load_data(spec(dataset="someone/prefs", eval_split="test"), tok, log=log)
     assert calls == [("someone/prefs", "train"), ("someone/prefs", "test")]
-    assert [e["id"] for e in train] == ["someone/prefs:train:0", "someone/prefs:train:1", "someone/prefs:train:2"]
+    assert rids(train) == ["someone/prefs:train:0", "someone/prefs:train:1", "someone/prefs:train:2"]
     assert ev is None
 
 
@@ -196,7 +205,7 @@ def test_blending_follows_probs_and_is_deterministic(tmp_path, tok):
     train, _ = load_data(s, tok, log=Log())
     src = Counter(e["id"].split(":")[0] for e in train)
     assert src == {"a.jsonl": 200, "b.jsonl": 200}  # T = 400 = total records, split by probs
-    ids_a = Counter(e["id"] for e in train if e["id"].startswith("a.jsonl"))
+    ids_a = Counter(base_id(e) for e in train if e["id"].startswith("a.jsonl"))
     assert set(ids_a.values()) == {2}  # source a oversampled: two whole passes
     assert len({e["id"] for e in train if e["id"].startswith("b.jsonl")}) == 200  # b: a subset, no repeats
     again, _ = load_data(s, tok, log=Log())
@@ -211,7 +220,7 @@ def test_blending_follows_probs_and_is_deterministic(tmp_path, tok):
 
 def test_max_samples_single_source_keeps_file_order(tmp_path, tok):
     train, _ = load_data(spec(dataset=write(tmp_path / "m.jsonl", pairs(50)), max_samples=7), tok, log=Log())
-    assert [e["id"] for e in train] == [f"m.jsonl:{i}" for i in range(1, 8)]
+    assert rids(train) == [f"m.jsonl:{i}" for i in range(1, 8)]
 
 
 def test_eval_split_dummy_warns_and_overlaps(tmp_path, tok):
@@ -228,7 +237,7 @@ def test_eval_fraction_is_disjoint_and_seeded(tmp_path, tok):
     train, ev = load_data(s, tok, log=Log())
     tids, eids = {e["id"] for e in train}, {e["id"] for e in ev}
     assert len(ev) == 10 and len(train) == 90 and not tids & eids and len(tids | eids) == 100
-    assert eids != set(f"f.jsonl:{i}" for i in range(1, 11))  # random, not a prefix
+    assert {rid(e) for e in ev} != set(f"f.jsonl:{i}" for i in range(1, 11))  # random, not a prefix
     train2, ev2 = load_data(s, tok, log=Log())
     assert [e["id"] for e in ev2] == [e["id"] for e in ev]
 
@@ -262,7 +271,7 @@ def test_hh_early_divergence_and_bad_pairs(tmp_path, tok):
     assert "hh.jsonl line 3" in str(e.value) and "'chosen'" in str(e.value) and "Assistant:" in str(e.value)
     log = Log()
     train, _ = load_data(spec(dataset=path, skip_bad_records=True), tok, log=log)
-    assert [t["id"] for t in train] == ["hh.jsonl:1", "hh.jsonl:2"]
+    assert rids(train) == ["hh.jsonl:1", "hh.jsonl:2"]
     text = log.text()
     assert "1 skipped: bad records" in text and "1 HH pairs differ early" in text
     assert "1 dropped: chosen == rejected" in text and "hh.jsonl:4" in text
@@ -271,7 +280,7 @@ def test_hh_early_divergence_and_bad_pairs(tmp_path, tok):
     assert tok.decode(train[0]["responses"][0]) == " yes" + EOS
     # the same pairs as binary (unpaired) and scored (K=2, chosen first)
     binary, _ = load_data(spec("binary", dataset=path, skip_bad_records=True), tok, log=Log())
-    assert sorted((b["id"], b["label"]) for b in binary) == [
+    assert sorted((rid(b), b["label"]) for b in binary) == [
         ("hh.jsonl:1#chosen", True), ("hh.jsonl:1#rejected", False),
         ("hh.jsonl:2#chosen", True), ("hh.jsonl:2#rejected", False)]
     scored, _ = load_data(spec("scored", dataset=path, skip_bad_records=True), tok, log=Log())
@@ -300,7 +309,7 @@ def test_real_xright_formatted_sft(tok):
     train, ev = load_data(DataSpec(kind="sft", dataset=str(XRIGHT_FILE), input_key="instruction", max_len=100_000,
                                    input_template=None, eval_split="dummy"), tok, log=log)
     assert len(train) == len(raw) == 640 and len(ev) == 19
-    assert train[3]["id"] == f"{XRIGHT_FILE.name}:4"
+    assert rid(train[3]) == f"{XRIGHT_FILE.name}:4"
     assert tok.decode(train[3]["prompt_ids"]) == raw[3]["instruction"]
     assert tok.decode(train[3]["response_ids"]) == raw[3]["output"] + EOS
 
@@ -316,7 +325,7 @@ def test_sft_masks_decode_to_prompt_and_response(tmp_path, tok):
     recs = [{"input": "reverse 'abc'", "output": "cba"}, {"input": "what is 2+2?", "output": "the answer is 4"}]
     train, _ = load_data(spec("sft", dataset=write(tmp_path / "s.jsonl", recs)), tok, log=Log())
     batch = collate("sft", train, tok.pad_token_id)
-    assert batch["ids"] == ["s.jsonl:1", "s.jsonl:2"]
+    assert batch["ids"] == [e["id"] for e in train] and rids(train) == ["s.jsonl:1", "s.jsonl:2"]
     assert batch["input_ids"].dtype == torch.long and batch["loss_mask"].dtype == torch.bool
     for b, r in enumerate(recs):
         ids, lm, am = batch["input_ids"][b], batch["loss_mask"][b], batch["attention_mask"][b].bool()
@@ -394,7 +403,7 @@ def test_binary_kl_mismatched_rows(tok):
 def test_label_from_binary_records(tmp_path, tok):
     recs = [{"prompt": "q", "completion": "yes", "label": True}, {"prompt": "q", "completion": "no", "label": False}]
     train, _ = load_data(spec("binary", dataset=write(tmp_path / "b.jsonl", recs)), tok, log=Log())
-    assert [(e["id"], e["label"]) for e in train] == [("b.jsonl:1", True), ("b.jsonl:2", False)]
+    assert [(rid(e), e["label"]) for e in train] == [("b.jsonl:1", True), ("b.jsonl:2", False)]
 
 
 def test_truncation_policies_and_counts(tmp_path, tok):
@@ -404,14 +413,14 @@ def test_truncation_policies_and_counts(tmp_path, tok):
     path = write(tmp_path / "t.jsonl", recs)
     log = Log()
     train, _ = load_data(spec("sft", dataset=path, max_len=8, input_template=None), tok, log=log)
-    assert [e["id"] for e in train] == ["t.jsonl:1", "t.jsonl:2"]
+    assert rids(train) == ["t.jsonl:1", "t.jsonl:2"]
     assert tok.decode(train[1]["response_ids"]) == "cdefgh"  # cut on the right, eos lost
     assert all(len(e["prompt_ids"]) + len(e["response_ids"]) <= 8 for e in train)
     assert "data train: 2 examples (1 truncated, 1 dropped: prompt too long, 0 skipped: bad records)" in log
     log = Log()
     train, _ = load_data(spec("sft", dataset=path, max_len=8, input_template=None, truncation="drop",
                               name="sft"), tok, log=log)
-    assert [e["id"] for e in train] == ["t.jsonl:1"]
+    assert rids(train) == ["t.jsonl:1"]
     assert "sft train: 1 examples (2 dropped: too long, 0 skipped: bad records)" in log
     # pairwise: every response fits with the prompt
     long_pairs = [{"prompt": "pp", "chosen": "c" * 20, "rejected": "r"}]
@@ -641,11 +650,186 @@ def test_eval_splits_of_several_sources_are_concatenated(tmp_path, tok):
     train, ev = load_data(spec(dataset=f"{tmp_path / 'a'},{tmp_path / 'b'}", dataset_probs="0.5,0.5",
                                eval_split="test"), tok, log=log)
     assert len(train) == 10 and len(ev) == 5
-    assert [e["id"] for e in ev] == ["a/test.jsonl:1", "a/test.jsonl:2", "b/test.jsonl:1", "b/test.jsonl:2",
-                                     "b/test.jsonl:3"]
+    assert rids(ev) == ["a/test.jsonl:1", "a/test.jsonl:2", "b/test.jsonl:1", "b/test.jsonl:2", "b/test.jsonl:3"]
     # two different sources with one basename: ids use the whole source string, so they stay unique
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
     xa, ya = write(tmp_path / "x" / "p.jsonl", pairs(3)), write(tmp_path / "y" / "p.jsonl", pairs(3, 9))
     train, _ = load_data(spec(dataset=f"{xa},{ya}", dataset_probs="1,1"), tok, log=Log())
-    assert len({e["id"] for e in train}) == 6 and {e["id"].rsplit(":", 1)[0] for e in train} == {xa, ya}
+    assert len({e["id"] for e in train}) == 6 and {rid(e).rsplit(":", 1)[0] for e in train} == {xa, ya}
+
+
+# ------------------------------------------------------------------------------ issue 8: B4, B5, B7, B12, B14
+
+
+def base_id(e):
+    """The readable record part of an id without the copy suffix."""
+    return rid(e).split("~")[0]
+
+
+def test_eval_fraction_of_a_blend_holds_out_unique_records(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", pairs(100))
+    b = write(tmp_path / "b.jsonl", pairs(5, 1000))
+    log = Log()
+    s = spec(dataset=f"{a},{b}", dataset_probs="0.5,0.5", eval_fraction=0.1)
+    train, ev = load_data(s, tok, log=log)
+    # T = 105 draws: a 53, b 52; 58 distinct records used (53 of a, all 5 of b), 10 % of them held out
+    # by record before blending: round(5.8) = 6, a 5 and b 1 (largest remainder)
+    assert len(ev) == 6 and len(train) == 99
+    assert not {base_id(e) for e in train} & {base_id(e) for e in ev}  # no copy of an eval record in train
+    assert Counter(base_id(e).split(":")[0] for e in ev) == {"a.jsonl": 5, "b.jsonl": 1}
+    assert Counter(base_id(e).split(":")[0] for e in train) == {"a.jsonl": 48, "b.jsonl": 51}
+    text = log.text()
+    assert f"{a} [train]: 100 records read, 100 valid" in text
+    assert (f"data: {a} contributes 48 train examples: 48 distinct records of 100 valid, 47 unused, "
+            "5 held out for eval") in text
+    assert (f"data: {b} contributes 51 train examples: 4 distinct records of 5 valid, each used 12.8 times on "
+            "average, 1 held out for eval") in text
+    assert "eval = 6 records held out of train at random" in text and "disjoint from the 99 train" in text
+    again = load_data(s, tok, log=Log())
+    assert [e["id"] for e in again[1]] == [e["id"] for e in ev] and [e["id"] for e in again[0]] == [
+        e["id"] for e in train]
+
+
+def test_blend_log_names_unused_records_without_eval(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", pairs(100))
+    b = write(tmp_path / "b.jsonl", pairs(5, 1000))
+    log = Log()
+    load_data(spec(dataset=f"{a},{b}", dataset_probs="0.5,0.5"), tok, log=log)
+    assert f"data: {a} contributes 53 train examples: 53 distinct records of 100 valid, 47 unused" in log.text()
+    assert (f"data: {b} contributes 52 train examples: 5 distinct records of 5 valid, each used 10.4 times "
+            "on average") in log.text()
+
+
+def test_kto_kl_rows_respect_max_len(tmp_path, tok):
+    recs = [{"prompt": "p" * 20, "completion": "c", "label": True},
+            {"prompt": "q", "completion": "d" * 20, "label": False}]
+    train, _ = load_data(spec("binary", dataset=write(tmp_path / "k.jsonl", recs), max_len=24, input_template=None),
+                         tok, log=Log())
+    assert [len(e["prompt_ids"]) + len(e["response_ids"]) for e in train] == [22, 22]
+    batch = collate("binary", train, tok.pad_token_id)
+    # KL row 0 = prompt 0 (20 tokens) + completion 1 (21 tokens) -> cut on the right to max_len, as tokenize cuts
+    assert batch["kl_attention_mask"].sum(1).tolist() == [24, 3]
+    assert decode_masked(tok, batch["kl_input_ids"][0], batch["kl_loss_mask"][0]) == "dddd"
+    assert decode_masked(tok, batch["kl_input_ids"][1], batch["kl_loss_mask"][1]) == "c" + EOS
+    assert batch["kl_input_ids"].shape[1] == 24
+
+
+def test_scored_records_with_different_k_fail_at_load(tmp_path, tok):
+    recs = [{"prompt": "a", "completions": ["x", "y"], "rewards": [1, 0]},
+            {"prompt": "b", "completions": ["x", "y"], "rewards": [1, 0]},
+            {"prompt": "c", "completions": ["x", "y", "z"], "rewards": [1, 0, 2]}]
+    path = write(tmp_path / "k.jsonl", recs)
+    with pytest.raises(DataError) as e:
+        load_data(spec("scored", dataset=path), tok, log=Log())
+    assert str(e.value).startswith(f"{path} line 3: field 'completions': has K=3 completions but the first "
+                                   f"record ({path} line 1) has K=2")
+    log = Log()
+    train, _ = load_data(spec("scored", dataset=path, skip_bad_records=True), tok, log=log)
+    assert len(train) == 2 and "1 skipped: bad records" in log.text()
+    # across the sources of a blend
+    other = write(tmp_path / "k3.jsonl", [recs[2], recs[2]])
+    with pytest.raises(DataError) as e:
+        load_data(spec("scored", dataset=f"{write(tmp_path / 'k2.jsonl', recs[:2])},{other}",
+                       dataset_probs="1,1"), tok, log=Log())
+    assert f"{other} line 1: field 'completions': has K=3 completions but" in str(e.value)
+    assert "k2.jsonl line 1) has K=2" in str(e.value)
+    # between the train and eval splits of a directory
+    d = tmp_path / "ds"
+    d.mkdir()
+    write(d / "train.jsonl", recs[:2])
+    write(d / "test.jsonl", recs[2:])
+    with pytest.raises(DataError, match=r"test.jsonl line 1: field 'completions': has K=3"):
+        load_data(spec("scored", dataset=str(d), eval_split="test"), tok, log=Log())
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer trained in memory: "▁" for spaces and a "▁" prepended to every text,
+    a BOS added, BPE pieces that start at a "▁"."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["User: what is the capital of France?\nAssistant: The capital of France is Paris.",
+              "\n\nHuman: tell me a joke\n\nAssistant: Sure, why did the chicken cross the road?",
+              "Hello world, this is a small corpus for a tiny tokenizer.", "I am sorry, I cannot help with that.",
+              "Assistant: Sure, here it is. Sure thing."]
+    t = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def test_sentencepiece_prompt_and_response_tokenised_together(tmp_path):
+    sp = sentencepiece_tokenizer()
+    eos = sp.eos_token_id
+    hh = [{"chosen": "\n\nHuman: tell me a joke\n\nAssistant: Sure, why not",
+           "rejected": "\n\nHuman: tell me a joke\n\nAssistant: I cannot"}]
+    train, _ = load_data(spec(dataset=write(tmp_path / "hh.jsonl", hh)), sp, log=Log())
+    for k, text in enumerate((hh[0]["chosen"], hh[0]["rejected"])):
+        ex = train[0]
+        assert ex["prompt_ids"] + ex["responses"][k] == sp(text).input_ids + [eos]  # same ids as the whole text
+        assert sp.convert_ids_to_tokens(ex["responses"][k][0]) != "▁"  # no lone "▁" opening the answer
+    assert sp.convert_ids_to_tokens(train[0]["responses"][0][:2]) == ["▁Sure,", "▁why"]
+    # a template ending in a space: the "▁" it ends with belongs to the answer's first piece
+    sft = [{"input": "what is it?", "output": "Sure thing"}]
+    train, _ = load_data(spec("sft", dataset=write(tmp_path / "s.jsonl", sft)), sp, log=Log())
+    whole = "User: what is it?\nAssistant: Sure thing"
+    assert train[0]["prompt_ids"] + train[0]["response_ids"] == sp(whole).input_ids + [eos]
+    assert sp.convert_ids_to_tokens(train[0]["prompt_ids"])[-1] == "?\nAssistant:"
+    assert sp.convert_ids_to_tokens(train[0]["response_ids"])[0] == "▁Sure"
+    assert train[0]["prompt_ids"][0] == sp.bos_token_id and sp.bos_token_id not in train[0]["response_ids"]
+
+
+def test_byte_level_tokenisation_unchanged(tmp_path, tok):
+    """The built-in tokenizer has no merges: tokenising together gives the ids of separate tokenisation."""
+    hh = [{"chosen": "\n\nHuman: hi\n\nAssistant: yes sir", "rejected": "\n\nHuman: hi\n\nAssistant: no"}]
+    train, _ = load_data(spec(dataset=write(tmp_path / "hh.jsonl", hh)), tok, log=Log())
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    assert train[0]["prompt_ids"] == enc("\n\nHuman: hi\n\nAssistant:")
+    assert train[0]["responses"] == [enc(" yes sir") + [tok.eos_token_id], enc(" no") + [tok.eos_token_id]]
+    assert train[0]["prompt_ids"][:3] == [198, 198, 39] and train[0]["responses"][0][:3] == [220, 88, 68]
+
+
+ID = r"@[0-9a-f]{6}\.[0-9a-f]{8}$"
+
+
+def test_ids_name_source_record_and_tokens(tmp_path, tok):
+    import re
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    one = write(tmp_path / "x" / "train.jsonl", pairs(3))
+    two = write(tmp_path / "y" / "train.jsonl", pairs(3))  # same basename, same records
+    ids_one = [e["id"] for e in load_data(spec(dataset=one), tok, log=Log())[0]]
+    ids_two = [e["id"] for e in load_data(spec(dataset=two), tok, log=Log())[0]]
+    assert all(re.fullmatch(r"train\.jsonl:\d" + ID, i) for i in ids_one + ids_two), ids_one + ids_two
+    assert [i.split("@")[0] for i in ids_one] == ["train.jsonl:1", "train.jsonl:2", "train.jsonl:3"]
+    assert not set(ids_one) & set(ids_two)  # another file: another source hash
+    assert [i.rsplit(".", 1)[1] for i in ids_one] == [i.rsplit(".", 1)[1] for i in ids_two]  # same tokens
+    assert [e["id"] for e in load_data(spec(dataset=one), tok, log=Log())[0]] == ids_one  # stable
+    # other tokens (a template, max_len) -> another id; a record whose tokens did not change keeps its id
+    templ = [e["id"] for e in load_data(spec(dataset=one, input_template="Q: {}\nA: "), tok, log=Log())[0]]
+    assert not set(templ) & set(ids_one)
+    longer = write(tmp_path / "l.jsonl", [{"prompt": "p", "chosen": "c" * 30, "rejected": "r"},
+                                           {"prompt": "a", "chosen": "b", "rejected": "c"}])
+    full = [e["id"] for e in load_data(spec(dataset=longer), tok, log=Log())[0]]
+    cut = [e["id"] for e in load_data(spec(dataset=longer, max_len=24), tok, log=Log())[0]]
+    assert full[0] != cut[0] and full[1] == cut[1]
+
+
+def test_blended_copies_get_distinct_ids(tmp_path, tok):
+    a = write(tmp_path / "a.jsonl", pairs(3))
+    b = write(tmp_path / "b.jsonl", pairs(9, 100))
+    for kind in ("pairwise", "binary", "sft", "scored"):
+        train, _ = load_data(spec(kind, dataset=f"{a},{b}", dataset_probs="1,1", sft_from_chosen=kind == "sft"),
+                             tok, log=Log())
+        ids = [e["id"] for e in train]
+        assert len(ids) == len(set(ids)), kind  # a cache keyed by id sees every example once
+        copies = Counter(i.split("@")[0] for i in ids if i.startswith("a.jsonl"))
+        assert len(copies) == (12 if kind == "binary" else 6) and set(copies.values()) == {1}  # 2 passes
+        assert any("~2@" in i for i in ids) and not any("~1@" in i for i in ids)
+        if kind == "binary":
+            assert any(i.split("@")[0].endswith("#rejected~2") for i in ids)

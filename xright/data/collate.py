@@ -30,7 +30,8 @@ def collate(kind: str, examples: list[dict], pad_id: int) -> dict:
     sft / binary: ``input_ids`` [B,T] long, ``attention_mask`` [B,T] long, ``loss_mask`` [B,T]
     bool (response tokens incl. eos), ``ids`` list[str]. binary adds ``label`` [B] bool and the
     KTO mismatched pairs ``kl_input_ids`` / ``kl_attention_mask`` / ``kl_loss_mask`` built from
-    (prompt_i, response_{(i+1) mod B}); it needs B >= 2.
+    (prompt_i, response_{(i+1) mod B}), the response cut on the right to the example's ``max_len``
+    (binary examples carry it); it needs B >= 2.
 
     pairwise / scored: the K completions of each prompt laid out K-major, row ``k*B + b`` is
     completion k of example b (for pairs: rows [0,B) chosen, [B,2B) rejected), so one forward
@@ -50,7 +51,10 @@ def collate(kind: str, examples: list[dict], pad_id: int) -> dict:
                 raise ValueError("KTO needs micro batch size >= 2: its KL estimate pairs each prompt with "
                                  "the next example's completion in the same micro-batch")
             out["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
-            kl = _pad([(examples[i]["prompt_ids"], examples[(i + 1) % B]["response_ids"]) for i in range(B)], pad_id)
+            # truncated as loading.tokenize truncates: the response cut on the right to fit max_len
+            kl = _pad([(e["prompt_ids"], examples[(i + 1) % B]["response_ids"][: e.get("max_len", 1 << 62)
+                                                                               - len(e["prompt_ids"])])
+                       for i, e in enumerate(examples)], pad_id)
             out.update({f"kl_{k}": v for k, v in kl.items()})
         return out
     if kind in ("pairwise", "scored"):

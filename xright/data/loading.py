@@ -5,20 +5,33 @@ Tokenisation
     (add_generation_prompt=True); else, with ``apply_chat_template``,
     ``[{"role": "user", "content": prompt}]`` rendered the same way; else
     ``input_template.format(prompt)`` when ``input_template`` is set; else the raw prompt. HH-style
-    dialogue prefixes (``raw_prompt``) are never templated. The prompt is tokenised with
-    ``add_special_tokens=True`` (False when the rendered text already starts with the BOS token, so
-    a chat template that writes BOS does not get a second one), each response with
-    ``add_special_tokens=False``, then the eos id is appended to each response. Prompt and response
-    are concatenated at token level, so the loss mask is exact.
+    dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
+    *together* (``prompt + response`` as one text, no special tokens) so that the ids are those of
+    the whole text: tokenised apart, a SentencePiece tokenizer (Llama-2, Mistral) puts a spurious lone
+    "▁" at the start of every response. The boundary: the prompt's tokens are the longest common
+    prefix of the prompt tokenised alone and of every ``prompt + response_k`` of the example (one
+    prompt for all K responses); the rest of each whole text is its response. So a token that
+    straddles the boundary (``"▁Sure"`` after a prompt ending in a space), or any the response's
+    first characters re-tokenise, goes to the response (and is trained on). Then the special tokens
+    the tokenizer adds at the start of a text (BOS; measured once per call) are prepended to the
+    prompt — unless the rendered prompt already starts with the BOS text, so a chat template that
+    writes BOS does not get a second one; special tokens added at the end of a text are not used —
+    and the eos id is appended to each response. For a byte-level tokenizer without merges (the
+    built-in one) this gives exactly the ids of tokenising prompt and response apart.
 
     Examples: sft ``{"id", "prompt_ids", "response_ids"}`` (``pretrain_mode``: prompt_ids = [] and
-    response_ids = prompt + response + eos, all trained); binary adds ``"label"``; pairwise and scored
+    response_ids = prompt + response + eos, all trained); binary adds ``"label"`` and ``"max_len"``
+    (collate cuts KTO's mismatched KL rows to it, by the truncate rule below); pairwise and scored
     ``{"id", "prompt_ids", "responses": [K id lists]}`` (+ ``"rewards"``, ``"margin"`` if present).
+    ``id`` is ``<record>[~<copy>]@<source>.<tokens>`` (see :mod:`xright.data.records`), unique
+    within a split.
 
 Truncation to ``max_len`` (prompt + each response <= max_len)
     ``"truncate"``: responses are cut on the right to fit (losing the eos when cut); an example whose
     prompt leaves fewer than one response token is dropped ("prompt too long").
     ``"drop"``: an example with any over-long prompt + response is dropped ("too long").
+    KTO's KL rows (prompt_i + completion_{i+1}) are always cut as ``"truncate"`` cuts (a row made of
+    two examples that each fit cannot be dropped alone).
 
 Blending (comma-separated sources, ``dataset_probs``)
     One source: its records in file order, the first ``max_samples`` kept. Several sources: probs
@@ -26,13 +39,22 @@ Blending (comma-separated sources, ``dataset_probs``)
     contributes n_i = its largest-remainder share of T (so proportions follow the probs exactly, up
     to rounding). Its n_i records are taken from successive seeded permutations of it
     (``random.Random(f"{seed}/blend/{i}/{pass}")``): a subset when n_i is below its size, whole
-    repeated passes plus a subset when above. The blend is then shuffled with
-    ``random.Random(f"{seed}/blend")``. Eval splits of several sources are concatenated, not
-    resampled (each eval record counts once), and capped at ``max_samples``.
+    repeated passes plus a subset when above (later passes permute the records in file order with
+    ``.../{pass}``). The blend is then shuffled with ``random.Random(f"{seed}/blend")``. Eval
+    splits of several sources are concatenated, not resampled (each eval record counts once), and
+    capped at ``max_samples``. The log says, per source, how many train examples it contributes
+    from how many distinct records, how many of its valid records are unused and how many are held
+    out. The n-th copy (n >= 2) of a record in a split gets the id suffix ``~n``.
 
 Eval set
-    ``eval_fraction > 0``: a seeded random, disjoint ``eval_fraction`` of train (at least one
-    record) is held out. Else ``eval_split == "dummy"``: the first 3 % of train (at least one record)
+    ``eval_fraction > 0``: held out by record, before blending, so no copy of an eval record is in
+    train. Source i uses u_i = min(n_i, its size) distinct records (the first u_i of its first
+    permutation; its first u_i records for a single source); k = max(1, round(f · Σ u_i)) records
+    are held out, apportioned to the sources by u_i (largest remainder; an oversampled source keeps
+    at least one record to repeat), each source's k_i drawn from its u_i by
+    ``random.Random(f"{seed}/eval_fraction/{i}")``. Source i then contributes n_i − k_i train
+    examples from its other records, by the blending rule. Eval is the held-out records, per source
+    in file order. Else ``eval_split == "dummy"``: the first 3 % of train (at least one record)
     — XRIGHT's behaviour, which overlaps train (a warning says so). Else the ``eval_split`` of each
     source; sources without it contribute nothing, and if none has it the eval set is None (logged).
     An empty ``eval_split`` means no eval set. Built-in data (``dataset=None``) has its own eval split.
@@ -40,11 +62,14 @@ Eval set
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import struct
+from collections import Counter
 from dataclasses import dataclass
 
-from .records import MAX_REASONS, DataError, SourceStats, read_source
+from .records import MAX_REASONS, DataError, SourceStats, k_mismatch, read_source, source_id
 from . import synthetic
 
 KINDS = ("sft", "pairwise", "binary", "scored")
@@ -138,25 +163,65 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return out  # type: ignore[return-value]
 
 
+def _special_head(tokenizer) -> list[int]:
+    """The special tokens the tokenizer adds at the start of a text (e.g. [BOS]); [] if none."""
+    with_ = list(tokenizer(["a"], add_special_tokens=True, verbose=False)["input_ids"][0])
+    without = list(tokenizer(["a"], add_special_tokens=False, verbose=False)["input_ids"][0])
+    for i in range(len(with_) - len(without) + 1):
+        if with_[i:i + len(without)] == without:
+            return with_[:i]
+    return []
+
+
+def _common_prefix(a: list[int], b: list[int], n: int) -> int:
+    """Length of the common prefix of a and b, at most n."""
+    m = min(n, len(a), len(b))
+    if a[:m] == b[:m]:  # the usual case, at C speed
+        return m
+    return next(i for i in range(m) if a[i] != b[i])
+
+
+def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
+    """(prompt ids, [K response ids]) per prompt and its K responses, with the ids of the whole texts
+    (see the module docstring for the boundary and special tokens)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    head = _special_head(tokenizer) if prompts else []
+    alone = _encode(tokenizer, prompts, False)
+    wholes = _encode(tokenizer, [p + r for p, g in zip(prompts, groups) for r in g], False)
+    out_p, out_r, i = [], [], 0
+    for text, p, g in zip(prompts, alone, groups):
+        ws = wholes[i:i + len(g)]
+        i += len(g)
+        b = len(p)
+        for w in ws:
+            b = _common_prefix(p, w, b)
+        out_p.append((head if not (bos and text.startswith(bos)) else []) + p[:b])
+        out_r.append([w[b:] for w in ws])
+    return out_p, out_r
+
+
+def _token_hash(prompt: list[int], responses: list[list[int]]) -> str:
+    """The ``<tokens>`` part of an example id: 8 hex digits of a hash of its token ids."""
+    h = hashlib.blake2b(struct.pack(f"<{1 + len(responses)}i", len(prompt), *map(len, responses)), digest_size=4)
+    for ids in (prompt, *responses):
+        h.update(struct.pack(f"<{len(ids)}i", *ids))
+    return h.hexdigest()
+
+
 def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
     """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token id")
     kind = spec.kind
-    prompts = _encode(tokenizer, [prompt_text(r, tokenizer, spec) for r in records], True)
     if kind == "sft":
-        responses = [[x] for x in _encode(tokenizer, [r["response"] for r in records], False)]
+        groups = [[r["response"]] for r in records]
     elif kind == "binary":
-        responses = [[x] for x in _encode(tokenizer, [r["completion"] for r in records], False)]
+        groups = [[r["completion"]] for r in records]
     else:
-        key = "completions" if kind == "scored" else None
-        groups = [r[key] if key else [r["chosen"], r["rejected"]] for r in records]
-        flat = _encode(tokenizer, [t for g in groups for t in g], False)
-        responses, i = [], 0
-        for g in groups:
-            responses.append(flat[i:i + len(g)])
-            i += len(g)
+        groups = [r["completions"] if kind == "scored" else [r["chosen"], r["rejected"]] for r in records]
+    prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in records], groups)
+    no_source = source_id("")
     counts = {"truncated": 0, "dropped_prompt": 0, "dropped_long": 0}
     out = []
     for rec, p, rs in zip(records, prompts, responses):
@@ -173,11 +238,12 @@ def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict]
                 continue
             rs = [r[:room] for r in rs]
             counts["truncated"] += 1
-        ex = {"id": rec["id"], "prompt_ids": p}
+        ex = {"id": f"{rec['id']}@{rec.get('source', no_source)}.{_token_hash(p, rs)}", "prompt_ids": p}
         if kind in ("sft", "binary"):
             ex["response_ids"] = rs[0]
             if kind == "binary":
                 ex["label"] = rec["label"]
+                ex["max_len"] = spec.max_len
         else:
             ex["responses"] = rs
             if "rewards" in rec:
@@ -217,25 +283,55 @@ def _apportion(total: int, probs: list[float]) -> list[int]:
 
 def blend(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int) -> list[dict]:
     """Blend record lists by ``probs`` (see the module docstring for the exact rule)."""
-    if len(parts) == 1:
-        return parts[0][:max_samples]
-    # An empty source (everything filtered) gets no share; the others keep their relative probs.
-    probs = [p if part else 0.0 for p, part in zip(probs, parts)]
-    if sum(probs) <= 0:
-        return []
-    probs = [p / sum(probs) for p in probs]
+    return blend_split(parts, probs, max_samples, seed)[0]
+
+
+def blend_split(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int,
+                eval_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out eval, per-source contributions) by the blending and eval_fraction rules of
+    the module docstring. A contribution is ``{"draws", "distinct", "held", "valid"}``."""
+    single = len(parts) == 1
+    if not single:  # an empty source (everything filtered) gets no share; the others keep their relative probs
+        probs = [p if part else 0.0 for p, part in zip(probs, parts)]
+        if sum(probs) <= 0:
+            return [], [], [{"draws": 0, "distinct": 0, "held": 0, "valid": 0} for _ in parts]
+        probs = [p / sum(probs) for p in probs]
     total = min(sum(len(p) for p in parts), max_samples)
-    out: list[dict] = []
-    for i, (part, n) in enumerate(zip(parts, _apportion(total, probs))):
-        taken, rnd = 0, 0
-        while taken < n:
-            order = list(range(len(part)))
+    shares = [total] if single else _apportion(total, probs)
+    used = [min(n, len(part)) for n, part in zip(shares, parts)]
+    held_n = [0] * len(parts)
+    if eval_fraction > 0 and sum(used):
+        held_n = _apportion(max(1, round(sum(used) * eval_fraction)), [u / sum(used) for u in used])
+        held_n = [min(h, u - 1) if n > u else h for h, u, n in zip(held_n, used, shares)]
+    train, held, contributions = [], [], []
+    for i, (part, n, u, k) in enumerate(zip(parts, shares, used, held_n)):
+        first = list(range(len(part)))
+        if not single:
+            random.Random(f"{seed}/blend/{i}/0").shuffle(first)
+        out = {first[j] for j in random.Random(f"{seed}/eval_fraction/{i}").sample(range(u), k)}
+        held += [part[j] for j in sorted(out)]
+        pool = [j for j in first if j not in out]
+        draws, rnd = pool[: n - k], 1
+        while len(draws) < n - k:
+            order = sorted(pool)
             random.Random(f"{seed}/blend/{i}/{rnd}").shuffle(order)
-            chunk = order[: n - taken]
-            out += [part[j] for j in chunk]
-            taken += len(chunk)
+            draws += order[: n - k - len(draws)]
             rnd += 1
-    random.Random(f"{seed}/blend").shuffle(out)
+        train += [part[j] for j in draws]
+        contributions.append({"draws": len(draws), "distinct": min(len(draws), len(pool)), "held": k,
+                              "valid": len(part)})
+    if not single:
+        random.Random(f"{seed}/blend").shuffle(train)
+    return train, held, contributions
+
+
+def _number_copies(records: list[dict]) -> list[dict]:
+    """The n-th occurrence (n >= 2) of a record id gets ``~n``, so ids are unique within a split."""
+    seen: Counter = Counter()
+    out = []
+    for r in records:
+        seen[r["id"]] += 1
+        out.append(r if seen[r["id"]] == 1 else {**r, "id": f"{r['id']}~{seen[r['id']]}"})
     return out
 
 
@@ -249,6 +345,10 @@ def _unpaired_shuffle(records: list[dict], seed: int) -> list[dict]:
 
 
 def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
+    return [{**r, "source": source_id(f"builtin:{spec.seed}")} for r in _builtin_records(spec, split, n)]
+
+
+def _builtin_records(spec: DataSpec, split: str, n: int) -> list[dict]:
     if spec.kind == "sft" and not spec.sft_from_chosen:
         return [{**r, "raw_prompt": False} for r in synthetic.sft_records(n, spec.seed, split)]
     pairs = synthetic.preference_records(n, spec.seed, split)
@@ -268,6 +368,26 @@ def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
     return _unpaired_shuffle(out, spec.seed)
 
 
+def _check_same_k(stats: list[SourceStats]) -> None:
+    """Every scored record of a dataset (all sources and splits) has the same K."""
+    have = [st for st in stats if st.k is not None]
+    for st in have[1:]:
+        if st.k != have[0].k:
+            raise DataError(f"{st.k_where}: field 'completions': {k_mismatch(st.k, have[0].k, have[0].k_where)}")
+
+
+def _log_contribution(spec: DataSpec, source: str, c: dict, log) -> None:
+    msg = (f"{spec.name}: {source} contributes {c['draws']} train examples: {c['distinct']} distinct records of "
+           f"{c['valid']} valid")
+    if c["draws"] > c["distinct"]:
+        msg += f", each used {c['draws'] / c['distinct']:.1f} times on average"
+    if c["valid"] - c["distinct"] - c["held"]:
+        msg += f", {c['valid'] - c['distinct'] - c['held']} unused"
+    if spec.eval_fraction > 0:
+        msg += f", {c['held']} held out for eval"
+    log(msg)
+
+
 def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
     extra = [f"{st.bad} skipped: bad records"]
     if st.identical:
@@ -276,7 +396,7 @@ def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
         extra.append(f"{st.empty_response} dropped: blank HH answer")
     if st.differ_early:
         extra.append(f"{st.differ_early} HH pairs differ early")
-    log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {kept} kept ({', '.join(extra)})")
+    log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {kept} valid ({', '.join(extra)})")
     if st.bad:
         log(f"{spec.name}: first bad records skipped:\n  " + "\n  ".join(st.reasons))
     if st.identical:
@@ -296,7 +416,8 @@ def _labels(sources: list[str]) -> list[str]:
 
 
 def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, log):
-    parts, total = [], SourceStats(",".join(sources), split)
+    """(records per source (None: no such split), summed stats, each source's stats)."""
+    parts, total, each = [], SourceStats(",".join(sources), split), []
     for s, label in zip(sources, _labels(sources)):
         got = read_source(s, split, spec, required=required, label=label)
         if got is None:
@@ -310,7 +431,8 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
             recs = _unpaired_shuffle(recs, spec.seed)
         parts.append(recs)
         total.add(st)
-    return parts, total
+        each.append(st)
+    return parts, total, each
 
 
 def _empty_error(spec: DataSpec, where: str, split: str, st: SourceStats | None, why: str = "") -> DataError:
@@ -331,46 +453,48 @@ def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[di
     spec.check()
     train_stats = eval_stats = None
     eval_recs: list[dict] | None = None
+    want_split = spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy"
     if spec.dataset is None or not str(spec.dataset).strip():
-        where = f"builtin:{spec.kind}"
-        train_recs = _builtin(spec, "train", min(BUILTIN_TRAIN, spec.max_samples))[: spec.max_samples]
-        if spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy":
+        where, sources = f"builtin:{spec.kind}", [f"builtin:{spec.kind}"]
+        parts, probs = [_builtin(spec, "train", min(BUILTIN_TRAIN, spec.max_samples))], [1.0]
+        if want_split:
             eval_recs = _builtin(spec, "eval", min(BUILTIN_EVAL, spec.max_samples))[: spec.max_samples]
         log(f"{spec.name}: built-in synthetic {spec.kind} data (seed {spec.seed})")
     else:
         sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
         where = ",".join(sources)
         probs = parse_probs(sources, spec.dataset_probs)
-        parts, train_stats = _read_split(spec, sources, spec.train_split, True, log)
-        train_recs = blend(parts, probs, spec.max_samples, spec.seed)
-        if not train_recs:
-            raise _empty_error(spec, where, spec.train_split, train_stats)
-        if spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy":
-            eparts, eval_stats = _read_split(spec, sources, spec.eval_split, False, log)
+        parts, train_stats, per_source = _read_split(spec, sources, spec.train_split, True, log)
+        if want_split:
+            eparts, eval_stats, eper_source = _read_split(spec, sources, spec.eval_split, False, log)
+            per_source += eper_source
             if all(p is None for p in eparts):
                 log(f"{spec.name}: no {spec.eval_split!r} split in {where}: no eval set")
             else:
                 eval_recs = [r for p in eparts if p for r in p][: spec.max_samples]
+        if spec.kind == "scored":
+            _check_same_k(per_source)
+    train_recs, held, contributions = blend_split(parts, probs, spec.max_samples, spec.seed, spec.eval_fraction)
+    if spec.dataset and (len(parts) > 1 or any(c["held"] or c["distinct"] < c["valid"] for c in contributions)):
+        for source, c in zip(sources, contributions):
+            _log_contribution(spec, source, c, log)
+    if not train_recs and not held:
+        raise _empty_error(spec, where, spec.train_split, train_stats)
     if spec.eval_fraction > 0:
-        n = len(train_recs)
-        k = max(1, round(n * spec.eval_fraction))
-        if k >= n:
-            raise DataError(f"{where}: eval_fraction={spec.eval_fraction} of {n} records leaves no training data")
-        order = list(range(n))
-        random.Random(f"{spec.seed}/eval_fraction").shuffle(order)
-        held = set(order[:k])
-        eval_recs = [r for i, r in enumerate(train_recs) if i in held]
-        train_recs = [r for i, r in enumerate(train_recs) if i not in held]
-        log(f"{spec.name}: eval = {k} records held out of train at random (eval_fraction={spec.eval_fraction}, "
-            f"seed {spec.seed}), disjoint from the {len(train_recs)} train records")
+        if not train_recs:
+            raise DataError(f"{where}: eval_fraction={spec.eval_fraction} of {len(held)} records leaves no "
+                            "training data")
+        eval_recs = held
+        log(f"{spec.name}: eval = {len(held)} records held out of train at random before blending "
+            f"(eval_fraction={spec.eval_fraction}, seed {spec.seed}), disjoint from the {len(train_recs)} train "
+            "records")
     elif spec.eval_split == "dummy":
         k = max(1, int(len(train_recs) * DUMMY_FRACTION))
         eval_recs = train_recs[:k]
         log(f"warning: {spec.name}: eval_split=dummy: the eval set is the first {k} train records, which are "
             "also trained on (XRIGHT's behaviour); its losses are optimistic. Use eval_fraction for a disjoint one")
-    if not train_recs:
-        raise _empty_error(spec, where, spec.train_split, train_stats)
-
+    train_recs = _number_copies(train_recs)
+    eval_recs = _number_copies(eval_recs) if eval_recs is not None else None
     train, counts = tokenize(train_recs, tokenizer, spec)
     _log_split(spec, "train", len(train), counts, train_stats, log)
     if not train:

@@ -11,21 +11,43 @@ Sources
 Where a record comes from
     JSON lines: ``line N`` (1-based, blank lines count); JSON arrays: ``record N (line L)``;
     csv/parquet: ``row N`` (1-based data row, the csv header not counted); hub: ``row N`` (1-based).
-    Stable ids: ``<basename>:<line>`` (JSON lines), ``<basename>:<N>`` (N-th element of a JSON
-    array), ``<basename>:<row>`` (csv/parquet), ``<hub name>:<split>:<index>`` (0-based dataset
-    index). A pairwise record unpaired for kind ``binary`` gives ``<id>#chosen`` and ``<id>#rejected``.
+
+Example ids (what a cache, such as the reference log-prob cache, may key on)
+    ``<record>[~<copy>]@<source>.<tokens>``, e.g. ``train.jsonl:17@3f9a2c.a1b2c3d4``:
+
+    - ``<record>`` (readable; this module gives it): ``<basename>:<line>`` (JSON lines),
+      ``<basename>:<N>`` (N-th element of a JSON array), ``<basename>:<row>`` (csv/parquet),
+      ``<hub name>:<split>:<index>`` (0-based dataset index), ``builtin:<kind>:<split>:<i>``. A
+      directory's files are ``<dir>/<file>:<line>``; where two sources of one blend share a basename
+      the whole source string replaces it. A pairwise record unpaired for kind ``binary`` gives
+      ``<record>#chosen`` and ``<record>#rejected``.
+    - ``~<copy>``: the n-th occurrence (n >= 2) of one record in one split of a blend (blending
+      repeats the records of an oversampled source), so ids are unique within a split; copies
+      carry the same tokens.
+    - ``<source>``: 6 hex digits of a hash of the source's identity (:func:`source_id`): the
+      resolved absolute path of a local file, ``hub:<name>:<split>`` for the hub, the seed for the
+      built-in data. Two files both named ``train.jsonl`` give different ids.
+    - ``<tokens>``: 8 hex digits of a hash of the example's token ids (prompt and each response,
+      their lengths included), added by ``loading.tokenize``: a change of max_len, template or
+      tokenizer that changes an example's tokens changes its id.
+    Canonical records (below) carry only ``<record>[~<copy>]`` as ``id`` and the source hash as
+    ``source``; tokenised examples carry the whole id.
 
 Canonical records (what this module returns; the tokeniser consumes them)
-    sft       {"id", "prompt": str | list[message], "response": str, "raw_prompt": bool}
-    pairwise  {"id", "prompt", "chosen", "rejected", "raw_prompt"[, "margin": float]}
-    binary    {"id", "prompt", "completion", "label": bool, "raw_prompt"}
-    scored    {"id", "prompt", "completions": [K str][, "rewards": [K float]], "raw_prompt"}
+    sft       {"id", "source", "prompt": str | list[message], "response": str, "raw_prompt": bool}
+    pairwise  {"id", "source", "prompt", "chosen", "rejected", "raw_prompt"[, "margin": float]}
+    binary    {"id", "source", "prompt", "completion", "label": bool, "raw_prompt"}
+    scored    {"id", "source", "prompt", "completions": [K str][, "rewards": [K float]], "raw_prompt"}
     ``raw_prompt`` is True for HH-style dialogue prefixes, which get no input template or chat
     template. A list prompt is chat messages, rendered later with the tokenizer's chat template.
 
 CSV cells are text, so fields are converted by the schema: the label field from
 ``true``/``false`` (any case), margin from a number, list fields (completions, rewards, messages)
 from JSON arrays. Everything else stays a string.
+
+Scored records must all have the same K (a micro-batch stacks K completions per prompt): a record
+whose K differs from the first record's is a bad record of its file and line; across the sources
+and splits of one dataset ``loading.load_data`` checks the same.
 """
 
 from __future__ import annotations
@@ -33,6 +55,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -57,6 +80,16 @@ class BadRecord(Exception):
         self.reason, self.field = reason, field
 
 
+def source_id(identity: str) -> str:
+    """The ``<source>`` part of example ids: 6 hex digits of a hash of a source's identity."""
+    return hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=3).hexdigest()
+
+
+def k_mismatch(k: int, first_k: int, first_where: str) -> str:
+    return (f"has K={k} completions but the first record ({first_where}) has K={first_k}; every scored "
+            "record of a dataset needs the same K (a micro-batch stacks K completions per prompt)")
+
+
 def describe(source: str, loc: str | None, err: BadRecord) -> str:
     where = f"{source} {loc}" if loc else source
     return f"{where}: field {err.field!r}: {err.reason}" if err.field else f"{where}: {err.reason}"
@@ -75,6 +108,8 @@ class SourceStats:
     empty_response: int = 0  # HH pairs with a blank answer after the shared prompt, dropped
     reasons: list[str] = field(default_factory=list)
     identical_ids: list[str] = field(default_factory=list)
+    k: int | None = None     # scored: the number of completions of every record
+    k_where: str = ""        # scored: where the first record (which set k) is
 
     def add(self, other: "SourceStats") -> None:
         self.read += other.read
@@ -523,12 +558,19 @@ def read_source(source: str, split: str, spec, required: bool = True,
         return None
     stats = SourceStats(source, split)
     records: list[dict] = []
+    sources: dict[str, str] = {}
     for where, loc, rid, obj, err in raw:
         stats.read += 1
         try:
             if err is not None:
                 raise err
             recs, early = canonicalize(spec.kind, obj, rid, spec)
+            if spec.kind == "scored":
+                k = len(recs[0]["completions"])
+                if stats.k is None:
+                    stats.k, stats.k_where = k, f"{where} {loc}"
+                elif k != stats.k:
+                    raise BadRecord(k_mismatch(k, stats.k, stats.k_where), spec.completions_key)
         except _EmptyResponse:
             stats.empty_response += 1
             continue
@@ -546,6 +588,11 @@ def read_source(source: str, split: str, spec, required: bool = True,
                 stats.reasons.append(msg)
             continue
         stats.differ_early += early
+        if where not in sources:  # a file by its resolved path; a hub dataset by name and split
+            sources[where] = source_id(f"file:{os.path.realpath(where)}" if os.path.isfile(where)
+                                       else f"hub:{where}:{split}")
+        for r in recs:
+            r["source"] = sources[where]
         records += recs
     return records, stats
 
