@@ -224,3 +224,41 @@ def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, to
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def load_for_inference(path: str | None, *, task: str = "causal", bf16: bool = False, flash_attn: bool = False,
+                       load_in_4bit: bool = False, trust_remote_code: bool = False, seed: int = 42,
+                       vocab_size: int | None = None):
+    """A frozen model for generation or scoring: a hub id / HF dir, ``tiny``, or a LoRA adapter dir.
+
+    An adapter dir as xright saves it (``adapter_config.json`` without ``config.json``) is loaded on
+    its base and merged, so generation runs at the speed of a plain model. The base is the
+    adapter's ``base_model_name_or_path``, else the ``pretrain`` of the run's ``xright_args.json``
+    (else ``tiny``); ``tiny`` is seeded by that run's ``seed``, because its base weights are built
+    from it and an adapter on other base weights would be meaningless.
+    """
+    import json
+
+    adapter = path not in (None, TINY) and os.path.exists(os.path.join(os.path.expanduser(path), "adapter_config.json")) \
+        and not os.path.exists(os.path.join(os.path.expanduser(path), "config.json"))
+    if not adapter:
+        return load_model(path, task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
+                          trust_remote_code=trust_remote_code, seed=seed, vocab_size=vocab_size, trainable=False)
+    from peft import PeftModel
+
+    path = os.path.expanduser(path)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base = json.load(f).get("base_model_name_or_path") or None
+    run_args = os.path.join(path, "xright_args.json")
+    if os.path.exists(run_args):
+        with open(run_args) as f:
+            saved = json.load(f)
+        base = base or saved.get("pretrain")
+        seed = saved.get("seed", seed)
+    model = load_model(base, task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
+                       trust_remote_code=trust_remote_code, seed=seed, vocab_size=vocab_size, trainable=False)
+    try:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load LoRA adapter {path!r} on base {base or TINY!r}: {e}") from e
+    return model.eval().requires_grad_(False)

@@ -454,3 +454,25 @@ def publish(tmp: str, path: str) -> None:
         if os.path.isdir(dst):
             shutil.rmtree(dst)
         os.replace(os.path.join(tmp, name), dst)
+
+
+def inference_config(zero_stage: int, bf16: bool, world_size: int) -> dict:
+    """Generation and scoring: stage 3 shards the frozen model (no optimizer); any other stage replicates it."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    base = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}}
+    return reference_config(base, offload=False)
+
+
+def configure_inference(strategy: "Strategy", zero_stage: int, bf16: bool) -> dict:
+    """Make ``strategy`` hold an inference config, so that ``strategy.prepare_reference(model)`` returns a
+    sharded stage-3 engine (ZeRO-3) or a replicated module. Under ZeRO-3 every rank must then run the same
+    number of forwards (generation with ``synced_gpus``), as the parameters are gathered collectively."""
+    strategy.ds_config = inference_config(zero_stage, bf16, strategy.world_size)
+    strategy.ref_offload = False
+    if strategy.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        strategy._hf_ds_config = HfDeepSpeedConfig(strategy.ds_config)
+    return strategy.ds_config

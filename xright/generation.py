@@ -1,0 +1,451 @@
+"""Generation and scoring: the sampling loop, sharding over ranks, the ordered gather, reward
+labelling (post-processors) and the win-rate judge. A second consumer of the training pieces:
+models from :mod:`xright.models`, engines from :mod:`xright.strategy`, prompts and their
+templates, ids and file/line errors from :mod:`xright.data`, scores from
+:func:`xright.objectives.reward_scores` (the score ``train_rm`` trains and evaluates).
+
+Batching and sharding (why greedy output does not depend on the world size or ZeRO stage)
+    Prompts are sorted by token length (ties in input order) and cut into micro-batches of
+    ``micro_batch_size`` prompts; batch j goes to rank ``j % world_size``. The batches — and so
+    the left padding every prompt sees — are therefore the same whatever the number of ranks,
+    and every batch is sampled under its own seed ``seed + j``: greedy output is identical for
+    any world size and stage, and sampled output is reproducible for a given seed (and, on this
+    CPU, identical across world sizes too). Under ZeRO-3 the parameters are gathered by
+    collective calls, so every rank makes the same number of ``generate`` calls (a rank short of
+    batches repeats one and discards it) and ``generate`` runs with ``synced_gpus=True``
+    (a finished rank keeps stepping until all are done). Results are gathered to rank 0 in input order.
+
+Prompts
+    A prompt is the ``input_key`` field of a record (the built-in preference prompts without
+    ``--dataset``), rendered by :func:`xright.data.loading.prompt_text` exactly as the trainers
+    render it (``input_template`` / ``apply_chat_template``), and tokenised the same way. Output
+    records keep the raw prompt, so the trainers template it again in the same way. Prompts longer
+    than ``prompt_max_len`` tokens keep their last ``prompt_max_len`` tokens (the end of a
+    prompt holds the assistant cue). Each prompt's stable id is its record id (``file:line``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from xright.data.loading import BUILTIN_TRAIN, DataSpec, _labels, blend, parse_probs, prompt_text, tokenize
+from xright.data.records import BadRecord, DataError, _get, _text, canonicalize, describe, iter_raw
+from xright.data import synthetic
+
+
+# ---- prompts and records ------------------------------------------------------------------------
+
+def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
+    """``make(obj, rid)`` over every record of ``spec.dataset`` (train split), blended; a bad record
+    stops with its file, line and field, as the trainers do."""
+    sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
+    probs = parse_probs(sources, spec.dataset_probs)
+    parts = []
+    for source, label in zip(sources, _labels(sources)):
+        recs = []
+        for where, loc, rid, obj, err in iter_raw(source, spec.train_split, spec, True, label):
+            try:
+                if err is not None:
+                    raise err
+                if not isinstance(obj, dict):
+                    raise BadRecord(f"record is not an object (got {type(obj).__name__})")
+                recs.append(make(obj, rid))
+            except BadRecord as e:
+                raise DataError(describe(where, loc, e)) from None
+        parts.append(recs)
+    out = blend(parts, probs, max_samples, spec.seed)
+    if not out:
+        raise DataError(f"{spec.dataset}: no records in split {spec.train_split!r}")
+    return out
+
+
+def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> list[dict]:
+    """Prompt records ``{"id", "prompt", "raw_prompt"}``: ``spec.dataset``'s ``input_key`` fields, or
+    without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
+    ``start``/``count`` slice the blended set (XRIGHT's ``--iter`` × ``--rollout_batch_size``)."""
+    limit = spec.max_samples if count is None else start + count
+    if not spec.dataset:
+        split = "train" if spec.train_split == "train" else "eval"
+        pairs = synthetic.preference_records(min(BUILTIN_TRAIN, limit), spec.seed, split)
+        recs = [{"id": r["id"], "prompt": r["prompt"], "raw_prompt": False} for r in pairs]
+    else:
+        recs = _records(spec, lambda obj, rid: {"id": rid, "prompt": _text(_get(obj, spec.input_key), spec.input_key),
+                                                "raw_prompt": False}, limit)
+    recs = recs[start:limit]
+    if not recs:
+        raise DataError(f"{spec.dataset or 'built-in prompts'}: no prompts from index {start}")
+    return recs
+
+
+def read_answers(spec: DataSpec) -> list[dict]:
+    """(prompt, answer) records for scoring: ``{"id", "prompt_id", "prompt", "response", "raw_prompt"}``.
+
+    Fields ``input_key`` / ``output_key`` (as :func:`generate` writes them); ``prompt_id`` groups the
+    K answers of one prompt (the prompt text where a record has none).
+    """
+    def make(obj, rid):
+        answer = obj.get(spec.output_key)
+        if isinstance(answer, str) and not answer.strip():  # an empty answer is still an answer to score
+            rec = {"id": rid, "prompt": _text(_get(obj, spec.input_key), spec.input_key), "response": answer,
+                   "raw_prompt": False}
+        else:
+            rec = canonicalize("sft", obj, rid, spec)[0][0]
+        rec["id"] = str(obj.get("id", rid))
+        rec["prompt_id"] = str(obj.get("prompt_id", rec["prompt"]))
+        return rec
+
+    return _records(spec, make, spec.max_samples)
+
+
+def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_len: int) -> list[list[int]]:
+    """Prompt token ids as the trainers build them: the tokenizer's leading special tokens (BOS; none when
+    the rendered text already starts with the BOS text) + the text's own tokens, never trailing specials
+    (a tokenizer that appends eos would otherwise end every prompt)."""
+    texts = [prompt_text(r, tokenizer, spec) for r in records]
+    with_, without = (list(tokenizer("a", add_special_tokens=flag)["input_ids"]) for flag in (True, False))
+    head = next((with_[:i] for i in range(len(with_) - len(without) + 1) if with_[i:i + len(without)] == without), [])
+    bos = getattr(tokenizer, "bos_token", None)
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    ids = [(head if not (bos and t.startswith(bos)) else []) + list(x) for t, x in zip(texts, ids)]
+    return [x[-prompt_max_len:] if prompt_max_len > 0 else x for x in ids]
+
+
+# ---- batching and sharding ----------------------------------------------------------------------
+
+def plan_batches(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
+    """Indices in micro-batches of similar length; depends only on the lengths (not on ranks)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro batch size must be >= 1, got {micro_batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def rank_batches(batches: list[list[int]], rank: int, world_size: int, synced: bool) -> list[tuple[int, list[int], bool]]:
+    """(batch index, indices, real?) this rank computes. ``synced`` (ZeRO-3): every rank gets the same
+    number of calls; a rank short of batches repeats batch 0 and discards the result."""
+    mine = [(j, b, True) for j, b in enumerate(batches) if j % world_size == rank]
+    if synced:
+        calls = math.ceil(len(batches) / world_size)
+        mine += [(0, batches[0], False)] * (calls - len(mine))
+    return mine
+
+
+def gather_ordered(local: dict[int, object], n: int, all_gather_object) -> list:
+    """Every rank's ``{index: result}`` merged into one list in input order (on every rank)."""
+    merged: dict[int, object] = {}
+    for part in all_gather_object(local):
+        merged.update(part)
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise RuntimeError(f"gather: results for {len(missing)} of {n} inputs missing (first {missing[:5]})")
+    return [merged[i] for i in range(n)]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, T - len(s):] = 1
+    return ids, mask
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 1024
+    greedy: bool = False
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    n: int = 1             # completions per prompt (--best_of_n)
+    seed: int = 42
+
+    def generate_kwargs(self) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=not self.greedy, num_beams=1,
+                  num_return_sequences=self.n, repetition_penalty=self.repetition_penalty, use_cache=True)
+        if not self.greedy:
+            kw.update(top_p=self.top_p, temperature=self.temperature)
+        return kw
+
+
+def _module(model):
+    return model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
+
+
+def cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """The completion before its first eos, and whether it ended there (False: cut by max_new_tokens)."""
+    if eos_id in tokens:
+        return tokens[:tokens.index(eos_id)], True
+    return tokens, False
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int, seed: int,
+                   synced: bool = False, device=None, streamer=None) -> list[list[list[int]]]:
+    """K = ``sampling.n`` completions (token ids, eos cut off) for each prompt of one left-padded batch,
+    sampled under ``seed`` (the global RNG is restored afterwards)."""
+    ids, mask = left_pad(prompts, pad_id)
+    device = device or next(_module(model).parameters()).device
+    with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=synced,
+                                      streamer=streamer, **sampling.generate_kwargs())
+    new = out[:, ids.shape[1]:].tolist()
+    K = sampling.n
+    return [[cut_at_eos(new[b * K + k], eos_id)[0] for k in range(K)] for b in range(len(prompts))]
+
+
+class Progress:
+    """tqdm on rank 0 with prompts/s and generated tokens/s of this rank's shard."""
+
+    def __init__(self, total: int, enabled: bool, desc: str, unit: str = "prompts"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
+        self.start, self.items, self.tokens, self.unit = time.perf_counter(), 0, 0, unit
+
+    def update(self, items: int, tokens: int = 0) -> None:
+        self.items += items
+        self.tokens += tokens
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        if self.tokens:  # tqdm shows prompts/s itself
+            self.bar.set_postfix({"tok/s": f"{self.tokens / dt:.1f}"}, refresh=False)
+        self.bar.update(items)
+
+    def expect(self, total: int) -> None:
+        self.bar.reset(total=total)
+        self.start = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_size: int, *, eos_id: int, pad_id: int,
+             rank: int = 0, world_size: int = 1, synced: bool = False, device=None,
+             progress: Progress | None = None) -> dict[int, list[list[int]]]:
+    """This rank's share of the completions: ``{prompt index: [K token lists]}`` (see the module docstring)."""
+    batches = plan_batches([len(p) for p in prompts], micro_batch_size)
+    local: dict[int, list[list[int]]] = {}
+    plan = rank_batches(batches, rank, world_size, synced)
+    if progress is not None:
+        progress.expect(sum(len(idx) for _, idx, real in plan if real))
+    for j, idx, real in plan:
+        outs = generate_batch(model, [prompts[i] for i in idx], sampling, eos_id=eos_id, pad_id=pad_id,
+                              seed=sampling.seed + j, synced=synced, device=device)
+        if not real:
+            continue
+        local.update(zip(idx, outs))
+        if progress is not None:
+            # + 1 per completion that ended at its eos: the eos was generated too
+            progress.update(len(idx), sum(len(c) + (len(c) < sampling.max_new_tokens) for cs in outs for c in cs))
+    return local
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+def tokenize_answers(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
+    """(prompt, answer) records -> the examples ``train_rm`` scores (the trainers' own tokenisation: prompt +
+    answer + eos, cut to ``max_len`` by the same rule), each with ``"index"`` into ``records``; records
+    dropped by that rule are missing from the output (see the counts)."""
+    examples, counts = tokenize([{**r, "id": str(i)} for i, r in enumerate(records)], tokenizer, replace(spec, kind="sft"))
+    for e in examples:
+        e["index"] = int(str(e["id"]).split("@", 1)[0])  # tokenize may decorate the record id
+    return examples, counts
+
+
+@torch.no_grad()
+def score(model, examples: list[dict], micro_batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
+          synced: bool = False, device=None, progress: Progress | None = None) -> dict[int, float]:
+    """Reward of each tokenised example (``{"index": int, "prompt_ids", "response_ids"}``) read at its last real
+    token by :func:`xright.objectives.reward_scores`: ``{index: score}`` for this rank's share."""
+    from xright.data import collate
+    from xright.objectives import reward_scores
+
+    batches = plan_batches([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples], micro_batch_size)
+    local: dict[int, float] = {}
+    plan = rank_batches(batches, rank, world_size, synced)
+    if progress is not None:
+        progress.expect(sum(len(idx) for _, idx, real in plan if real))
+    for _, idx, real in plan:
+        batch = collate("sft", [examples[i] for i in idx], pad_id)
+        dev = device or next(_module(model).parameters()).device
+        values = reward_scores(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).float().tolist()
+        if real:
+            local.update({examples[i]["index"]: v for i, v in zip(idx, values)})
+            if progress is not None:
+                progress.update(len(idx))
+    return local
+
+
+def normalize(rewards: list[float], mean: float | None, std: float | None) -> tuple[list[float], str]:
+    """(r − mean) / std with the reward model's saved statistics (XRIGHT's ``--normalize_reward``);
+    without them, the batch's own mean and standard deviation. Returns the rewards and what was used."""
+    if mean is None or not std:
+        t = torch.tensor(rewards, dtype=torch.float64)
+        mean, std = t.mean().item(), (t.std().item() if len(rewards) > 1 else 0.0)
+        how = f"batch statistics (mean {mean:.4f}, std {std:.4f}): the reward model saved none"
+    else:
+        how = f"the reward model's statistics (mean {mean:.4f}, std {std:.4f})"
+    std = std or 1.0
+    return [(r - mean) / std for r in rewards], how
+
+
+# ---- post-processors: scored completions -> training records ------------------------------------
+
+def write_records(path: str, records: list[dict], json_list: bool = False) -> None:
+    """JSON lines (or one JSON array), written to a temporary file and renamed: never half a file."""
+    import json
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        if json_list:
+            json.dump(records, f, indent=2, ensure_ascii=False)
+        else:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def _groups(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by ``prompt_id``, groups and members in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    return list(groups.values())
+
+
+def _best(group):  # first of the maximal rewards, so ties resolve in input order
+    return max(group, key=lambda r: r["reward"])
+
+
+def _worst(group):
+    return min(group, key=lambda r: r["reward"])
+
+
+def rs(records, opts=None) -> list[dict]:
+    """Rejection sampling (Touvron et al. 2023): the best completion of each prompt -> SFT records."""
+    return [{"id": g[0]["prompt_id"], "input": (b := _best(g))["input"], "output": b["output"], "reward": b["reward"]}
+            for g in _groups(records)]
+
+
+def iter_dpo(records, opts=None) -> list[dict]:
+    """Iterative DPO (RLHFlow): best vs worst completion -> pairwise records. Prompts whose best and
+    worst texts are equal (K = 1, or identical samples) give no pair and are left out."""
+    out = []
+    for g in _groups(records):
+        b, w = _best(g), _worst(g)
+        if b["output"] != w["output"]:
+            out.append({"id": g[0]["prompt_id"], "prompt": b["input"], "chosen": b["output"], "rejected": w["output"],
+                        "chosen_reward": b["reward"], "rejected_reward": w["reward"]})
+    return out
+
+
+def exo(records, opts=None) -> list[dict]:
+    """K completions and their rewards -> scored records (``train_exo --loss exo-rw``). A micro-batch needs
+    the same K for every prompt, so prompts with fewer completions than the most common K are left out."""
+    groups = [g for g in _groups(records) if len(g) >= 2]
+    if not groups:
+        return []
+    sizes = [len(g) for g in groups]
+    K = max(set(sizes), key=lambda k: (sizes.count(k), k))
+    return [{"id": g[0]["prompt_id"], "prompt": g[0]["input"], "completions": [r["output"] for r in g],
+             "rewards": [r["reward"] for r in g]} for g in groups if len(g) == K]
+
+
+def kto(records, opts=None) -> list[dict]:
+    """Completions labelled desirable / undesirable -> binary records (``train_kto``).
+
+    With ``opts.kto_threshold`` t: reward > t is desirable, otherwise undesirable. Without it, relative to
+    the prompt's median reward: above is desirable, below undesirable, equal to it (ties, or the middle of
+    an odd K) carries no preference and is left out.
+    """
+    t = getattr(opts, "kto_threshold", None)
+    out = []
+    for g in _groups(records):
+        if t is None:
+            rewards = sorted(r["reward"] for r in g)
+            mid = len(rewards) // 2
+            cut = rewards[mid] if len(rewards) % 2 else (rewards[mid - 1] + rewards[mid]) / 2
+        else:
+            cut = t
+        for r in g:
+            if t is None and r["reward"] == cut:
+                continue
+            label = r["reward"] > cut
+            out.append({"id": r["id"], "prompt": r["input"], "completion": r["output"], "label": label,
+                        "reward": r["reward"]})
+    return out
+
+
+CSFT_TEMPLATE = "{input} <rm_score>: {reward} "
+
+
+def csft(records, opts=None) -> list[dict]:
+    """Conditional SFT (Wang et al. 2023, XRIGHT's csft): the reward written into the prompt -> SFT records."""
+    template = getattr(opts, "reward_template", None) or CSFT_TEMPLATE
+    if "{input}" not in template or "{reward}" not in template:
+        raise ValueError(f"--reward_template must contain {{input}} and {{reward}}: {template!r}")
+    return [{"id": r["id"], "input": template.replace("{reward}", f"{r['reward']:.2f}").replace("{input}", r["input"]),
+             "output": r["output"], "reward": r["reward"]} for r in records]
+
+
+# name -> (function, the data kind its records are for, the trainer that reads them)
+POST_PROCESSORS = {
+    "rs": (rs, "sft", "train_sft"),
+    "csft": (csft, "sft", "train_sft"),
+    "iter_dpo": (iter_dpo, "pairwise", "train_dpo"),
+    "exo": (exo, "scored", "train_exo --loss exo-rw"),
+    "kto": (kto, "binary", "train_kto"),
+}
+
+
+# ---- the win-rate judge ----------------------------------------------------------------------------
+
+def win_rate(a: list[float], b: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Win rate of A over B on paired scores (ties count half), with a percentile bootstrap interval
+    over prompts, and the mean score difference with its own interval."""
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same positive number of scores for A and B, got {len(a)} and {len(b)}")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    outcome = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    boot_wr, boot_diff = outcome[idx].mean(1), diff[idx].mean(1)
+    return {"n": int(len(a)), "wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum()),
+            "win_rate": float(outcome.mean()), "ci_low": float(np.percentile(boot_wr, lo)),
+            "ci_high": float(np.percentile(boot_wr, hi)), "mean_score_diff": float(diff.mean()),
+            "diff_ci_low": float(np.percentile(boot_diff, lo)), "diff_ci_high": float(np.percentile(boot_diff, hi)),
+            "level": level}
+
+
+def markdown_table(rows: list[dict], baseline: str) -> str:
+    head = (f"| model | win rate vs {baseline} | 95 % CI | W / T / L | mean score diff | mean length (tokens) | "
+            f"{baseline} mean length |\n| --- | --- | --- | --- | --- | --- | --- |\n")
+    return head + "".join(
+        f"| {r['name']} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
+        f"{r['wins']} / {r['ties']} / {r['losses']} | {r['mean_score_diff']:+.3f} | {r['mean_len']:.1f} | "
+        f"{r['baseline_mean_len']:.1f} |\n" for r in rows)
+
+
+def post_process(name: str, records: list[dict], opts=None) -> tuple[list[dict], int]:
+    """``POST_PROCESSORS[name]`` on scored records, after leaving out blank answers (no trainer accepts
+    an empty response); returns the training records and how many answers were left out."""
+    if name not in POST_PROCESSORS:
+        raise ValueError(f"unknown post-processor {name!r}; choose from {sorted(POST_PROCESSORS)}")
+    usable = [r for r in records if r["output"].strip()]
+    return POST_PROCESSORS[name][0](usable, opts), len(records) - len(usable)
