@@ -86,3 +86,22 @@ def test_skip_bad_records_counts_and_trains(tmp_path):
     proc = run_cli("train_sft", [*SMALL, "--dataset", path, "--skip_bad_records", "--save_path", str(tmp_path / "o")],
                    nproc=1)
     assert "1 skipped: bad records" in proc.stdout and "line 3" in proc.stdout
+
+
+def test_scored_records_with_different_k_stop_before_training(tmp_path, capsys):
+    """In-process (world size 1): EXO data whose records have different K stops at load with the file,
+    line and field, instead of crashing at the first mixed micro-batch."""
+    from xright.cli import common, train_exo
+
+    recs = [{"prompt": f"q{i}", "completions": ["a", "b"], "rewards": [1, 0]} for i in range(6)]
+    recs[4] = {"prompt": "q4", "completions": ["a", "b", "c"], "rewards": [1, 0, 2]}
+    path = jsonl(tmp_path / "scored.jsonl", [json.dumps(r) for r in recs])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: train_exo.main(["--loss", "exo-rw", "--dataset", path, *SMALL,
+                                                  "--save_path", str(out)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (f"xright: error: {path} line 5: field 'completions': has K=3 completions but the first record "
+            f"({path} line 1) has K=2") in err, err
+    assert not (out / "model.safetensors").exists()
