@@ -19,5 +19,6 @@ setup(
         "tensorboard": ["tensorboard"],
         "dev": ["pytest", "matplotlib", "tensorboard"],
         "bench": ["trl"],
+        "vllm": ["vllm"],  # batch_inference --eval_task generate_vllm (CUDA GPU only)
     },
 )

@@ -21,7 +21,6 @@ from xright.data.synthetic import preference_records
 from xright.generation import (Sampling, cut_at_eos, encode_prompts, generate, gather_ordered, iter_dpo, kto,
                                plan_batches, rank_batches, read_prompts, rs, csft, exo, post_process, win_rate)
 from xright.models import load_model, load_tokenizer
-from xright.strategy import close_process_group
 
 GEN = ["--eval_task", "generate", "--max_samples", "18", "--max_new_tokens", "20", "--micro_batch_size", "4"]
 
@@ -37,8 +36,7 @@ def infer(tmp_path, name, *args):
     saved = dict(os.environ)
     try:
         batch_inference.main([*args, "--output_path", out])
-    finally:  # leave no process group or RANK/MASTER_PORT behind for the launches of other tests
-        close_process_group()
+    finally:  # leave no RANK/MASTER_PORT behind: a launched run would inherit this process's port
         os.environ.clear()
         os.environ.update(saved)
     return read_jsonl(out)
@@ -195,3 +193,114 @@ def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, tmp_path):
     losses = [r["train/exo-rw/loss"] for r in train_records(out)]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02, losses
+
+
+# ---- post-processors ------------------------------------------------------------------------------------
+
+def scored(prompt_id, prompt, outputs_rewards):
+    return [{"id": f"{prompt_id}#{k}", "prompt_id": prompt_id, "input": prompt, "output": o, "reward": r}
+            for k, (o, r) in enumerate(outputs_rewards)]
+
+
+SCORED = (scored("p1", "what is 1+1?", [("two", 0.5), ("2", 2.0), ("3", -1.0), ("it is 2", 2.0)]) +
+          scored("p2", "reverse 'ab'", [("ba", 1.0), ("ab", 1.0), ("b a", 1.0), ("  ", 5.0)]))
+
+
+def test_post_processors_by_hand():
+    assert rs(SCORED) == [{"id": "p1", "input": "what is 1+1?", "output": "2", "reward": 2.0},
+                          {"id": "p2", "input": "reverse 'ab'", "output": "  ", "reward": 5.0}]
+    usable, blank = post_process("rs", SCORED)
+    assert blank == 1 and usable[1]["output"] == "ba"  # the blank best answer is left out (no trainer takes it)
+    pairs, _ = post_process("iter_dpo", SCORED)
+    # p2's remaining answers tie: best and worst are the same answer, so no pair
+    assert pairs == [{"id": "p1", "prompt": "what is 1+1?", "chosen": "2", "rejected": "3", "chosen_reward": 2.0,
+                      "rejected_reward": -1.0}]
+    groups, _ = post_process("exo", SCORED)
+    assert groups == [{"id": "p1", "prompt": "what is 1+1?", "completions": ["two", "2", "3", "it is 2"],
+                       "rewards": [0.5, 2.0, -1.0, 2.0]}]  # p2 has 3 usable answers, not K = 4
+    median = kto(SCORED[:4])  # median of (-1, 0.5, 2, 2) is 1.25
+    assert [(r["completion"], r["label"]) for r in median] == [("two", False), ("2", True), ("3", False),
+                                                                ("it is 2", True)]
+    assert kto(SCORED[4:7]) == []  # all equal to the median: no preference
+    opts = type("Opts", (), {"kto_threshold": 0.7, "reward_template": None})()
+    assert [r["label"] for r in kto(SCORED[:7], opts)] == [False, True, False, True, True, True, True]
+    assert csft(SCORED[:1])[0]["input"] == "what is 1+1? <rm_score>: 0.50 "
+
+
+def inprocess(main, argv):
+    saved = dict(os.environ)
+    try:
+        return main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_each_post_processors_output_is_read_by_its_trainer(tmp_path):
+    from xright.cli import train_dpo, train_kto, train_sft
+
+    records = []
+    for i, r in enumerate(preference_records(8, 42, "train")):
+        records += scored(r["id"], r["prompt"], [(r["chosen"], 1.0 + i), (r["rejected"], -1.0), (r["rejected"] + "!", 0.0),
+                                                 (r["chosen"] + " Sure.", 0.5)])
+    train = {"rs": train_sft.main, "csft": train_sft.main, "iter_dpo": train_dpo.main, "kto": train_kto.main}
+    for name, main in train.items():
+        path = tmp_path / f"{name}.jsonl"
+        from xright.generation import write_records
+
+        write_records(str(path), post_process(name, records)[0])
+        out = str(tmp_path / f"run_{name}")
+        inprocess(main, ["--dataset", str(path), "--save_path", out, "--zero_stage", "0", "--train_batch_size", "4",
+                         "--micro_train_batch_size", "2", "--max_steps", "2", "--eval_split", "",
+                         "--learning_rate", "1e-4"])
+        steps = train_records(out)
+        assert len(steps) == 2 and all(math.isfinite(s[next(k for k in s if k.endswith("/loss"))]) for s in steps)
+
+
+# ---- the win-rate judge ---------------------------------------------------------------------------------
+
+def test_win_rate_on_synthetic_scores_with_known_answers():
+    # 60 wins, 10 ties, 30 losses: 0.65 exactly, with a mean difference of (60·2 − 30·1)/100 = 0.9
+    a = [2.0] * 60 + [0.0] * 10 + [-1.0] * 30
+    res = win_rate(a, [0.0] * 100, n_boot=4000, seed=1)
+    assert (res["wins"], res["ties"], res["losses"]) == (60, 10, 30)
+    assert res["win_rate"] == pytest.approx(0.65) and res["mean_score_diff"] == pytest.approx(0.9)
+    # a population with P(A beats B) = 0.7: the estimate from 400 prompts and its interval cover 0.7,
+    # and the interval is as wide as the binomial one (2 · 1.96 · √(0.21/400) ≈ 0.090)
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(400, generator=gen)
+    a = b + torch.where(torch.rand(400, generator=gen) < 0.7, 1.0, -1.0)
+    res = win_rate(a.tolist(), b.tolist(), n_boot=4000, seed=2)
+    assert res["ci_low"] < 0.7 < res["ci_high"]
+    assert 0.075 < res["ci_high"] - res["ci_low"] < 0.105
+    assert res["ci_low"] < res["win_rate"] < res["ci_high"]
+
+
+def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path):
+    from xright.cli import eval_winrate
+
+    rm, pairs = rm_run
+    rows = read_jsonl(pairs)
+    for which in ("chosen", "rejected"):
+        with open(tmp_path / f"{which}.jsonl", "w") as f:
+            for r in rows:
+                if r["id"].endswith(which):
+                    f.write(json.dumps({**r, "id": r["prompt_id"]}) + "\n")
+    with open(tmp_path / "short.jsonl", "w") as f:  # the rejected answers of the first half of the prompts
+        f.writelines(line for line in open(tmp_path / "rejected.jsonl").readlines()[:32])
+    out = str(tmp_path / "judge")
+    inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
+                                  "--candidates", f"{tmp_path / 'chosen.jsonl'},{tmp_path / 'rejected.jsonl'}",
+                                  "--names", "hedged,terse", "--output_dir", out])
+    res = json.load(open(os.path.join(out, "winrate.json")))
+    final = [r for r in metrics(rm) if r.get("final")][-1]
+    hedged, terse = res["rows"]
+    assert hedged["win_rate"] == final["eval/rm/acc"] and hedged["n"] == 64
+    assert hedged["mean_score_diff"] == pytest.approx(final["eval/rm/margin"], abs=1e-5)
+    assert (terse["win_rate"], terse["ties"], terse["mean_score_diff"]) == (0.5, 64, 0.0)  # itself: all ties
+    assert hedged["mean_len"] > 3 * hedged["baseline_mean_len"]  # the hedged answers are long: visible
+    table = open(os.path.join(out, "winrate.md")).read()
+    assert table.count("\n") == 4 and "| hedged | 1.000 |" in table
+    with pytest.raises(common.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
+        inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
+                                      "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])

@@ -1,0 +1,163 @@
+"""Win rate of generated answers against a baseline, judged by a reward model: the offline counterpart
+of the paper's AlpacaEval number.
+
+    python -m xright.cli.eval_winrate --reward_pretrain ./ckpt/rm --baseline ref.jsonl \\
+        --candidates exo.jsonl,dpo.jsonl --names exo-rw,iter-dpo --output_dir ./eval
+
+Every file is a generation file (``batch_inference --eval_task generate``: ``prompt_id``, ``input``,
+``output``) with one answer per prompt, for the same prompts. The reward model scores every answer
+(the score ``train_rm`` trains: the last real token); per candidate: the win rate over the baseline with
+ties counted half, a bootstrap interval over prompts, the mean score difference and the mean answer
+lengths in tokens (a judge that likes long answers shows up as a length gap). Writes
+``winrate.json``, ``winrate.md`` (one table) and, with matplotlib, ``winrate.png`` (bars with intervals).
+Under ``deepspeed --num_gpus N`` the scoring is sharded as in ``batch_inference --eval_task rm``.
+"""
+
+import argparse
+import json
+import os
+
+from xright.cli import common
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reward_pretrain", type=str, required=True, help="the judge: a model trained by train_rm")
+    p.add_argument("--baseline", type=str, required=True, help="generation file of the baseline (B)")
+    p.add_argument("--baseline_name", type=str, default=None, help="default: the file's name")
+    p.add_argument("--candidates", type=str, required=True, help="comma-separated generation files (A, …)")
+    p.add_argument("--names", type=str, default=None, help="comma-separated names for --candidates")
+    p.add_argument("--output_dir", type=str, required=True)
+    p.add_argument("--input_key", type=str, default="input")
+    p.add_argument("--output_key", type=str, default="output")
+    p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
+    p.add_argument("--apply_chat_template", action="store_true", default=False)
+    p.add_argument("--max_len", type=int, default=2048)
+    p.add_argument("--micro_batch_size", type=int, default=16)
+    p.add_argument("--n_bootstrap", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--zero_stage", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", default=False)
+    p.add_argument("--flash_attn", action="store_true", default=False)
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p
+
+
+def _name(path: str) -> str:
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def aligned(files: dict, answers: dict) -> list[str]:
+    """The baseline's prompt ids, after checking every file answers exactly those prompts, once each."""
+    order = None
+    for name, recs in answers.items():
+        ids = [r["prompt_id"] for r in recs]
+        dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+        if dup:
+            raise common.UsageError(f"{files[name]}: {len(dup)} prompts have several answers (first {dup[0]!r}); "
+                                    "the judge compares one answer per prompt (generate without --best_of_n)")
+        if order is None:
+            order = ids
+            continue
+        missing, extra = set(order) - set(ids), set(ids) - set(order)
+        if missing or extra:
+            what = f"misses {len(missing)} (first {sorted(missing)[0]!r})" if missing else \
+                f"has {len(extra)} extra (first {sorted(extra)[0]!r})"
+            raise common.UsageError(f"{files[name]} {what} prompts of the baseline {next(iter(files.values()))}: "
+                                    "generate both for the same prompts")
+    return order
+
+
+def plot(rows: list[dict], baseline: str, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows), 3.2))
+    x = range(len(rows))
+    wr = [r["win_rate"] for r in rows]
+    err = [[w - r["ci_low"] for w, r in zip(wr, rows)], [r["ci_high"] - w for w, r in zip(wr, rows)]]
+    ax.bar(x, wr, yerr=err, capsize=4, color="#4c72b0")
+    ax.axhline(0.5, color="grey", lw=1, ls="--")
+    ax.set_xticks(list(x), [r["name"] for r in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate vs {baseline}")
+    ax.set_title("reward-model judge, 95 % bootstrap CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from xright.cli.batch_inference import data_spec
+    from xright.data import DataSpec
+    from xright.generation import markdown_table, read_answers, score, tokenize_answers, win_rate
+    from xright.models import load_for_inference, load_tokenizer
+    from xright.strategy import Strategy, configure_inference
+
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    names = [n.strip() for n in args.names.split(",")] if args.names else [_name(c) for c in candidates]
+    if len(names) != len(candidates):
+        raise common.UsageError(f"{len(candidates)} --candidates but {len(names)} --names")
+    baseline = args.baseline_name or _name(args.baseline)
+    files = {baseline: args.baseline, **dict(zip(names, candidates))}
+    if len(files) != len(candidates) + 1:
+        raise common.UsageError(f"names must differ: {baseline}, {', '.join(names)}")
+    strategy = Strategy(seed=args.seed)
+    configure_inference(strategy, args.zero_stage, args.bf16)
+    tokenizer = load_tokenizer(args.reward_pretrain)
+    base = argparse.Namespace(dataset=None, dataset_probs="1.0", dataset_split="train", max_samples=10**8,
+                              max_len=args.max_len, input_key=args.input_key, output_key=args.output_key,
+                              input_template=args.input_template, apply_chat_template=args.apply_chat_template,
+                              seed=args.seed)
+    spec = data_spec(base)
+    answers = {n: read_answers(DataSpec(**{**spec.__dict__, "dataset": f})) for n, f in files.items()}
+    order = aligned(files, answers)
+    flat = [r for n in files for r in answers[n]]
+    examples, counts = tokenize_answers(flat, tokenizer, spec)
+    if len(examples) != len(flat):
+        raise common.UsageError(f"{len(flat) - len(examples)} answers have a prompt longer than --max_len "
+                                f"{args.max_len}: raise it")
+    model = strategy.prepare_reference(load_for_inference(args.reward_pretrain, task="reward", bf16=args.bf16,
+                                                          flash_attn=args.flash_attn, vocab_size=len(tokenizer)))
+    local = score(model, examples, args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
+                  world_size=strategy.world_size, synced=strategy.zero_stage == 3 and strategy.world_size > 1,
+                  device=strategy.device)
+    scores = {}
+    for part in strategy.all_gather_object(local):
+        scores.update(part)
+    if strategy.is_rank0:
+        by, i = {}, 0
+        for n in files:  # (score, answer length in tokens) per prompt id, per file
+            by[n] = {}
+            for r in answers[n]:
+                by[n][r["prompt_id"]] = (scores[i], len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]))
+                i += 1
+        b = [by[baseline][p][0] for p in order]
+        b_len = sum(by[baseline][p][1] for p in order) / len(order)
+        rows = []
+        for n in names:
+            res = win_rate([by[n][p][0] for p in order], b, args.n_bootstrap, args.seed)
+            rows.append({"name": n, "file": files[n], **res, "mean_score": sum(by[n][p][0] for p in order) / len(order),
+                         "baseline_mean_score": sum(b) / len(b),
+                         "mean_len": sum(by[n][p][1] for p in order) / len(order), "baseline_mean_len": b_len})
+        os.makedirs(args.output_dir, exist_ok=True)
+        table = markdown_table(rows, baseline)
+        with open(os.path.join(args.output_dir, "winrate.json"), "w") as f:
+            json.dump({"baseline": baseline, "baseline_file": args.baseline, "judge": args.reward_pretrain,
+                       "rows": rows}, f, indent=2)
+        with open(os.path.join(args.output_dir, "winrate.md"), "w") as f:
+            f.write(table)
+        drew = plot(rows, baseline, os.path.join(args.output_dir, "winrate.png"))
+        print(table + ("" if drew else "(matplotlib not installed: no chart; pip install 'xright[plot]')\n"), flush=True)
+    strategy.barrier()
+    strategy.release_hf_config()
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
