@@ -304,3 +304,40 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
     with pytest.raises(common.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
         inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
                                       "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])
+
+
+# ---- interactive chat -----------------------------------------------------------------------------------
+
+def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof():
+    from xright.cli import interactive_chat
+    from xright.generation import generate_batch
+    from xright.models import load_for_inference
+
+    turns = ["what is 1+1?", "and 2+2?", "clear", "hi"]
+    proc = subprocess.run([sys.executable, "-m", "xright.cli.interactive_chat", "--greedy_sampling",
+                           "--max_new_tokens", "10"], input="".join(t + "\n" for t in turns), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    body = proc.stdout.split("quits\n", 1)[1]
+    answers = body.split("> ")[1:]
+    assert answers[-1] == "\n"  # EOF: a clean newline and exit
+    assert answers[2] == "(history cleared)\n"
+    # what the streamed answers must be: greedy answers to the conversation so far (cleared before "hi")
+    args = interactive_chat.parser().parse_args(["--greedy_sampling"])
+    tok = load_tokenizer("tiny")
+    model = load_for_inference("tiny", vocab_size=len(tok))
+    history, expected = [], []
+    for user in (turns[0], turns[1], None, turns[3]):
+        if user is None:
+            history = []
+            continue
+        text = interactive_chat.render(history, user, tok, args)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out = generate_batch(model, [ids], Sampling(max_new_tokens=10, greedy=True, repetition_penalty=1.2),
+                             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)  # the chat's defaults
+        expected.append(tok.decode(out[0][0], skip_special_tokens=True))
+        history.append((user, expected[-1]))
+    assert [answers[0], answers[1], answers[3]] == [e + "\n" for e in expected]
+    assert interactive_chat.render(history[:1], "x", tok, args) == (
+        f"User: hi\nAssistant: {expected[2]}\nUser: x\nAssistant: ")
