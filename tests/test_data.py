@@ -833,3 +833,122 @@ def test_blended_copies_get_distinct_ids(tmp_path, tok):
         assert any("~2@" in i for i in ids) and not any("~1@" in i for i in ids)
         if kind == "binary":
             assert any(i.split("@")[0].endswith("#rejected~2") for i in ids)
+
+
+# ------------------------------------------------------------------------------ tokenised data on disk (issue 10.5)
+
+
+def cache_cases(tmp_path):
+    a = write(tmp_path / "a.jsonl", [dict(p, m=-1.0) for p in pairs(30)])
+    b = write(tmp_path / "b.jsonl", [dict(p, m=0.5 * i) for i, p in enumerate(pairs(7, 100))])
+    scored = write(tmp_path / "s.jsonl", [{"prompt": f"q{i}", "completions": ["x" * (i + 1), "y", "z"],
+                                           "rewards": [1.0, 0.5 * i, -1.0]} for i in range(12)])
+    chat = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                      {"role": "assistant", "content": "hello " * i}]}
+                                        for i in range(1, 9)])
+    return [
+        spec(dataset=f"{a},{b}", dataset_probs="1,1", margin_key="m", eval_fraction=0.2, max_len=24),
+        spec("binary", dataset=f"{a},{b}", dataset_probs="2,1", max_len=24),
+        spec("sft", dataset=a, sft_from_chosen=True, eval_split="dummy", truncation="drop", max_len=28),
+        spec("scored", dataset=scored, max_len=22),
+        spec("sft", dataset=chat),
+        spec("sft"),  # built-in data with its eval split
+    ]
+
+
+def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
+    from xright.data.store import ExampleTable
+
+    for i, s in enumerate(cache_cases(tmp_path)):
+        mem_log, disk_log = Log(), Log()
+        want = load_data(s, tok, log=mem_log)
+        s.cache_dir = str(tmp_path / "cache")
+        got = load_data(s, tok, log=disk_log)
+        assert isinstance(got[0], ExampleTable) and type(got[0].ds.data).__name__ == "MemoryMappedTable"
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None), i
+            if w is not None:
+                assert list(g) == w, i  # same dicts: ids, token ids, labels, rewards, margins, max_len
+        assert disk_log[:-1] == mem_log, i  # the same log, then where the tables are
+        assert "tokenised examples written to" in disk_log[-1]
+        # KTO's loader and collate read a table as they read a list
+        if s.kind == "binary":
+            a, b = (CyclingLoader(x, "binary", 4, tok.pad_token_id, seed=3) for x in (want[0], got[0]))
+            for _ in range(len(a) + 2):
+                x, y = next(a), next(b)
+                assert x["ids"] == y["ids"] and all(torch.equal(x[k], y[k]) for k in x if k != "ids")
+            assert a.state_dict() == b.state_dict()
+    view = got[0][2:9][::3]  # slices are views
+    assert isinstance(view, ExampleTable) and list(view) == want[0][2:9][::3]
+
+
+def test_disk_cache_is_reused_and_rebuilt_on_a_change(tmp_path, tok, monkeypatch):
+    from xright.data import records, store
+
+    path = write(tmp_path / "d.jsonl", pairs(20))
+    s = spec(dataset=path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.25)
+    first = load_data(s, tok, log=Log())
+    log = Log()
+    with monkeypatch.context() as m:  # a hit reads no record and tokenises nothing
+        m.setattr(records, "iter_raw", lambda *a, **k: pytest.fail("records read on a cache hit"))
+        m.setattr(store, "to_disk", lambda *a, **k: pytest.fail("tokenised on a cache hit"))
+        again = load_data(s, tok, log=log)
+    assert [list(x) for x in again] == [list(x) for x in first]
+    assert "data train: 15 examples" in log.text() and "memory-mapped from" in log[-1]
+    dirs = lambda: sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())  # noqa: E731
+    assert len(dirs()) == 1
+    for change in (dict(max_len=24), dict(input_template="Q: {}\nA: ")):
+        load_data(spec(dataset=path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.25, **change), tok, log=Log())
+    assert len(dirs()) == 3
+    write(path, pairs(21))  # the file changed: size and mtime
+    rebuilt = load_data(s, tok, log=Log())
+    assert len(rebuilt[0]) + len(rebuilt[1]) == 21 and len(dirs()) == 4
+    # another tokenizer (the SentencePiece-style one) gets its own tables
+    load_data(s, sentencepiece_tokenizer(), log=Log())
+    assert len(dirs()) == 5 and not [p for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]
+
+
+def test_disk_cache_one_builder_while_others_wait(tmp_path, tok, monkeypatch):
+    import threading
+
+    from xright.data import store
+
+    path = write(tmp_path / "d.jsonl", pairs(40))
+    builds = []
+    real = store.to_disk
+
+    def slow_to_disk(*a, **k):
+        builds.append(threading.get_ident())
+        import time
+        time.sleep(0.5)  # the others reach the lock while this one builds
+        return real(*a, **k)
+
+    monkeypatch.setattr(store, "to_disk", slow_to_disk)
+    results, errors = {}, []
+
+    def rank(r):
+        try:
+            results[r] = load_data(spec(dataset=path, cache_dir=str(tmp_path / "cache")), tok, log=Log())[0]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(builds)) == 1  # one thread tokenised; train only (no eval split)
+    assert [list(results[r]) for r in range(3)] == [list(results[0])] * 3 and len(results[0]) == 40
+
+
+def test_disk_cache_keeps_bad_record_errors_and_counts(tmp_path, tok):
+    path = write_lines(tmp_path / "bad.jsonl", pairs(6) + [{"prompt": "a", "chosen": None, "rejected": "c"}])
+    cache = str(tmp_path / "cache")
+    with pytest.raises(DataError, match=r"bad.jsonl line 7: field 'chosen'"):
+        load_data(spec(dataset=path, cache_dir=cache), tok, log=Log())
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-built left
+    for _ in range(2):
+        log = Log()
+        train, _ = load_data(spec(dataset=path, cache_dir=cache, skip_bad_records=True), tok, log=log)
+        assert len(train) == 6 and "data train: 6 examples (0 truncated, 0 dropped: prompt too long, " \
+                                   "1 skipped: bad records)" in log

@@ -108,6 +108,7 @@ class DataSpec:
     skip_bad_records: bool = False
     seed: int = 42
     name: str = "data"
+    cache_dir: str | None = None   # tokenised examples on disk, memory-mapped (xright.data.store)
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -210,6 +211,14 @@ def _token_hash(prompt: list[int], responses: list[list[int]]) -> str:
 
 def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
     """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
+    rows = tokenize_rows(records, tokenizer, spec)
+    status = Counter(s for _, s in rows)
+    return [ex for ex, _ in rows if ex is not None], {k: status[k] for k in ("truncated", "dropped_prompt",
+                                                                             "dropped_long")}
+
+
+def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[dict | None, str]]:
+    """(example or None, status) per record; status "ok", "truncated", "dropped_prompt" or "dropped_long"."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token id")
@@ -222,22 +231,22 @@ def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict]
         groups = [r["completions"] if kind == "scored" else [r["chosen"], r["rejected"]] for r in records]
     prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in records], groups)
     no_source = source_id("")
-    counts = {"truncated": 0, "dropped_prompt": 0, "dropped_long": 0}
-    out = []
+    out: list[tuple[dict | None, str]] = []
     for rec, p, rs in zip(records, prompts, responses):
         rs = [r + [eos] for r in rs]
         if kind == "sft" and spec.pretrain_mode:
             p, rs = [], [p + rs[0]]
         room = spec.max_len - len(p)
+        status = "ok"
         if any(len(r) > room for r in rs):
             if spec.truncation == "drop":
-                counts["dropped_long"] += 1
+                out.append((None, "dropped_long"))
                 continue
             if room < 1:
-                counts["dropped_prompt"] += 1
+                out.append((None, "dropped_prompt"))
                 continue
             rs = [r[:room] for r in rs]
-            counts["truncated"] += 1
+            status = "truncated"
         ex = {"id": f"{rec['id']}@{rec.get('source', no_source)}.{_token_hash(p, rs)}", "prompt_ids": p}
         if kind in ("sft", "binary"):
             ex["response_ids"] = rs[0]
@@ -250,8 +259,8 @@ def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict]
                 ex["rewards"] = [float(x) for x in rec["rewards"]]
             if "margin" in rec:
                 ex["margin"] = float(rec["margin"])
-        out.append(ex)
-    return out, counts
+        out.append((ex, status))
+    return out
 
 
 # ------------------------------------------------------------------------------ sources
@@ -448,9 +457,19 @@ def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[di
 
     See the module docstring for sources, blending, eval selection, tokenisation and truncation.
     Per split it logs ``"<name> train: 1000 examples (12 truncated, 3 dropped: prompt too long,
-    2 skipped: bad records)"``.
+    2 skipped: bad records)"``. With ``spec.cache_dir`` the examples come as memory-mapped
+    :class:`xright.data.store.ExampleTable` s, tokenised once per fingerprint (see that module).
     """
     spec.check()
+    if spec.cache_dir:
+        from . import store
+
+        return store.cached(spec, tokenizer, log, lambda lg, tok: _load(spec, tokenizer, lg, tok))
+    return _load(spec, tokenizer, log, lambda records, split: tokenize(records, tokenizer, spec))
+
+
+def _load(spec: DataSpec, tokenizer, log, tok):
+    """load_data's body; ``tok(records, split) -> (examples, counts)`` tokenises one split."""
     train_stats = eval_stats = None
     eval_recs: list[dict] | None = None
     want_split = spec.eval_fraction <= 0 and spec.eval_split and spec.eval_split != "dummy"
@@ -495,14 +514,14 @@ def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[di
             "also trained on (XRIGHT's behaviour); its losses are optimistic. Use eval_fraction for a disjoint one")
     train_recs = _number_copies(train_recs)
     eval_recs = _number_copies(eval_recs) if eval_recs is not None else None
-    train, counts = tokenize(train_recs, tokenizer, spec)
+    train, counts = tok(train_recs, "train")
     _log_split(spec, "train", len(train), counts, train_stats, log)
     if not train:
         raise _empty_error(spec, where, spec.train_split, train_stats,
                            f"; all {len(train_recs)} examples longer than max_len={spec.max_len} were dropped")
     evaluation = None
     if eval_recs is not None:
-        evaluation, ecounts = tokenize(eval_recs, tokenizer, spec)
+        evaluation, ecounts = tok(eval_recs, "eval")
         _log_split(spec, "eval", len(evaluation), ecounts, eval_stats, log)
         if not evaluation:
             log(f"{spec.name}: eval set empty after filtering: no eval set")

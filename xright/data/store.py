@@ -1,0 +1,248 @@
+"""Tokenised examples on disk: Arrow tables (``datasets``), memory-mapped, cached by a fingerprint.
+
+With ``DataSpec.cache_dir`` set (``--data_cache_dir``), :func:`xright.data.load_data` returns
+:class:`ExampleTable` s instead of lists: read-only sequences of the same example dicts, whose token
+ids live in int32 Arrow columns memory-mapped from ``<cache_dir>/<name>-<fingerprint>/``. Every
+rank maps the same files, so the page cache holds one copy per machine, and no rank keeps Python
+lists of token ids.
+
+Fingerprint (16 hex digits) of: every DataSpec field but ``cache_dir``; each local source file's
+resolved path, size and modification time (a directory: every file under it); a hub source's
+name (a hub dataset that changes under the same name is not detected: clear the cache); the
+tokenizer (its serialised fast tokenizer, else its class, name and vocabulary size; its special
+tokens and chat template); and :data:`FORMAT`, bumped whenever tokenisation or ids change.
+
+Building (first run): the process that takes the lock ``<dir>.lock`` (an ``flock``) reads,
+validates and blends the records as without a cache (same file/line/field errors, same
+``skip_bad_records`` counts), renders the prompts, then tokenises with ``datasets.map`` (batched,
+``num_proc`` = the machine's cores for large sets) into a temporary directory that is renamed into
+place when complete; the others block on the lock meanwhile, then map the result. So on one
+machine, however many ranks start at once, one tokenises. The log lines of the build are stored
+and printed again on every later run, followed by where the tables came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+FORMAT = 1
+META = "meta.json"
+STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
+
+
+def _features(kind: str):
+    from datasets import Features, List, Value
+
+    cols = {"id": Value("string"), "prompt_ids": List(Value("int32")), "responses": List(List(Value("int32")))}
+    if kind == "binary":
+        cols["label"] = Value("bool")
+    if kind in ("pairwise", "scored"):
+        cols["rewards"] = List(Value("float64"))
+        cols["margin"] = Value("float64")
+    return Features(cols)
+
+
+class ExampleTable(Sequence):
+    """The examples of one split, read from a memory-mapped Arrow table; ``table[i]`` is the dict
+    :func:`xright.data.loading.tokenize` would have made. A slice is a view (no copy)."""
+
+    def __init__(self, ds, kind: str, max_len: int, index: range | None = None):
+        self.ds, self.kind, self.max_len = ds, kind, max_len
+        self.index = range(len(ds)) if index is None else index
+
+    @classmethod
+    def open(cls, path: str, kind: str, max_len: int) -> "ExampleTable":
+        import datasets
+
+        return cls(datasets.load_from_disk(path), kind, max_len)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ExampleTable(self.ds, self.kind, self.max_len, self.index[i])
+        row = self.ds[self.index[i]]
+        ex = {"id": row["id"], "prompt_ids": row["prompt_ids"]}
+        if self.kind in ("sft", "binary"):
+            ex["response_ids"] = row["responses"][0]
+            if self.kind == "binary":
+                ex["label"] = row["label"]
+                ex["max_len"] = self.max_len
+        else:
+            ex["responses"] = row["responses"]
+            for key in ("rewards", "margin"):
+                if row.get(key) is not None:
+                    ex[key] = row[key]
+        return ex
+
+    def __repr__(self) -> str:
+        return f"ExampleTable({len(self)} {self.kind} examples from {self.ds.cache_files[0]['filename']})"
+
+
+# ------------------------------------------------------------------------------ fingerprint
+
+
+def _source_files(source: str) -> list:
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    if os.path.isdir(path):
+        out = []
+        for d, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(d, f))
+                out.append([os.path.relpath(os.path.join(d, f), path), st.st_size, st.st_mtime_ns])
+        return [os.path.realpath(path), out]
+    return ["hub", source]
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else \
+        f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    extra = [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None),
+             getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)]
+    return hashlib.blake2b((body + json.dumps(extra, default=str)).encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(spec, tokenizer) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "cache_dir"}
+    sources = [_source_files(s.strip()) for s in str(spec.dataset or "").split(",") if s.strip()]
+    blob = json.dumps({"format": FORMAT, "spec": fields, "sources": sources,
+                       "tokenizer": _tokenizer_identity(tokenizer)}, sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
+    """datasets.map function: rendered prompts and response texts -> token columns and a status."""
+    from .loading import tokenize_rows
+
+    kind, n = spec.kind, len(batch["id"])
+    records = []
+    for i in range(n):
+        texts = batch["texts"][i]
+        r = {"id": batch["id"][i], "source": batch["source"][i], "prompt": batch["prompt"][i], "raw_prompt": True}
+        if kind == "sft":
+            r["response"] = texts[0]
+        elif kind == "binary":
+            r["completion"], r["label"] = texts[0], batch["label"][i]
+        elif kind == "pairwise":
+            r["chosen"], r["rejected"] = texts
+        else:
+            r["completions"] = texts
+        for key in ("rewards", "margin"):
+            if key in batch and batch[key][i] is not None:
+                r[key] = batch[key][i]
+        records.append(r)
+    out = {k: [] for k in _features(kind)}
+    out["status"] = []
+    for ex, status in tokenize_rows(records, tokenizer, spec):
+        out["status"].append(STATUS.index(status))
+        ex = ex or {"id": "", "prompt_ids": [], "response_ids": []}
+        out["id"].append(ex["id"])
+        out["prompt_ids"].append(ex["prompt_ids"])
+        out["responses"].append(ex["responses"] if "responses" in ex else [ex["response_ids"]])
+        if kind == "binary":
+            out["label"].append(bool(ex.get("label", False)))
+        if kind in ("pairwise", "scored"):
+            out["rewards"].append(ex.get("rewards"))
+            out["margin"].append(ex.get("margin"))
+    return out
+
+
+def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTable, dict]:
+    """Tokenise ``records`` (as loading.tokenize) into an Arrow table at ``path``; (table, counts)."""
+    import datasets
+    from datasets import Value
+
+    from .loading import prompt_text
+
+    kind = spec.kind
+    texts = [[r["response"]] if kind == "sft" else [r["completion"]] if kind == "binary"
+             else [r["chosen"], r["rejected"]] if kind == "pairwise" else r["completions"] for r in records]
+    cols = {"id": [r["id"] for r in records], "source": [r.get("source", "") for r in records],
+            "prompt": [prompt_text(r, tokenizer, spec) for r in records], "texts": texts}
+    if kind == "binary":
+        cols["label"] = [r["label"] for r in records]
+    if kind in ("pairwise", "scored"):
+        cols["rewards"] = [r.get("rewards") for r in records]
+        cols["margin"] = [r.get("margin") for r in records]
+    work = path + ".work"
+    os.makedirs(work, exist_ok=True)
+    source = datasets.Dataset.from_dict(cols)
+    del cols, texts
+    features = _features(kind).copy()
+    features["status"] = Value("int8")
+    num_proc = min(os.cpu_count() or 1, len(records) // 4000) or None
+    mapped = source.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=source.column_names,
+                        features=features, fn_kwargs={"tokenizer": tokenizer, "spec": spec}, num_proc=num_proc,
+                        cache_file_name=os.path.join(work, "tokens.arrow"), new_fingerprint=os.path.basename(path),
+                        load_from_cache_file=False)
+    status = Counter(mapped["status"])
+    kept = mapped.filter(lambda s: [x < 2 for x in s], input_columns="status", batched=True,
+                         cache_file_name=os.path.join(work, "kept.arrow"), load_from_cache_file=False)
+    kept.remove_columns("status").save_to_disk(path)
+    del source, mapped, kept
+    shutil.rmtree(work, ignore_errors=True)
+    counts = {name: status.get(i, 0) for i, name in enumerate(STATUS) if name != "ok"}
+    return ExampleTable.open(path, kind, spec.max_len), counts
+
+
+def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | None]:
+    """(train, eval) tables for ``spec`` from its cache directory, built first if absent.
+
+    ``load(log, tok)`` is load_data's reading path with ``tok(records, split) -> (examples, counts)``.
+    """
+    import datasets
+
+    root = os.path.join(spec.cache_dir, f"{spec.name}-{fingerprint(spec, tokenizer)}")
+    os.makedirs(spec.cache_dir, exist_ok=True)
+    built = False
+    with open(root + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not os.path.exists(os.path.join(root, META)):
+            tmp = f"{root}.tmp-{os.getpid()}-{threading.get_ident()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            lines: list[str] = []
+
+            def both(msg):
+                lines.append(str(msg))
+                log(msg)
+
+            bars = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                _, evaluation = load(both, lambda recs, split: to_disk(recs, tokenizer, spec, os.path.join(tmp, split)))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                if bars:
+                    datasets.enable_progress_bars()
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump({"format": FORMAT, "log": lines, "eval": evaluation is not None}, f)
+            os.rename(tmp, root)
+            built = True
+    with open(os.path.join(root, META)) as f:
+        meta = json.load(f)
+    if not built:
+        for line in meta["log"]:
+            log(line)
+    log(f"{spec.name}: tokenised examples {'written to' if built else 'memory-mapped from'} {root}")
+    train = ExampleTable.open(os.path.join(root, "train"), spec.kind, spec.max_len)
+    evaluation = ExampleTable.open(os.path.join(root, "eval"), spec.kind, spec.max_len) if meta["eval"] else None
+    return train, evaluation
