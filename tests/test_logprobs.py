@@ -41,3 +41,29 @@ def test_sequence_logps_counts_only_response_tokens():
 def test_split_choices_k_major():
     values = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])  # K=2, B=3: chosen rows then rejected rows
     assert split_choices(values, 2).tolist() == [[0.0, 10.0], [1.0, 11.0], [2.0, 12.0]]
+
+
+def test_packed_row_gives_the_hand_computed_logps_in_row_order():
+    """The same two rows packed into one: position ids restart, the segment sums are the per-row values
+    computed by hand above, and token_logps comes back in the padded [N, T−1] layout."""
+    from xright.data.collate import pack
+
+    model = load_model("tiny", seed=0, packing=True).eval()
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 10, 256, 256, 256]])
+    padded = {"input_ids": input_ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]),
+              "loss_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)}
+    packed = pack(padded)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 5, 10]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert packed["cu_seqlens"].tolist() == [0, 5, 7] and packed["max_seqlen"] == 5
+    with torch.no_grad():
+        total, n = sequence_logps(model, packed)
+        logits0 = model(input_ids[:1]).logits[0]
+        logits1 = model(input_ids[1:, :2]).logits[0]
+        logps, mask = token_logps(model, packed)
+    lp = lambda logits, pos, tok: torch.log_softmax(logits[pos - 1], -1)[tok].item()  # noqa: E731
+    assert n.tolist() == [3.0, 1.0]
+    assert math.isclose(total[0].item(), lp(logits0, 2, 7) + lp(logits0, 3, 8) + lp(logits0, 4, 9), rel_tol=1e-5)
+    assert math.isclose(total[1].item(), lp(logits1, 1, 10), rel_tol=1e-5)  # not scored from row 0's tokens
+    assert logps.shape == mask.shape == (2, 4) and mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    assert math.isclose(logps[1, 0].item(), lp(logits1, 1, 10), rel_tol=1e-5) and logps[1, 1:].tolist() == [0, 0, 0]

@@ -106,9 +106,45 @@ class LoraSpec:
     target_modules: str | list[str] = "all-linear"
 
 
-def attn_implementation(flash_attn: bool) -> str:
+VARLEN_SDPA = "xright_varlen_sdpa"
+
+
+def register_varlen_attention() -> str:
+    """Register (idempotent) xright's variable-length attention with transformers; return its name.
+
+    A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` kwarg that
+    ``logprobs.model_inputs`` passes to every packed forward. Plain SDPA on a packed row computes the
+    whole L×L product under a block-diagonal mask (measured only 1.16× over padded batches here); this
+    computes Σ Lᵢ². Without ``cu_seq_lens_q`` (padded batches, generation) it is transformers' SDPA
+    with transformers' SDPA mask, unchanged. Its mask function builds no mask when there is no 2-D
+    attention mask, so a packed row never materialises L×L. Sliding-window layers are not windowed
+    on packed rows (GPT-NeoX and Llama have none).
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+        if cu_seq_lens_q is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        bounds = cu_seq_lens_q.tolist()
+        outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+                for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim], as sdpa_attention_forward returns
+
+    def mask(*args, attention_mask=None, **kwargs):
+        return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    AttentionInterface.register(VARLEN_SDPA, attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, mask)
+    return VARLEN_SDPA
+
+
+def attn_implementation(flash_attn: bool, packing: bool = False) -> str:
+    """flash-attention-2 (``--flash_attn``, reads packed rows' cu_seqlens itself), else with
+    ``--packing_samples`` the per-sequence SDPA above, else PyTorch SDPA."""
     if not flash_attn:
-        return "sdpa"
+        return register_varlen_attention() if packing else "sdpa"
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
         raise ModelLoadError(
             "--flash_attn needs the flash-attn package and a CUDA GPU "
@@ -121,8 +157,9 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
                lora: LoraSpec | None = None, gradient_checkpointing: bool = False,
                gradient_checkpointing_use_reentrant: bool = False, load_in_4bit: bool = False,
                trust_remote_code: bool = False, seed: int = 42, vocab_size: int | None = None,
-               trainable: bool = True):
-    """Policy, reference or reward model.
+               trainable: bool = True, packing: bool = False):
+    """Policy, reference or reward model (``packing``: its attention reads packed rows, see
+    :func:`attn_implementation`).
 
     ``task`` is "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
     num_labels=1: a scalar head that HF reads at the last non-pad token). ``tiny`` builds a
@@ -133,7 +170,7 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         raise ValueError(f"unknown task {task!r}")
     dtype = torch.bfloat16 if bf16 else torch.float32
     auto = AutoModelForCausalLM if task == "causal" else AutoModelForSequenceClassification
-    attn = attn_implementation(flash_attn)
+    attn = attn_implementation(flash_attn, packing)
     if pretrain in (None, TINY):
         config = tiny_config(vocab_size or 258)
         config._attn_implementation = attn

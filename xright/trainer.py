@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from xright.data import CyclingLoader, collate
+from xright.data import CyclingLoader
+from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
 
 
@@ -125,7 +126,7 @@ class Trainer:
                 loss = loss + w * value * (W / units[k])
                 for name, v in metrics.items():
                     sums[k][name] = sums[k].get(name, 0.0) + v.detach()
-                tokens += batch["attention_mask"].sum()
+                tokens += num_tokens(batch)
             engine.backward(_poison_nonfinite(loss), scale_wrt_gas=False)
         engine.step()
         return sums, units, tokens
@@ -172,7 +173,7 @@ class Trainer:
                     starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
                 for j, i in enumerate(starts):
                     end = starts[j + 1] if j + 1 < len(starts) else len(mine)
-                    batch = self._to_device(collate(task.objective.kind, mine[i:end], self.args.pad_id))
+                    batch = self._to_device(task.loader.collate(mine[i:end]))  # the training layout
                     _, metrics = task.objective(self.engine, self.reference, batch)
                     units += task.objective.units(batch).to(self.s.device)
                     for m, v in metrics.items():

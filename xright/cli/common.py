@@ -83,7 +83,10 @@ def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="also save the LoRA adapter merged into the base model (save_path/merged)")
     g.add_argument("--aux_loss_coef", type=float, default=0, help=f"MoE auxiliary loss {COMPAT}")
     g.add_argument("--packing_samples", action="store_true", default=False,
-                   help=f"samples are padded, not packed; {COMPAT}")
+                   help="padding-free micro-batches: each micro-batch's sequences in one row (same examples, "
+                        "same loss), with a per-sequence attention (flash-attention-2 with --flash_attn)")
+    g.add_argument("--group_by_length", action="store_true", default=False,
+                   help="micro-batches of similar lengths, in a shuffled order (less padding; resumable exactly)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_epochs", type=int, default=1)
@@ -252,6 +255,9 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
             sp.objective.check_micro_batch(sp.micro_batch_size)
         except ValueError as e:
             raise UsageError(f"{sp.name}: {e}") from None
+    if args.packing_samples and task == "reward":
+        raise UsageError("--packing_samples is not supported for reward models (their score is read at each "
+                         "row's last token of a padded batch); drop it, or use --group_by_length")
     _check_writable(args.save_path)
     strategy = Strategy(seed=args.seed)
     random.seed(args.seed)
@@ -275,7 +281,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     data = {sp.name: load_data(sp.data, tokenizer, log=strategy.print) for sp in specs}
     loaders = {sp.name: CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
                                       tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size,
-                                      seed=args.seed) for sp in specs}
+                                      seed=args.seed, packed=args.packing_samples,
+                                      group_by_length=args.group_by_length) for sp in specs}
     for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
         sp.objective.reduce_mean = lambda t: strategy.all_reduce(t, op="mean")
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
@@ -295,7 +302,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
                        load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                       seed=args.seed, vocab_size=len(tokenizer))
+                       seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples)
     signature = {"world_size": strategy.world_size, "model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
                  "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                  "objectives": sorted(tasks)}
@@ -317,7 +324,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                 return Reference(lora_policy=engine)
             ref = load_model(ref_path or args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
-                             vocab_size=len(tokenizer), trainable=False)
+                             vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples)
             return Reference(model=strategy.prepare_reference(ref))
 
         if _precompute_pays(args, ref_specs, tasks, total, strategy):

@@ -1,8 +1,9 @@
-"""Collation of tokenised examples into padded tensors, and the per-objective cycling loader."""
+"""Collation of tokenised examples into padded or packed tensors, and the per-objective cycling loader."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -24,7 +25,43 @@ def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def collate(kind: str, examples: list[dict], pad_id: int) -> dict:
+def collate(kind: str, examples: list[dict], pad_id: int, packed: bool = False) -> dict:
+    """A micro-batch of tokenised examples -> tensors: right-padded rows, or with ``packed`` one
+    padding-free row (:func:`pack`) holding the same sequences in the same order."""
+    out = _padded(kind, examples, pad_id)
+    return pack(out) if packed else out
+
+
+def pack(batch: dict) -> dict:
+    """A padded micro-batch -> the packed layout: its N sequences concatenated into one row.
+
+    For each prefix ("" and KTO's "kl_"), ``attention_mask`` [N,T] is replaced by ``position_ids``
+    [1,L] (restarting at 0 per sequence), ``cu_seqlens`` [N+1] int32 (sequence n is row tokens
+    cu[n]:cu[n+1]) and ``max_seqlen`` (int = T); ``input_ids`` / ``loss_mask`` become [1,L], L the
+    number of real tokens. A sequence's first token is never scored (in the padded layout the shift
+    drops it; in a packed row it would be "predicted" by the previous sequence), so its loss_mask is
+    False. Every other field (ids, label, rewards, num_choices, margin) is unchanged.
+    """
+    out = dict(batch)
+    for prefix in [k[: -len("attention_mask")] for k in batch if k.endswith("attention_mask")]:
+        real = out.pop(prefix + "attention_mask").bool()
+        lengths = real.sum(1)
+        positions = torch.arange(real.shape[1]).expand_as(real)
+        out[prefix + "input_ids"] = out[prefix + "input_ids"][real].unsqueeze(0)
+        out[prefix + "loss_mask"] = (out[prefix + "loss_mask"] & (positions > 0))[real].unsqueeze(0)
+        out[prefix + "position_ids"] = positions[real].unsqueeze(0)
+        out[prefix + "cu_seqlens"] = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        out[prefix + "max_seqlen"] = int(lengths.max())
+    return out
+
+
+def example_length(example: dict) -> int:
+    """Tokens of an example's longest row (prompt + its longest completion): its padded row length."""
+    responses = example["responses"] if "responses" in example else [example["response_ids"]]
+    return len(example["prompt_ids"]) + max(len(r) for r in responses)
+
+
+def _padded(kind: str, examples: list[dict], pad_id: int) -> dict:
     """A micro-batch of tokenised examples -> tensors (right padding).
 
     sft / binary: ``input_ids`` [B,T] long, ``attention_mask`` [B,T] long, ``loss_mask`` [B,T]
@@ -84,15 +121,26 @@ class CyclingLoader:
     per epoch; rank r takes ``perm[:usable][r::world_size]`` in consecutive micro-batches. At the end
     of an epoch the loader moves on to the next one by itself: ``next()`` never raises StopIteration.
 
+    ``group_by_length``: the epoch's usable prefix is cut into windows of ``group_window`` global
+    micro-batches (world_size × micro_batch_size examples each); each window is sorted by length
+    (longest first, ties in the shuffled order) and cut into global micro-batches, and the order of all
+    the epoch's global micro-batches is then shuffled with the same generator. So a micro-batch holds
+    examples of similar lengths (little padding), the order stays random, every rank still takes
+    ``len(loader)`` micro-batches, and the order is a pure function of (seed, epoch).
+
+    ``packed``: micro-batches come in the packed layout (:func:`pack`) instead of padded rows.
+
     ``epoch`` is the epoch of the last batch drawn and ``position`` the number of micro-batches drawn
-    from it; :meth:`state_dict` / :meth:`load_state_dict` save and restore them exactly.
+    from it; :meth:`state_dict` / :meth:`load_state_dict` save and restore them exactly (resume with
+    the same ``group_by_length``: it changes what a position means).
 
     A loader over fewer than ``world_size * micro_batch_size`` examples is an error. (Evaluation
     does not use loaders: the trainer walks the eval set in a fixed order, see ``Trainer.evaluate``.)
     """
 
     def __init__(self, examples: list[dict], kind: str, micro_batch_size: int, pad_id: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 42, shuffle: bool = True):
+                 world_size: int = 1, seed: int = 42, shuffle: bool = True, packed: bool = False,
+                 group_by_length: bool = False, group_window: int = 64):
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader geometry: micro_batch_size={micro_batch_size}, rank={rank}, "
                              f"world_size={world_size}")
@@ -100,6 +148,8 @@ class CyclingLoader:
             raise ValueError("CyclingLoader needs at least one example")
         self.examples, self.kind, self.mb, self.pad_id = examples, kind, micro_batch_size, pad_id
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.packed, self.group_by_length, self.group_window = packed, group_by_length, group_window
+        self._lengths = [example_length(e) for e in examples] if group_by_length else None
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[int]] | None = None
         self._check_size()
@@ -112,16 +162,31 @@ class CyclingLoader:
                              "use a smaller micro batch size or more data")
 
     def _order(self, epoch: int) -> list[int]:
+        """The epoch's usable examples, in the order of its global micro-batches."""
         n = len(self.examples)
-        if not self.shuffle:
-            return list(range(n))
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        order = order[: len(self) * self.world_size * self.mb]
+        return self._grouped(order, g) if self.group_by_length else order
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        step = self.world_size * self.mb
+        window = step * self.group_window
+        batches = []
+        for w in range(0, len(order), window):
+            part = sorted(order[w:w + window], key=lambda i: -self._lengths[i])  # stable
+            batches += [part[j:j + step] for j in range(0, len(part), step)]
+        shuffled = torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches))
+        return [i for b in shuffled for i in batches[b]]
 
     def _rank_indices(self, epoch: int) -> list[int]:
         if self._cache is None or self._cache[0] != epoch:
-            usable = len(self) * self.world_size * self.mb
-            self._cache = (epoch, self._order(epoch)[:usable][self.rank::self.world_size])
+            self._cache = (epoch, self._order(epoch)[self.rank::self.world_size])
         return self._cache[1]
+
+    def collate(self, examples: list[dict]) -> dict:
+        """A micro-batch of these examples in this loader's layout (the trainer's eval batches)."""
+        return collate(self.kind, examples, self.pad_id, packed=self.packed)
 
     def __len__(self) -> int:
         self._check_size()
@@ -136,7 +201,7 @@ class CyclingLoader:
             self.position = 0
         idx = self._rank_indices(self.epoch)[self.position * self.mb:(self.position + 1) * self.mb]
         self.position += 1
-        return collate(self.kind, [self.examples[i] for i in idx], self.pad_id)
+        return self.collate([self.examples[i] for i in idx])
 
     next = __next__
 
