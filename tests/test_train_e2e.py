@@ -5,6 +5,7 @@ Each run trains on fixed data; the loss must go down, and the saved HF model, re
 (computed by the run under DeepSpeed) — so the save gathers the right weights.
 """
 
+import math
 import os
 import re
 
@@ -13,8 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch import SHARED_DATA, final_eval, metrics, run_cli, train_records
-from xright.data import DataSpec, collate, load_data
-from xright.models import load_model
+from xright.data import CyclingLoader, DataSpec, collate, load_data
+from xright.logprobs import sequence_logps, split_choices
+from xright.models import load_model, load_tokenizer
 from xright.objectives import SFT, Pairwise, Reference
 
 COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learning_rate", "3e-3",
@@ -43,16 +45,30 @@ def first_last(save_path, name):
     return sum(losses[:4]) / 4, sum(losses[-4:]) / 4
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """get(module, zero, lora, nproc) -> (save_path, process): each configuration runs once per module, so
+    the tests that read the same run (reload, 2 ranks = 1 process) cost one launch."""
+    runs = {}
+
+    def get(module, zero, lora=False, nproc=2):
+        key = (module, zero, lora, nproc)
+        if key not in runs:
+            out = str(tmp_path_factory.mktemp(f"{module}_z{zero}{'_lora' if lora else ''}_n{nproc}"))
+            extra = ["--lora_rank", "8", "--lora_alpha", "16", "--merge_lora"] if lora else []
+            runs[key] = out, run_cli(module, ["--zero_stage", zero, "--save_path", out, *COMMON, *extra], nproc=nproc)
+        return runs[key]
+    return get
+
+
 @pytest.mark.parametrize("module,name,zero,lora", [
     ("train_sft", "sft", "2", False), ("train_sft", "sft", "3", True),
     ("train_sft", "sft", "3", False), ("train_sft", "sft", "2", True),
     ("train_dpo", "dpo", "2", False), ("train_dpo", "dpo", "3", True),
     ("train_dpo", "dpo", "3", False), ("train_dpo", "dpo", "2", True),
 ])
-def test_two_ranks_train_save_reload(tmp_path, module, name, zero, lora):
-    out = str(tmp_path / "run")
-    extra = ["--lora_rank", "8", "--lora_alpha", "16", "--merge_lora"] if lora else []
-    run_cli(module, ["--zero_stage", zero, "--save_path", out, *COMMON, *extra])
+def test_two_ranks_train_save_reload(launched, module, name, zero, lora):
+    out, _ = launched(module, zero, lora)
     first, last = first_last(out, name)
     assert last < first - 0.05, (first, last)
     start = [r for r in metrics(out) if r.get("step") == 0][0][f"eval/{name}/loss"]
@@ -66,9 +82,8 @@ def test_two_ranks_train_save_reload(tmp_path, module, name, zero, lora):
     assert eval_loss(model_dir, kind, objective) == pytest.approx(final, rel=1e-4, abs=1e-5)
 
 
-def test_single_process_sft_matches_reload(tmp_path):
-    out = str(tmp_path / "run")
-    proc = run_cli("train_sft", ["--zero_stage", "2", "--save_path", out, *COMMON], nproc=1)
+def test_single_process_sft_matches_reload(launched):
+    out, proc = launched("train_sft", "2", nproc=1)
     assert "world size 1" in proc.stdout
     first, last = first_last(out, "sft")
     assert last < first - 0.05
@@ -80,6 +95,58 @@ def test_sft_pref_masks_prompt_and_trains(tmp_path):
     run_cli("train_sft_pref", ["--zero_stage", "2", "--save_path", out, *COMMON, "--micro_train_batch_size", "2"])
     first, last = first_last(out, "sft")
     assert last < first - 0.05
+    # the loss is the NLL of the chosen responses only: the initial model's value (step-0 eval) and the saved
+    # model's (final eval), recomputed here with the prompt masked, and far from the unmasked value
+    tok = load_tokenizer("tiny")
+    _, ev = load_data(DataSpec(kind="sft", sft_from_chosen=True, max_samples=32), tok, log=lambda *a: None)
+    assert all(e["prompt_ids"] and e["response_ids"] for e in ev)
+    start = [r for r in metrics(out) if r.get("step") == 0][0]["eval/sft/loss"]
+    for model, logged in ((load_model("tiny", seed=42), start),
+                          (AutoModelForCausalLM.from_pretrained(out), final_eval(out)["eval/sft/loss"])):
+        batch = collate("sft", ev, tok.pad_token_id)
+        with torch.no_grad():
+            masked = -sequence_logps(model.eval(), batch)[0].sum() / batch["loss_mask"][:, 1:].sum()
+            whole = -sequence_logps(model, {**batch, "loss_mask": batch["attention_mask"]})[0].sum() / \
+                batch["attention_mask"][:, 1:].sum()
+        assert logged == pytest.approx(float(masked), rel=1e-4)
+        assert abs(float(whole) - float(masked)) > 0.1
+
+
+# ---- 2 ranks = 1 process ------------------------------------------------------------------------------
+
+def rank_batches(examples, micro, world, accum, steps, seed=42):
+    """The example ids each optimizer step sees over all ranks, from the loaders the CLIs build."""
+    loaders = [CyclingLoader(examples, "sft", micro, 0, rank=r, world_size=world, seed=seed) for r in range(world)]
+    return [sorted(i for ld in loaders for _ in range(accum) for i in ld.next()["ids"]) for _ in range(steps)]
+
+
+def test_two_ranks_see_the_one_process_examples_every_step():
+    # the geometry of the runs below: 32 examples, micro 2, global 8 (2 ranks × accum 2 vs 1 process × accum 4)
+    examples = [{"id": f"e{i}", "prompt_ids": [1], "response_ids": [2]} for i in range(32)]
+    two, one = rank_batches(examples, 2, 2, 2, 16), rank_batches(examples, 2, 1, 4, 16)
+    assert two == one
+    assert len({tuple(s) for s in two[:4]}) == 4 and sorted(i for s in two[:4] for i in s) == sorted(
+        e["id"] for e in examples)  # each epoch covers the data once, in a new order
+    assert two[:4] != two[4:8]
+
+
+@pytest.mark.parametrize("module,name", [("train_sft", "sft"), ("train_dpo", "dpo")])
+def test_two_ranks_equal_one_process(launched, module, name):
+    """Per-step training losses and the eval losses of 2-rank ZeRO-2 and ZeRO-3 runs equal a one-process run on
+    the same global batches (fp32: only summation order differs)."""
+    one = metrics(launched(module, "2", nproc=1)[0])
+    for zero in ("2", "3"):
+        two = metrics(launched(module, zero)[0])
+        steps = [r for r in two if "objectives" in r]
+        assert len(steps) == 16
+        assert [r[f"train/{name}/loss"] for r in steps] == pytest.approx(
+            [r[f"train/{name}/loss"] for r in one if "objectives" in r], rel=2e-5, abs=1e-6), zero
+        evals = lambda rows: [(r["step"], r[f"eval/{name}/loss"]) for r in rows if f"eval/{name}/loss" in r]  # noqa
+        assert [s for s, _ in evals(two)] == [s for s, _ in evals(one)] == [0, 16]
+        assert [v for _, v in evals(two)] == pytest.approx([v for _, v in evals(one)], rel=2e-5, abs=1e-6), zero
+        assert [r[f"train/{name}/logp_chosen" if name == "dpo" else "tokens"] for r in steps] == pytest.approx(
+            [r[f"train/{name}/logp_chosen" if name == "dpo" else "tokens"] for r in one if "objectives" in r],
+            rel=2e-5)
 
 
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
@@ -98,3 +165,19 @@ def test_dpo_on_hh_zero3(tmp_path):
     recs = train_records(out)
     assert len(recs) == kept // 8 and all(r["objectives"] == ["dpo"] for r in recs)
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+    # step 1 in numbers: the policy is still its reference, so the loss is log 2 and the chosen log-probs
+    # are the initial model's on the step's 8 HH pairs (both ranks' micro-batches, parsed and tokenised here)
+    tok = load_tokenizer("tiny")
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=HH, max_samples=64, max_len=512), tok, log=lambda *a: None)
+    assert len(train) == kept
+    loaders = [CyclingLoader(train, "pairwise", 4, tok.pad_token_id, rank=r, world_size=2) for r in range(2)]
+    model = load_model("tiny", seed=42).eval()
+    with torch.no_grad():
+        chosen = torch.cat([split_choices(sequence_logps(model, ld.next())[0], 2)[:, 0] for ld in loaders])
+    assert recs[0]["train/dpo/loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert recs[0]["train/dpo/logp_chosen"] == pytest.approx(float(chosen.mean()), rel=1e-4)
+    final = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():  # and the saved model is the trained one: it prefers the chosen answers more
+        batch = collate("pairwise", train[:16], tok.pad_token_id)
+        pi, ref = (split_choices(sequence_logps(m, batch)[0], 2) for m in (final, model))
+    assert float(((pi[:, 0] - pi[:, 1]) - (ref[:, 0] - ref[:, 1])).mean()) > 0
