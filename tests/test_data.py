@@ -952,3 +952,18 @@ def test_disk_cache_keeps_bad_record_errors_and_counts(tmp_path, tok):
         train, _ = load_data(spec(dataset=path, cache_dir=cache, skip_bad_records=True), tok, log=log)
         assert len(train) == 6 and "data train: 6 examples (0 truncated, 0 dropped: prompt too long, " \
                                    "1 skipped: bad records)" in log
+
+
+def test_data_cache_dir_flag_in_process(tmp_path, capsys):
+    """--data_cache_dir through a CLI (in process, world size 1): the second run maps the first run's tables."""
+    from xright.cli import train_sft
+
+    data = write(tmp_path / "s.jsonl", [{"input": f"{i}+1", "output": str(i + 1)} for i in range(8)])
+    argv = ["--dataset", data, "--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "1", "--zero_stage", "0",
+            "--train_batch_size", "2", "--micro_train_batch_size", "2", "--eval_split", ""]
+    outs = []
+    for run in ("a", "b"):
+        train_sft.main([*argv, "--save_path", str(tmp_path / run)])
+        outs.append(capsys.readouterr().out)
+    assert "tokenised examples written to" in outs[0] and "memory-mapped from" in outs[1]
+    assert "sft train: 8 examples (0 truncated" in outs[1]  # the first run's counts, replayed

@@ -140,6 +140,9 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
     g.add_argument("--apply_chat_template", action="store_true", default=False)
     g.add_argument("--tokenizer_chat_template", type=str, default=None)
     g.add_argument("--pretrain_mode", action="store_true", default=False, help="SFT without prompt masking")
+    g.add_argument("--data_cache_dir", type=str, default=None,
+                   help="tokenise once into memory-mapped Arrow tables under this directory, reused while the "
+                        "files, tokenizer and data flags are unchanged (one process builds, the others wait)")
 
 
 def add_pref_flags(p: argparse.ArgumentParser, rlhf_aliases: bool = False) -> None:
@@ -199,7 +202,8 @@ def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
         completion_key=args.completion_key, label_key=args.label_key, completions_key=args.completions_key,
         rewards_key=args.rewards_key, margin_key=args.margin_key, input_template=args.input_template,
         apply_chat_template=args.apply_chat_template, pretrain_mode=args.pretrain_mode,
-        skip_bad_records=args.skip_bad_records, seed=args.seed, name=name, **extra)
+        skip_bad_records=args.skip_bad_records, seed=args.seed, name=name,
+        cache_dir=getattr(args, "data_cache_dir", None), **extra)
 
 
 def safe_config(args) -> dict:
