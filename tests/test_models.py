@@ -105,3 +105,41 @@ def test_lora_target_modules_as_argparse_gives_them(tmp_path, arch, targets):
         adapted = {n.split(".")[-4] for n in lora_a}  # …layers.0.attention.query_key_value.lora_A.default.weight
         assert adapted == (linear if targets == "all-linear" else set(names[targets])), value
         assert len(lora_a) == model.config.num_hidden_layers * len(adapted)  # every layer, not only the first
+
+
+def test_several_eos_ids_and_no_pad_load(tmp_path):
+    # Llama-3.x-Instruct: eos_token_id is a list and there is no pad id; transformers 5 refuses a list pad id
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=[61, 63],
+                         pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).config.pad_token_id == 61  # the first eos id
+    assert load_model(str(tmp_path), pad_token_id=62).config.pad_token_id == 62  # the tokenizer's, when given
+    reward = load_model(str(tmp_path), task="reward", pad_token_id=62, trainable=False)
+    assert reward.config.pad_token_id == 62 and reward.config.eos_token_id == [61, 63]
+
+
+def test_merge_lora_uses_the_runs_seed(tmp_path):
+    # the built-in tiny base is built from --seed: the merged model must be that base + the adapter
+    from peft import PeftModel
+
+    from launch import run_cli
+
+    out = tmp_path / "lora"
+    run_cli("train_sft", ["--save_path", str(out), "--ckpt_path", str(out / "ckpt"), "--seed", "7", "--lora_rank", "4",
+                          "--lora_alpha", "8", "--merge_lora", "--max_steps", "2", "--train_batch_size", "4",
+                          "--micro_train_batch_size", "2", "--learning_rate", "1e-2", "--max_samples", "16"], nproc=1)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([[5, 77, 120, 31, 9, 200]])
+
+    def adapted_logits(seed):
+        base = load_model("tiny", seed=seed, trainable=False, vocab_size=merged.config.vocab_size)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
+
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits
+    torch.testing.assert_close(logits, adapted_logits(7), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, adapted_logits(42), atol=1e-2)  # another base: the seed matters

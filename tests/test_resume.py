@@ -5,11 +5,13 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 
 from launch import ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, run_cli, train_records
 
@@ -78,6 +80,10 @@ def test_sigkill_then_resume_is_exact(tmp_path, case, zero):
     assert "resumed from" in proc.stdout
     assert trajectory(str(tmp_path / "cut")) == trajectory(str(tmp_path / "ref"))
     assert len(trajectory(str(tmp_path / "ref"))) == STEPS
+    # each rank saved its own RNG, accelerator included, and the ranks' torch seeds differ (dropout masks)
+    ckpt = tmp_path / "cut" / "ckpt"
+    ranks = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "xright_state.json").read_text())["ranks"]
+    assert len(ranks) == 2 and all("accelerator" in r for r in ranks) and ranks[0]["torch"] != ranks[1]["torch"]
 
 
 def test_sigterm_saves_and_resumes_exactly(tmp_path):
@@ -164,6 +170,13 @@ def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):
     assert proc.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in proc.stderr
     proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
     assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
+    # another micro batch or other data would silently give the saved loader position another meaning
+    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--micro_train_batch_size", "1"], nproc=1, check=False)
+    assert proc.returncode == 2 and ("has batches={'sft': {'micro': 2, 'accumulation': 2}} but this run has "
+                                     "batches={'sft': {'micro': 1, 'accumulation': 4}}") in proc.stderr, proc.stderr
+    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--max_samples", "40"], nproc=1, check=False)
+    assert proc.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
+                                              r"data=\{'sft': '40 examples, ids sha256 \w+'\}", proc.stderr), proc.stderr
 
 
 def test_prune_keeps_the_newest(tmp_path):
@@ -178,3 +191,100 @@ def test_prune_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step6", "global_step8"]
     _prune(str(tmp_path), keep="global_step8", max_num=5, max_gb=1500 / 2**30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step8"]
+
+
+# ---- checkpoint files and RNG, in one process (a stand-in engine and accelerator) ---------------------------
+
+class _Accelerator:
+    """Stands in for DeepSpeed's accelerator with a generator of its own (a GPU's RNG)."""
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(0)
+
+    def get_rng_state(self):
+        return self.gen.get_state()
+
+    def set_rng_state(self, state):
+        self.gen.set_state(state)
+
+    def manual_seed(self, seed):
+        self.gen.manual_seed(seed)
+
+    manual_seed_all = manual_seed
+
+
+class _Engine:
+    def __init__(self):
+        self.saved = []
+
+    def save_checkpoint(self, ckpt_dir, tag, save_latest):
+        os.makedirs(os.path.join(ckpt_dir, tag))
+        with open(os.path.join(ckpt_dir, tag, "weights"), "w") as f:
+            f.write(tag)
+        self.saved.append(tag)
+
+    def load_checkpoint(self, ckpt_dir, tag, **kwargs):
+        return os.path.join(ckpt_dir, tag), {}
+
+
+def _strategy(monkeypatch, rank=0, seed=42):
+    from xright import strategy as S
+
+    accel = _Accelerator()
+    monkeypatch.setattr(S, "get_accelerator", lambda: accel)
+    s = S.Strategy.__new__(S.Strategy)
+    s.rank, s.world_size, s.seed, s._last_checkpoint = rank, 1, seed, None
+    return s, accel
+
+
+def test_checkpoint_saves_and_restores_the_accelerator_rng(tmp_path, monkeypatch):
+    s, accel = _strategy(monkeypatch)
+    torch.rand(3, generator=accel.gen)
+    at_save = accel.get_rng_state().clone()
+    s.save_checkpoint(_Engine(), str(tmp_path), 3, {"step": 3}, {"torch": "cpu state"})
+    torch.rand(5, generator=accel.gen)  # the run goes on: dropout on the GPU
+    state = s.load_checkpoint(_Engine(), str(tmp_path), {})
+    assert torch.equal(accel.get_rng_state(), at_save)
+    assert state["ranks"][0]["torch"] == "cpu state" and state["ranks"][0]["accelerator"] == at_save.tolist()
+
+
+def test_each_rank_gets_its_own_seed_for_dropout(monkeypatch):
+    draws = {}
+    for rank in (0, 1, 0):
+        s, accel = _strategy(monkeypatch, rank=rank, seed=5)
+        s.seed_rank()
+        draws.setdefault(rank, []).append((torch.rand(4), torch.rand(4, generator=accel.gen)))
+    (cpu0, acc0), (cpu0b, acc0b) = draws[0]
+    (cpu1, acc1), = draws[1]
+    assert torch.equal(cpu0, cpu0b) and torch.equal(acc0, acc0b)  # reproducible per rank
+    assert not torch.equal(cpu0, cpu1) and not torch.equal(acc0, acc1)  # different across ranks
+
+
+def test_saving_the_same_step_again_never_removes_the_latest_checkpoint(tmp_path, monkeypatch):
+    # SIGTERM right after a scheduled save saves the same step again; a SIGKILL may come at any moment of it
+    from xright import strategy as S
+
+    s, _ = _strategy(monkeypatch)
+    engine, ckpt = _Engine(), str(tmp_path)
+    s.save_checkpoint(engine, ckpt, 4, {"step": 4}, {})
+    rmtree = S.shutil.rmtree
+
+    def killed_after_removing(path, *a, **k):
+        rmtree(path, *a, **k)
+        if os.path.basename(path) == "global_step4":
+            raise KeyboardInterrupt("SIGKILL")
+
+    monkeypatch.setattr(S.shutil, "rmtree", killed_after_removing)
+    try:
+        s.save_checkpoint(engine, ckpt, 4, {"step": 4}, {})
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(S.shutil, "rmtree", rmtree)
+    assert s.load_checkpoint(_Engine(), ckpt, {})["step"] == 4
+    assert engine.saved == [".tmp-global_step4"]  # the identical second save was skipped, not rewritten
+    s.save_checkpoint(engine, ckpt, 8, {"step": 8}, {})
+    assert s.load_checkpoint(_Engine(), ckpt, {})["step"] == 8
+    # another state at the same step (a new run in an old --ckpt_path) replaces it, leaving nothing behind
+    s.save_checkpoint(engine, ckpt, 8, {"step": 8, "run": 2}, {})
+    assert s.load_checkpoint(_Engine(), ckpt, {})["run"] == 2
+    assert sorted(os.listdir(ckpt)) == ["global_step4", "global_step8", "latest"]

@@ -245,3 +245,68 @@ def test_eval_set_smaller_than_the_world_is_skipped_not_divided_by_zero(setup):
     assert trainer.evaluate() == {}
     trainer.s = FakeStrategy()
     assert set(trainer.evaluate()) >= {"eval/sft/loss"}
+
+
+def test_kto_eval_share_of_one_example_is_skipped_with_a_warning(setup):
+    # --eval_split dummy on a small set: 2 eval examples on 2 ranks leave each rank one, and KTO's KL
+    # estimate needs two examples per batch (min_micro_batch)
+    from xright.objectives import KTO
+
+    tok, _, _, model, ref = setup
+    binary, _ = load_data(DataSpec(kind="binary", max_samples=20), tok, log=lambda *a: None)
+    printed = []
+    two = type("TwoRanks", (FakeStrategy,), {"world_size": 2, "print": lambda self, *a, **k: printed.append(a[0])})()
+    for n_eval, evaluated in ((2, False), (3, False), (4, True)):
+        task = Task(KTO(), CyclingLoader(binary, "binary", 2, tok.pad_token_id, seed=1), binary[:n_eval], 2, 1)
+        printed.clear()
+        trainer = Trainer(two, RecordingEngine(model), ref, {"kto": task}, Mix({"kto": 1.0}),
+                          TrainArgs(total_steps=1, save_path="/tmp/unused", eval_at_start=False), NullLogger())
+        ev = trainer.evaluate()
+        assert ("eval/kto/loss" in ev) == evaluated
+        warned = [p for p in printed if p.startswith("warning: kto:")]
+        assert warned == ([] if evaluated else [
+            f"warning: kto: {n_eval} eval examples give each of the 2 ranks 1, fewer than the 2 a kto batch needs: "
+            "kto is not evaluated"])
+
+
+def test_tokens_count_every_step_between_log_records(setup):
+    # logging every 3 steps: each record's tokens are those of the 3 steps since the last record
+    trainer, engine, tasks = make(setup, Mix({"sft": 1.0}), accum=(2, 1), steps=7)
+    trainer.args.logging_steps = 3
+    copy = CyclingLoader(tasks["sft"].loader.examples, "sft", 2, tasks["sft"].loader.pad_id, seed=1)
+    per_step = [sum(int(copy.next()["attention_mask"].sum()) for _ in range(2)) for _ in range(7)]
+    with torch.no_grad():
+        trainer.fit()
+    logged = {r["step"]: r["tokens"] for r in trainer.logger.records if "tokens" in r}
+    assert logged == {3: sum(per_step[:3]), 6: sum(per_step[3:6]), 7: per_step[6]}
+    assert len(set(per_step)) > 1  # the steps differ, so a count of one step per record would be caught
+
+
+def test_maxright_probes_draw_no_training_batch(setup):
+    # every refresh probes each objective; the training steps must still consume each loader's exact
+    # sequence of batches, with nothing drawn and thrown away in between
+    sched = Maxright({"sft": 0.5, "dpo": 0.5}, {"sft": 4.9, "dpo": 0.0}, seed=0, refresh_every=3)
+    trainer, engine, tasks = make(setup, sched, accum=(2, 1), steps=12)
+    consumed = {"sft": [], "dpo": []}
+    step = trainer.train_step
+
+    def recording_step(plan):
+        out = step(plan)
+        for k, ids in trainer._last_ids.items():
+            consumed[k].append(ids)
+        return out
+
+    trainer.train_step = recording_step
+    with torch.no_grad():
+        trainer.fit()
+    refreshes = [r["step"] for r in trainer.logger.records if "refresh/sft" in r]
+    assert refreshes == [1, 4, 7, 10]
+    for k, t in tasks.items():
+        copy = CyclingLoader(t.loader.examples, t.loader.kind, t.loader.mb, t.loader.pad_id, seed=1)
+        expected = [[i for _ in range(t.grad_accum) for i in copy.next()["ids"]] for _ in consumed[k]]
+        assert consumed[k] == expected, k
+        assert t.loader.epoch * len(t.loader) + t.loader.position == len(consumed[k]) * t.grad_accum
+    assert consumed["sft"] and consumed["dpo"]
+    # the probes' own position is part of the resumable state
+    probes = trainer.state_dict()["probe_loaders"]
+    assert {k: v["epoch"] * len(tasks[k].loader) + v["position"] for k, v in probes.items()} == {"sft": 4, "dpo": 4}

@@ -157,14 +157,15 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
                lora: LoraSpec | None = None, gradient_checkpointing: bool = False,
                gradient_checkpointing_use_reentrant: bool = False, load_in_4bit: bool = False,
                trust_remote_code: bool = False, seed: int = 42, vocab_size: int | None = None,
-               trainable: bool = True, packing: bool = False):
+               trainable: bool = True, packing: bool = False, pad_token_id: int | None = None):
     """Policy, reference or reward model (``packing``: its attention reads packed rows, see
     :func:`attn_implementation`).
 
     ``task`` is "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
     num_labels=1: a scalar head that HF reads at the last non-pad token). ``tiny`` builds a
     GPT-NeoX from :func:`tiny_config` with weights seeded by ``seed`` so that every rank (and the
-    reference) starts from the same tensors.
+    reference) starts from the same tensors. A config without a pad id gets ``pad_token_id`` (the
+    tokenizer's, which pads the batches), else its first eos id.
     """
     if task not in ("causal", "reward"):
         raise ValueError(f"unknown task {task!r}")
@@ -193,7 +194,10 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {pretrain!r}: {e}") from e
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+        eos = model.config.eos_token_id
+        # Llama-3.x-Instruct lists several eos ids; transformers 5 refuses a list as the pad id
+        first_eos = eos[0] if isinstance(eos, list) else eos
+        model.config.pad_token_id = pad_token_id if pad_token_id is not None else first_eos
     if not trainable:
         model.eval().requires_grad_(False)
         return model
@@ -252,12 +256,14 @@ def adapters_disabled(model):
     return model.disable_adapter()
 
 
-def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, tokenizer, seed: int = 42,
+def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, tokenizer, *, seed: int,
                         task: str = "causal") -> None:
-    """``--merge_lora``: base model + the saved adapter, merged and saved in HF format."""
+    """``--merge_lora``: base model + the saved adapter, merged and saved in HF format. ``seed`` is the
+    run's: the built-in tiny base is built from it (no default, so no caller can silently get another base)."""
     from peft import PeftModel
 
-    base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False)
+    base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False,
+                      pad_token_id=tokenizer.pad_token_id)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

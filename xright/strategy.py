@@ -332,17 +332,42 @@ class Strategy:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
 
+    # ---- randomness ----------------------------------------------------------------------
+
+    def seed_rank(self) -> None:
+        """Give each rank its own torch seed (CPU and accelerator) once the models are built.
+
+        The models were initialised under the shared ``--seed`` and must stay identical on every
+        rank; from here on the ranks see different data, so their dropout masks must differ too.
+        (Data order and schedule run from generators of their own.) Rank 0 keeps the run's seed.
+        """
+        seed = self.seed + 1_000_003 * self.rank
+        torch.manual_seed(seed)
+        get_accelerator().manual_seed_all(seed)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    _last_checkpoint: tuple[str, str] | None = None  # (tag, xright state) of this process's last save
+
     def save_checkpoint(self, engine, ckpt_dir: str, step: int, state: dict, rank_state: dict,
                         max_num: int = 3, max_gb: float = 1000.0) -> str:
         """A resumable checkpoint, atomically: a crash at any moment leaves the previous one loadable.
 
         DeepSpeed writes engine state (weights, optimizer, LR schedule) under a temporary tag; rank 0
-        adds ``xright_state.json`` (``state`` + every rank's ``rank_state``), renames the directory
-        into place and only then rewrites the ``latest`` pointer. Old checkpoints beyond
-        ``max_num`` or ``max_gb`` are removed afterwards.
+        adds ``xright_state.json`` (``state`` + every rank's ``rank_state`` with its accelerator RNG),
+        renames the directory into place and only then rewrites the ``latest`` pointer. Old
+        checkpoints beyond ``max_num`` or ``max_gb`` are removed afterwards.
+
+        Saving again what this process just saved (SIGTERM right after a scheduled save) is skipped:
+        rewriting it would remove the checkpoint ``latest`` points to. The decision is the same on every
+        rank, as ``state`` is.
         """
         tag = f"global_step{step}"
         tmp_tag = f".tmp-{tag}"
+        saving = (tag, json.dumps(state, sort_keys=True))
+        if saving == self._last_checkpoint:
+            return tag
+        rank_state = {**rank_state, "accelerator": get_accelerator().get_rng_state().tolist()}
         if self.is_rank0:
             os.makedirs(ckpt_dir, exist_ok=True)
             shutil.rmtree(os.path.join(ckpt_dir, tmp_tag), ignore_errors=True)
@@ -356,12 +381,16 @@ class Strategy:
             tmp = os.path.join(ckpt_dir, tmp_tag)
             atomic_write_json(os.path.join(tmp, "xright_state.json"), {**state, "ranks": ranks})
             final = os.path.join(ckpt_dir, tag)
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            old = f"{tmp}.old"  # a ".tmp-global_step" name: _prune removes it if we die before we do
+            if os.path.exists(final):  # another run's (or another state's) checkpoint of this step
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)  # two renames, not a removal, between the old and the new one
             os.replace(tmp, final)
             _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+            shutil.rmtree(old, ignore_errors=True)
             _prune(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
         self.barrier()
+        self._last_checkpoint = saving
         return tag
 
     def load_checkpoint(self, engine, ckpt_dir: str, expect: dict) -> dict | None:
@@ -390,6 +419,7 @@ class Strategy:
                                            load_lr_scheduler_states=True)
         if loaded is None:
             raise ConfigError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
+        get_accelerator().set_rng_state(torch.tensor(state["ranks"][self.rank]["accelerator"], dtype=torch.uint8))
         state["tag"] = tag
         return state
 

@@ -6,6 +6,7 @@ Every schedule (single, sequential, mix, ALRIGHT, MAXRIGHT) and every objective 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,6 +21,8 @@ import torch
 from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
+
+PROBE_SEED = 1_000_003  # offset of the probe loaders' seed from the training loaders'
 
 
 @dataclass
@@ -82,6 +85,17 @@ class Trainer:
         nan_at = os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", "0").split(":")
         self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
         self._last_ids: dict[str, list] = {}
+        # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
+        # loaders never lose a batch to a probe (DESIGN.md §2.3); another seed gives another order
+        self.probe_loaders = {k: copy.copy(t.loader) for k, t in tasks.items()}  # same examples and layout
+        for k, p in self.probe_loaders.items():
+            p.load_state_dict({"epoch": 0, "position": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
+        for name, t in tasks.items():
+            need, share = t.objective.min_micro_batch, len(t.eval_examples or []) // strategy.world_size
+            if t.eval_examples and share < need:
+                strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples give each of the "
+                               f"{strategy.world_size} ranks {share}, fewer than the {need} a {name} batch needs: "
+                               f"{name} is not evaluated")
         self._pick_log = None
         if args.debug_log_picks:
             os.makedirs(args.save_path, exist_ok=True)
@@ -163,7 +177,7 @@ class Trainer:
                     continue
                 W, r = self.s.world_size, self.s.rank
                 usable = task.eval_examples[: len(task.eval_examples) - len(task.eval_examples) % W]
-                if not usable:  # fewer eval examples than ranks (same on every rank)
+                if len(usable) // W < task.objective.min_micro_batch:  # too few per rank (warned at start)
                     continue
                 mine = usable[r::W]
                 sums: dict[str, torch.Tensor] = {}
@@ -192,13 +206,13 @@ class Trainer:
     def probe_losses(self) -> dict[str, float]:
         """Each objective's loss on its next batch, without grad (MAXRIGHT's stale-loss refresh).
 
-        Each probe takes the objective's next batch from its own loader (fresh data, counted in the
-        loader's position and so restored exactly on resume); the other objectives' data is untouched.
+        Each probe takes the next batch of the objective's probe loader (its own pass over the same
+        examples, saved with the checkpoint so a resume probes the same batches); no training batch is used.
         """
         out = {}
         for name in self.schedule.names:
             task = self.tasks[name]
-            batch = self._to_device(task.loader.next())
+            batch = self._to_device(self.probe_loaders[name].next())
             value, _ = task.objective(self.engine, self.reference, batch)
             units = self.s.all_reduce(task.objective.units(batch).to(self.s.device))
             out[name] = float(self.s.all_reduce(value.detach()) / units)
@@ -209,7 +223,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything besides the engine that the next step depends on (identical on every rank)."""
         return {"step": self.step, "skipped_nonfinite": self.skipped, "schedule": self.schedule.state_dict(),
-                "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()}, **self.args.signature}
+                "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()},
+                "probe_loaders": {k: p.state_dict() for k, p in self.probe_loaders.items()}, **self.args.signature}
 
     def save_checkpoint(self) -> None:
         a = self.args
@@ -229,6 +244,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         for k, t in self.tasks.items():
             t.loader.load_state_dict(state["loaders"][k])
+            self.probe_loaders[k].load_state_dict(state["probe_loaders"][k])
         _set_rng_state(state["ranks"][self.s.rank])
         self.logger.truncate(self.step)
         self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}")
@@ -274,7 +290,7 @@ class Trainer:
         if args.eval_at_start and self.step == 0:
             stop = self._log_eval()
         start = time.perf_counter()
-        tokens_since, t_since = 0.0, time.perf_counter()
+        tokens_since, t_since = torch.zeros((), device=s.device), time.perf_counter()
         terminate = False
         while self.step < args.total_steps and stop is None:
             if terminate:  # rank 0's word, broadcast with the last plan, so all ranks stop at the same step
@@ -293,6 +309,7 @@ class Trainer:
             if self._pick_log is not None:
                 self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
             sums, units, tokens = self.train_step(plan)
+            tokens_since += tokens  # on the device: no host sync outside logging steps
             self.step += 1
             if args.equal_length:
                 self._advance_in_lockstep(plan)
@@ -309,13 +326,11 @@ class Trainer:
                 for k, metrics in reduced.items():
                     record.update({f"train/{k}/{m}": v for m, v in metrics.items()})
             if log_now:
-                tok = float(s.all_reduce(tokens))
+                tok = float(s.all_reduce(tokens_since))  # every step since the last record, all ranks
                 now = time.perf_counter()
-                tokens_since += tok
                 record.update({"lr": self.engine.get_lr()[0], "tokens": tok,
-                               "tokens_per_sec": tokens_since / max(now - t_since, 1e-9),
-                               "elapsed": now - start})
-                tokens_since, t_since = 0.0, now
+                               "tokens_per_sec": tok / max(now - t_since, 1e-9), "elapsed": now - start})
+                tokens_since, t_since = torch.zeros((), device=s.device), now
                 bar.set_postfix({**{k.split("/")[1]: round(v, 4) for k, v in record.items()
                                     if k.startswith("train/") and k.endswith("/loss")},
                                  "tok/s": round(record["tokens_per_sec"])})

@@ -8,6 +8,7 @@ OpenRLHF 0.3.6): see ``shared/compat/cli-flags.md``. A CLI declares its objectiv
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -291,10 +292,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         sp.objective.reduce_mean = lambda t: strategy.all_reduce(t, op="mean")
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
-    for name, t in tasks.items():
-        if t.eval_examples and len(t.eval_examples) < strategy.world_size:
-            strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples are fewer than the "
-                           f"{strategy.world_size} ranks: {name} is not evaluated")
+    for name, t in tasks.items():  # (too small eval sets are reported by the Trainer, which skips them)
         if len(t.loader) < t.grad_accum:
             raise UsageError(f"{name}: {len(t.loader)} micro-batches per rank per epoch are fewer than the "
                              f"{t.grad_accum} one optimizer step needs; lower --train_batch_size or add data")
@@ -306,10 +304,17 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
                        load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                       seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples)
+                       seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples,
+                       pad_token_id=tokenizer.pad_token_id)
     signature = {"world_size": strategy.world_size, "model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
                  "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
-                 "objectives": sorted(tasks)}
+                 "objectives": sorted(tasks),
+                 # a loader position means other examples under another batch geometry or other data
+                 "batches": {k: {"micro": t.micro_batch_size, "accumulation": t.grad_accum} for k, t in tasks.items()},
+                 "group_by_length": args.group_by_length,
+                 "data": {k: f"{len(t.loader.examples)} examples, ids sha256 " +
+                          hashlib.sha256("\n".join(e["id"] for e in t.loader.examples).encode()).hexdigest()[:16]
+                          for k, t in tasks.items()}}
     optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
     scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
@@ -328,7 +333,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                 return Reference(lora_policy=engine)
             ref = load_model(ref_path or args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
-                             vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples)
+                             vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
+                             pad_token_id=tokenizer.pad_token_id)
             return Reference(model=strategy.prepare_reference(ref))
 
         if _precompute_pays(args, ref_specs, tasks, total, strategy):
@@ -366,6 +372,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)
+    strategy.seed_rank()  # after every model is built: dropout masks differ across ranks, weights do not
     trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
     try:
         if args.load_checkpoint:
@@ -384,7 +391,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         from xright.models import merge_saved_adapter
 
         merge_saved_adapter(args.pretrain, args.save_path, os.path.join(args.save_path, "merged"), tokenizer,
-                            task=task)
+                            seed=args.seed, task=task)  # the tiny base is built from the run's seed
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
     return final
