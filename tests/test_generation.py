@@ -341,3 +341,22 @@ def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof():
     assert [answers[0], answers[1], answers[3]] == [e + "\n" for e in expected]
     assert interactive_chat.render(history[:1], "x", tok, args) == (
         f"User: hi\nAssistant: {expected[2]}\nUser: x\nAssistant: ")
+
+
+def test_a_saved_lora_adapter_loads_merged_on_its_seeded_base(tmp_path):
+    from xright.models import LoraSpec, load_for_inference
+
+    policy = load_model("tiny", seed=3, lora=LoraSpec(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:  # B starts at 0 (a no-op adapter): make it matter
+                p.copy_(torch.randn_like(p) * 0.1)
+    policy.save_pretrained(tmp_path)
+    (tmp_path / "xright_args.json").write_text(json.dumps({"pretrain": None, "seed": 3}))
+    assert not (tmp_path / "config.json").exists()
+    merged = load_for_inference(str(tmp_path))
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = policy.eval()(input_ids=x).logits
+        torch.testing.assert_close(merged(input_ids=x).logits, want)
+        assert not torch.allclose(load_model("tiny", seed=3, trainable=False)(input_ids=x).logits, want)
