@@ -127,9 +127,10 @@ def register_varlen_attention() -> str:
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        bounds = cu_seq_lens_q.tolist()
-        outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-                for a, b in zip(bounds, bounds[1:])]
+        # split, not slices: the backward of a split is one cat, of each slice a full-size zero tensor
+        lengths = cu_seq_lens_q.diff().tolist()
+        outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+                for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)))]
         return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim], as sdpa_attention_forward returns
 
     def mask(*args, attention_mask=None, **kwargs):
