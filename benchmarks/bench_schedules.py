@@ -345,6 +345,7 @@ def main():
             "--eval_steps", str(10 * total)]
     jp = joint.parser(__doc__, "alright")
     args = common.parse(jp, argv)
+    args.batch_meaning = "examples"  # the recorded commands count --train_batch_size in examples (OpenRLHF)
     for k, v in vars(mine).items():
         setattr(args, k, v)
     args.ref_pareto, args.stop_at_optimum = {}, False

@@ -9,9 +9,10 @@ import pytest
 from launch import metrics, run_cli, train_records
 
 STEPS = 12
-JOINT = ["--train_batch_size", "8", "--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
+# --train_batch_size as XRIGHT means it: one loader batch per rank per step on 2 ranks
+JOINT = ["--train_batch_size", "2", "--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "2",
          "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--eval_steps", "6",
-         # very different lengths: 8 SFT examples (one optimizer step per epoch) vs 96 pairs (12 steps)
+         # very different lengths: 8 SFT examples (one optimizer step per epoch) vs 96 pairs (24 steps)
          "--sft_max_samples", "8", "--rlhf_max_samples", "96", "--debug_log_picks"]
 
 
@@ -76,8 +77,8 @@ def test_sequential_schedule_in_one_run(tmp_path):
     run_cli("joint", ["--schedule", "sequential", "--order", "dpo,sft", "--zero_stage", "2", "--save_path", out,
                       *args, "--rlhf_max_samples", "16", "--max_epochs", "2"])
     recs = train_records(out)
-    # 16 pairs / (2 × 2 ranks × accum 2) = 2 steps per DPO epoch; 8 SFT examples: 1 step per epoch
-    assert [r["objectives"][0] for r in recs] == ["dpo"] * 4 + ["sft"] * 2
+    # 16 pairs / (2 × 2 ranks × accum 1) = 4 steps per DPO epoch; 8 SFT examples: 1 step per epoch
+    assert [r["objectives"][0] for r in recs] == ["dpo"] * 8 + ["sft"] * 2
 
 
 @pytest.mark.parametrize("module,trained,zero", [("train_sft_seq", "sft", "3"), ("train_dpo_seq", "dpo", "2")])

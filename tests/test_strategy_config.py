@@ -97,3 +97,106 @@ def test_reference_config_stage():
     assert reference_config(z3, offload=False)["zero_optimization"]["stage"] == 3
     off = reference_config(z2, offload=True)["zero_optimization"]
     assert off["stage"] == 3 and off["offload_param"]["device"] == "cpu"
+
+
+# ---- batch sizes from a --deepspeed file; ZeRO-0 with bf16 -------------------------------------
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a CLI's main(argv) here as a world of one. The environment variables it needs are restored
+    afterwards (subprocess launches must not inherit them); the process group stays up for the next
+    in-process run, as DeepSpeed keeps its groups across engines."""
+    import torch
+
+    from launch import free_port
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_losses(out, name="sft"):
+    with open(f"{out}/metrics.jsonl") as f:
+        return [r[f"train/{name}/loss"] for r in map(json.loads, f) if f"train/{name}/loss" in r]
+
+
+def test_deepspeed_file_batch_sizes_are_what_the_loop_trains(tmp_path, in_process):
+    from xright.cli import train_sft
+
+    # the file's 8 = 2 × 4 accumulation × 1 rank; no batch flag typed (their defaults are 128 and 8)
+    path = write(tmp_path, {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0}})
+    out = str(tmp_path / "run")
+    train_sft.main(["--deepspeed", path, "--max_samples", "16", "--max_steps", "2", "--save_path", out,
+                    "--eval_steps", "100", "--learning_rate", "1e-3"])
+    cfg = read_json(f"{out}/ds_config.json")
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
+        == (8, 2, 4)
+    sft = read_json(f"{out}/batches.json")["objectives"]["sft"]
+    assert (sft["examples_per_rank_per_micro_batch"], sft["micro_batches_per_step"], sft["examples_per_step"]) \
+        == (2, 4, 8)
+    assert sft["micro_batches_drawn_per_rank"] == 2 * 4 and sft["examples_drawn"] == 16
+
+
+def test_deepspeed_file_accumulation_is_honoured_or_refused(tmp_path, monkeypatch):
+    from xright.cli import common, train_sft
+
+    def parsed(argv):
+        seen = {}
+        monkeypatch.setattr(common, "run", lambda args, specs, *a, **k: seen.update(args=args, specs=specs))
+        train_sft.main(argv)
+        return seen["args"], seen["specs"]
+
+    # micro batch and accumulation but no train_batch_size: micro × accumulation × ranks (the launcher's WORLD_SIZE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = write(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, "gas.json")
+    args, specs = parsed(["--deepspeed", path])
+    assert (args.train_batch_size, specs[0].micro_batch_size) == (12, 2)
+    cfg = build_ds_config(common.ds_options(args, specs), world_size=2)
+    assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (12, 3)
+    assert str(common.batch_plan(args, specs, 2)["sft"]) == ("2 examples per rank per micro-batch × 3 micro-batches "
+                                                             "per optimizer step × 2 ranks = 12 examples per optimizer "
+                                                             "step")
+    # a typed flag against the file's accumulation is an error naming both
+    args, specs = parsed(["--deepspeed", path, "--train_batch_size", "16"])
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps = 3 in .*gas.json contradicts train_batch_size "
+                                          r"16 / \(train_micro_batch_size_per_gpu 2 × world size 2\) = 4"):
+        build_ds_config(common.ds_options(args, specs), world_size=2)
+    bad = write(tmp_path, {"train_batch_size": "32"}, "bad.json")
+    with pytest.raises(ConfigError, match=r'bad.json: train_batch_size must be a positive integer or "auto", got \'32\''):
+        parsed(["--deepspeed", bad])
+
+
+def test_zero0_drops_the_templates_fp32_accumulation_under_bf16(tmp_path):
+    cfg = build_ds_config(DSOptions(zero_stage=0, bf16=True, train_batch_size=4, micro_train_batch_size=2), 1)
+    assert "grad_accum_dtype" not in cfg.get("data_types", {})
+    z2 = build_ds_config(DSOptions(zero_stage=2, bf16=True, train_batch_size=4, micro_train_batch_size=2), 1)
+    assert z2["data_types"]["grad_accum_dtype"] == "fp32"  # ZeRO's optimizers accumulate in fp32
+    with pytest.raises(ConfigError, match=r"--grad_accum_dtype = fp32 is impossible at ZeRO stage 0 with bf16 weights"):
+        build_ds_config(DSOptions(zero_stage=0, bf16=True, grad_accum_dtype="fp32", explicit={"grad_accum_dtype"},
+                                  train_batch_size=4, micro_train_batch_size=2), 1)
+    path = write(tmp_path, {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True},
+                            "data_types": {"grad_accum_dtype": "fp32"}})
+    with pytest.raises(ConfigError, match=r"data_types.grad_accum_dtype in .*ds.json = fp32 is impossible at ZeRO "
+                                          r"stage 0 with bf16 weights"):
+        build_ds_config(DSOptions(deepspeed=path, train_batch_size=4, micro_train_batch_size=2), 1)
+
+
+def test_zero0_bf16_run_trains(tmp_path, in_process):
+    from xright.cli import train_sft
+
+    out = str(tmp_path / "run")
+    train_sft.main(["--zero_stage", "0", "--bf16", "--train_batch_size", "4", "--micro_train_batch_size", "2",
+                    "--max_samples", "16", "--max_steps", "6", "--learning_rate", "3e-3", "--lr_scheduler",
+                    "constant", "--eval_steps", "100", "--save_path", out])
+    losses = train_losses(out)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
+    assert "grad_accum_dtype" not in read_json(f"{out}/ds_config.json").get("data_types", {})

@@ -92,7 +92,9 @@ def test_single_process_sft_matches_reload(launched):
 
 def test_sft_pref_masks_prompt_and_trains(tmp_path):
     out = str(tmp_path / "run")
-    run_cli("train_sft_pref", ["--zero_stage", "2", "--save_path", out, *COMMON, "--micro_train_batch_size", "2"])
+    # as XRIGHT: loader batches of 2 (--rlhf_micro_train_batch_size), 8 / (2 × 2 ranks) = 2 of them per step
+    run_cli("train_sft_pref", ["--zero_stage", "2", "--save_path", out, *COMMON, "--micro_train_batch_size", "2",
+                               "--rlhf_micro_train_batch_size", "2"])
     first, last = first_last(out, "sft")
     assert last < first - 0.05
     # the loss is the NLL of the chosen responses only: the initial model's value (step-0 eval) and the saved

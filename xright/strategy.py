@@ -109,25 +109,60 @@ def build_ds_config(opts: DSOptions, world_size: int) -> dict:
     if opts.disable_trace_cache:
         for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             _set(cfg, f"zero_optimization.{key}", 0)
-    cfg.pop("gradient_accumulation_steps", None)  # derived below, per objective in joint runs
+    written = cfg.pop("gradient_accumulation_steps", None)  # derived here (per objective in joint runs)
     micro, total = cfg["train_micro_batch_size_per_gpu"], cfg["train_batch_size"]
     cfg["gradient_accumulation_steps"] = accumulation_steps(total, micro, world_size)
+    if from_file and written not in (None, "auto") and written != cfg["gradient_accumulation_steps"]:
+        raise ConfigError(
+            f"gradient_accumulation_steps = {written!r} in {opts.deepspeed} contradicts train_batch_size {total} / "
+            f"(train_micro_batch_size_per_gpu {micro} × world size {world_size}) = "
+            f"{cfg['gradient_accumulation_steps']}; remove it (xright derives it) or make them agree")
     if _get(cfg, "fp16.enabled") and _get(cfg, "bf16.enabled"):
         raise ConfigError("fp16 and bf16 are both enabled in the DeepSpeed config")
     stage = _get(cfg, "zero_optimization.stage")
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0..3, got {stage!r}")
+    if stage == 0:
+        _stage0_grad_accum_dtype(cfg, opts, from_file)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
 
 
-def accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size: int, what: str = "") -> int:
+def _stage0_grad_accum_dtype(cfg: dict, opts: DSOptions, from_file: bool) -> None:
+    """Without ZeRO, DeepSpeed accumulates gradients in the model's dtype only (it refuses bf16 weights
+    with fp32 accumulation). The templates' fp32 is meant for the ZeRO optimizers: drop it at stage 0;
+    a value the user wrote or typed is an error rather than silently changed."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    value = _get(cfg, "data_types.grad_accum_dtype")
+    if value is None:
+        return
+    model = "fp16" if _get(cfg, "fp16.enabled") is True else "bf16" if _get(cfg, "bf16.enabled") is True else "fp32"
+    try:
+        accum = DtypeEnum(value).name
+    except ValueError:
+        raise ConfigError(f"data_types.grad_accum_dtype {value!r} is not a dtype DeepSpeed knows "
+                          "(fp32, bf16, fp16)") from None
+    if accum == model:
+        return
+    if "grad_accum_dtype" in opts.explicit or from_file:
+        where = "--grad_accum_dtype" if "grad_accum_dtype" in opts.explicit else \
+            f"data_types.grad_accum_dtype in {opts.deepspeed}"
+        raise ConfigError(f"{where} = {value} is impossible at ZeRO stage 0 with {model} weights: DeepSpeed then "
+                          f"accumulates gradients in the model's dtype ({model}); use ZeRO stage 1 or higher for "
+                          f"{accum} accumulation, or drop the setting")
+    del cfg["data_types"]["grad_accum_dtype"]
+
+
+def accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size: int,
+                       what: str = "micro batch size") -> int:
+    """Micro-batches per rank per optimizer step: train_batch_size / (micro × world), which must divide."""
     per_step = micro_batch_size * world_size
     if micro_batch_size < 1 or train_batch_size < 1 or train_batch_size % per_step:
         raise ConfigError(
             f"--train_batch_size {train_batch_size} must be a positive multiple of "
-            f"{what}micro batch size {micro_batch_size} × world size {world_size} = {per_step}")
+            f"{what} {micro_batch_size} × world size {world_size} = {per_step}")
     return train_batch_size // per_step
 
 

@@ -11,14 +11,11 @@
 #   joint       Mix, ALRIGHT and MAXRIGHT for every λ in LAMBD_SET, with the reference REF_KIND
 #   plot        plot_pareto over everything above (loss space + table)
 #
+# Batch sizes are the paper's: xright's CLIs named after XRIGHT's count --train_batch_size as XRIGHT does
+# (loader batches: TRAIN_BATCH = number of GPUs is one loader batch of SFT_MICRO or RLHF_MICRO examples
+# per GPU per optimizer step; see README, "Coming from XRIGHT"). Every run prints its batch geometry.
+#
 # Where xright differs from XRIGHT and the scripts therefore differ from the paper's:
-#  * Batch sizes. XRIGHT's joint/seq CLIs take --train_batch_size = number of GPUs with per-GPU micro
-#    batches of 12 (SFT) and 4 (DPO), and every optimizer step is one micro-batch per GPU. xright
-#    treats --train_batch_size as the global batch of *each* objective and requires it to be a multiple
-#    of micro × GPUs, so TRAIN_BATCH = GPUS × SFT_MICRO here: an SFT step sees the paper's SFT batch,
-#    a DPO step accumulates TRAIN_BATCH / (GPUS × RLHF_MICRO) micro-batches (more pairs per step than
-#    the paper, same memory per micro-batch). Set TRAIN_BATCH = GPUS × RLHF_MICRO with
-#    SFT_MICRO = RLHF_MICRO to keep the paper's DPO batch instead.
 #  * Learning-rate schedule. XRIGHT's trainers use a constant learning rate whatever --lr_scheduler
 #    says; xright honours the flag, so the scripts pass --lr_scheduler constant (LR_SCHEDULER).
 #  * XRIGHT's SFT-on-chosen trainer (train_sft_pref) also trains on the prompt tokens; xright's masks
@@ -73,7 +70,7 @@ stage_optima() {
     # SFT on the chosen answers of the preference data: the "preference reference"
     run train_sft_pref --pretrain "$BASE" --max_epochs "$OPT_EPOCHS" --save_path "$(ckpt epoch=$OPT_EPOCHS-sft-pref-optim)" \
         --dataset "$RLHF_DATASET" --max_samples "$SFT_MAX_SAMPLES" --max_len "$MAX_LEN" --eval_split dummy \
-        --micro_train_batch_size "$SFT_MICRO"
+        --rlhf_micro_train_batch_size $((SFT_MICRO / 2))   # as the paper's script
     # DPO only, with either reference: the DPO optimum
     for ref in sft pref; do
         local refdir

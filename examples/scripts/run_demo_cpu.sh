@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 OUT=${1:-${OUT:-runs/demo}}
-BATCH=${BATCH:-16}                 # global batch = micro batch of both objectives (no accumulation)
+BATCH=${BATCH:-16}                 # examples per micro-batch of both objectives; one micro-batch per step
 LR=${LR:-1e-3}                     # every run after the reference
 LR_SCHEDULER=${LR_SCHEDULER:-constant}   # as XRIGHT's trainers (the reference uses the default cosine)
 BETA=${BETA:-0.1}
@@ -101,14 +101,15 @@ EOF
 }
 
 REF=$OUT/ref
-# the flags every run after the reference shares; every run uses the reference as DPO reference
-COMMON=(--ref_pretrain "$REF" --train_batch_size "$BATCH" --sft_micro_train_batch_size "$BATCH"
+# the flags every run after the reference shares; every run uses the reference as DPO reference.
+# --train_batch_size as XRIGHT means it: loader batches per step over all processes (1 process here)
+COMMON=(--ref_pretrain "$REF" --train_batch_size 1 --sft_micro_train_batch_size "$BATCH"
         --rlhf_micro_train_batch_size "$BATCH" --learning_rate "$LR" --lr_scheduler "$LR_SCHEDULER"
         --beta "$BETA" --eval_steps "$EVAL_STEPS" --logging_steps 1)
 JOINT_STEPS=$((2 * PHASE_STEPS))
 
 echo "1/5 reference: SFT on the chosen answers of the preference data ($REF_STEPS steps)"
-run ref train_sft_pref --train_batch_size "$BATCH" --micro_train_batch_size "$BATCH" \
+run ref train_sft_pref --train_batch_size 1 --rlhf_micro_train_batch_size "$BATCH" \
     --max_steps "$REF_STEPS" --learning_rate "$REF_LR" --eval_steps "$REF_STEPS"
 after ref
 

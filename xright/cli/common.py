@@ -22,8 +22,28 @@ COMPAT = "(accepted for compatibility with XRIGHT/OpenRLHF scripts; has no effec
 
 # ---- flags ----------------------------------------------------------------------------------
 
-def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
+# What --train_batch_size counts, fixed per CLI: (its help, --micro_train_batch_size's help).
+BATCH_MEANINGS = {
+    # OpenRLHF's CLIs and xright's own (train_sft, train_dpo, train_joint …)
+    "examples": ("examples per optimizer step over all ranks: each objective accumulates train_batch_size / "
+                 "(its micro batch × ranks) micro-batches",
+                 "examples per rank per micro-batch"),
+    # XRIGHT's CLIs (train_sft_dpo_*, train_sft_seq, train_dpo_seq, train_sft_pref) give DeepSpeed a micro
+    # batch of --micro_train_batch_size (1: the joint ones have no such flag) while every micro-step is one
+    # loader batch, so --train_batch_size counts loader batches, not examples
+    "xright": ("as XRIGHT: loader batches per optimizer step over all ranks: each objective accumulates "
+               "train_batch_size / (--micro_train_batch_size × ranks) loader batches of its own "
+               "--*micro_train_batch_size examples (the paper passes the number of GPUs: one loader batch per rank)",
+               "as XRIGHT: DeepSpeed's micro batch, counted in loader batches (keep 1)"),
+}
+
+
+def base_parser(description: str, batch_meaning: str = "examples", **defaults) -> argparse.ArgumentParser:
+    """The shared flags. ``batch_meaning`` says what ``--train_batch_size`` counts (see :data:`BATCH_MEANINGS`)."""
+    if batch_meaning not in BATCH_MEANINGS:
+        raise ValueError(f"batch_meaning must be one of {sorted(BATCH_MEANINGS)}")
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(batch_meaning=batch_meaning)
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save_path", type=str, default="./ckpt", help="final HF model and metrics.jsonl")
     g.add_argument("--save_steps", type=int, default=-1, help="resumable checkpoint every N steps (-1: never)")
@@ -64,8 +84,8 @@ def base_parser(description: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--grad_accum_dtype", type=str, default=None)
     g.add_argument("--disable_trace_cache", action="store_true", default=False)
     g.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
-    g.add_argument("--train_batch_size", type=int, default=128, help="global batch size (all ranks)")
-    g.add_argument("--micro_train_batch_size", type=int, default=8, help="per-rank micro batch size")
+    g.add_argument("--train_batch_size", type=int, default=128, help=BATCH_MEANINGS[batch_meaning][0])
+    g.add_argument("--micro_train_batch_size", type=int, default=8, help=BATCH_MEANINGS[batch_meaning][1])
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
 
     g = p.add_argument_group("model")
@@ -173,11 +193,40 @@ def parse(p: argparse.ArgumentParser, argv=None):
                 kwargs["nargs"] = action.nargs
             probe.add_argument(*action.option_strings, **kwargs)
     args.explicit = set(vars(probe.parse_known_args(argv)[0]))
+    _batch_sizes_from_file(args)
     token = getattr(args, "use_wandb", None)
     if token and token.lower() not in ("true", "false", "1", "0", "yes", "no", "none"):
         # wandb records sys.argv in its run metadata: keep the key out of it
         sys.argv[:] = [a.replace(token, "<redacted>") for a in sys.argv]
     return args
+
+
+def _batch_sizes_from_file(args) -> None:
+    """A --deepspeed file's batch sizes stand for the batch flags the user did not type, so that the
+    loop trains what the written config says (a typed flag that contradicts the file is an error later).
+    A file with micro batch and accumulation but no train_batch_size means micro × accumulation × ranks."""
+    if not getattr(args, "deepspeed", None):
+        return
+    from xright.strategy import ConfigError, read_ds_config
+
+    cfg = read_ds_config(args.deepspeed)
+    given = {}
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = cfg.get(key)
+        if value in (None, "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"DeepSpeed config {args.deepspeed}: {key} must be a positive integer or \"auto\", "
+                              f"got {value!r}")
+        given[key] = value
+    if "train_micro_batch_size_per_gpu" in given and "micro_train_batch_size" not in args.explicit:
+        args.micro_train_batch_size = given["train_micro_batch_size_per_gpu"]
+    if "train_batch_size" not in args.explicit:
+        if "train_batch_size" in given:
+            args.train_batch_size = given["train_batch_size"]
+        elif "gradient_accumulation_steps" in given:
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher before Python starts
+            args.train_batch_size = args.micro_train_batch_size * given["gradient_accumulation_steps"] * world
 
 
 # ---- run --------------------------------------------------------------------------------------
@@ -189,6 +238,73 @@ class ObjectiveSpec:
     data: object               # xright.data.DataSpec
     micro_batch_size: int
     optimum: float = 0.0
+
+
+@dataclass(frozen=True)
+class Batching:
+    """One objective's batch geometry."""
+
+    per_rank: int     # examples per rank per micro-batch (the loader batch)
+    micro_steps: int  # micro-batches per optimizer step (gradient accumulation)
+    world: int
+
+    @property
+    def per_step(self) -> int:
+        return self.per_rank * self.micro_steps * self.world
+
+    def __str__(self) -> str:
+        return (f"{self.per_rank} examples per rank per micro-batch × {self.micro_steps} micro-batches per "
+                f"optimizer step × {self.world} rank{'s' * (self.world != 1)} = {self.per_step} examples per "
+                f"optimizer step")
+
+
+def ds_micro_batch(args, specs: list[ObjectiveSpec]) -> int:
+    """The micro batch the DeepSpeed config gets: the first objective's loader batch ("examples"), or
+    --micro_train_batch_size loader batches ("xright")."""
+    return specs[0].micro_batch_size if args.batch_meaning == "examples" else args.micro_train_batch_size
+
+
+def batch_plan(args, specs: list[ObjectiveSpec], world_size: int) -> dict[str, Batching]:
+    """Every objective's batches under the CLI's meaning of --train_batch_size (:data:`BATCH_MEANINGS`)."""
+    from xright.strategy import accumulation_steps
+
+    plan = {}
+    for sp in specs:
+        if args.batch_meaning == "examples":
+            accum = accumulation_steps(args.train_batch_size, sp.micro_batch_size, world_size,
+                                       f"{sp.name} micro batch size")
+        else:
+            accum = accumulation_steps(args.train_batch_size, args.micro_train_batch_size, world_size,
+                                       "--micro_train_batch_size (as XRIGHT: DeepSpeed's micro batch in loader batches)")
+        plan[sp.name] = Batching(sp.micro_batch_size, accum, world_size)
+    return plan
+
+
+def ds_options(args, specs: list[ObjectiveSpec]):
+    from xright.strategy import DSOptions
+
+    explicit = set(args.explicit)
+    if args.batch_meaning == "examples":  # an objective's own micro batch flag is DeepSpeed's micro batch
+        explicit |= {"micro_train_batch_size" for f in args.explicit if f.endswith("micro_train_batch_size")}
+    return DSOptions(
+        deepspeed=args.deepspeed, zero_stage=args.zero_stage, bf16=args.bf16, adam_offload=args.adam_offload,
+        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm,
+        train_batch_size=args.train_batch_size, micro_train_batch_size=ds_micro_batch(args, specs),
+        grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
+        explicit=explicit)
+
+
+def _check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None:
+    """The loop trains the batch sizes of the DeepSpeed config it writes, or stops (parse() takes a
+    --deepspeed file's values for the flags not typed; a caller that skipped parse() may disagree)."""
+    from xright.strategy import ConfigError
+
+    want = (args.train_batch_size, ds_micro_batch(args, specs))
+    got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"])
+    if got != want:
+        raise ConfigError(f"the DeepSpeed config {args.deepspeed or ''} resolves to train_batch_size {got[0]}, "
+                          f"train_micro_batch_size_per_gpu {got[1]} but the loop would train {want[0]} and "
+                          f"{want[1]}; set --train_batch_size / --micro_train_batch_size to the file's values")
 
 
 def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
@@ -252,7 +368,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     from xright.logging import MetricsLogger, wandb_settings
     from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
     from xright.objectives import Reference
-    from xright.strategy import DSOptions, Strategy, accumulation_steps, atomic_write_json
+    from xright.strategy import Strategy, atomic_write_json
     from xright.trainer import TrainArgs, Task, Trainer
 
     for sp in specs:
@@ -268,17 +384,12 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    opts = DSOptions(
-        deepspeed=args.deepspeed, zero_stage=args.zero_stage, bf16=args.bf16, adam_offload=args.adam_offload,
-        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm,
-        train_batch_size=args.train_batch_size, micro_train_batch_size=specs[0].micro_batch_size,
-        grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
-        explicit={"micro_train_batch_size" if f.endswith("micro_train_batch_size") else f for f in args.explicit})
-    strategy.configure(opts)
+    batches = batch_plan(args, specs, strategy.world_size)
+    strategy.configure(ds_options(args, specs))
+    _check_resolved_batches(args, specs, strategy.ds_config)
     if args.skip_nonfinite:
         _check_skip_nonfinite(strategy)
-    accum = {sp.name: accumulation_steps(args.train_batch_size, sp.micro_batch_size, strategy.world_size,
-                                         f"{sp.name} ") for sp in specs}
+    accum = {name: b.micro_steps for name, b in batches.items()}
 
     tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
                                trust_remote_code=args.trust_remote_code,
@@ -361,8 +472,11 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                              args.wandb_run_name),
         tensorboard_dir=args.use_tensorboard, config=safe_config(args))
     strategy.print(f"xright: {total} optimizer steps ({per_epoch} per epoch), world size {strategy.world_size}, "
-                   f"ZeRO-{strategy.zero_stage}, objectives " +
-                   ", ".join(f"{n} (micro {t.micro_batch_size} × accum {t.grad_accum})" for n, t in tasks.items()))
+                   f"ZeRO-{strategy.zero_stage}, objectives {', '.join(tasks)}; --train_batch_size "
+                   f"{args.train_batch_size} counts " +
+                   ("loader batches, as XRIGHT's CLIs" if args.batch_meaning == "xright" else "examples"))
+    for name, b in batches.items():
+        strategy.print(f"xright: {name}: {b}")
     train_args = TrainArgs(
         total_steps=total, save_path=args.save_path,
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
@@ -380,6 +494,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         final = trainer.fit()
         if final.get("terminated"):
             return final
+        _write_batches(args, batches, tasks, strategy)
         if final:
             strategy.print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     finally:
@@ -405,6 +520,26 @@ def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
         return False
     if "precompute_ref_log_probs" in args.explicit:
         return True
+
+
+def _write_batches(args, batches: dict[str, Batching], tasks: dict, strategy) -> None:
+    """save_path/batches.json: each objective's batch geometry and the examples its loader delivered
+    (the same on every rank: every rank draws the same number of micro-batches)."""
+    from xright.strategy import atomic_write_json
+
+    out = {"batch_meaning": args.batch_meaning, "train_batch_size": args.train_batch_size,
+           "world_size": strategy.world_size, "objectives": {}}
+    for name, b in batches.items():
+        loader = tasks[name].loader
+        drawn = loader.epoch * len(loader) + loader.position
+        out["objectives"][name] = {
+            "examples_per_rank_per_micro_batch": b.per_rank, "micro_batches_per_step": b.micro_steps,
+            "examples_per_step": b.per_step, "micro_batches_drawn_per_rank": drawn,
+            "examples_drawn": drawn * b.per_rank * b.world}
+        strategy.print(f"xright: {name}: {drawn * b.per_rank * b.world} examples drawn "
+                       f"({drawn} micro-batches of {b.per_rank} per rank)")
+    if strategy.is_rank0:
+        atomic_write_json(os.path.join(args.save_path, "batches.json"), out)
 
 
 def _check_skip_nonfinite(strategy) -> None:

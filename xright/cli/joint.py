@@ -21,14 +21,16 @@ PREF = "dpo"  # the preference objective's name in metrics (eval/dpo/loss), as i
 
 def parser(description: str, schedule: str | None, **defaults):
     # the seq CLIs override some of these defaults (XRIGHT: lr 5e-6, 2 epochs)
+    # XRIGHT's joint CLIs have no --micro_train_batch_size: their DeepSpeed micro batch is 1 (loader batch)
     defaults = {"learning_rate": 1e-5, "max_epochs": 1, "wandb_project": "xright_maxright",
-                "ckpt_path": "./ckpt/checkpoints_dpo", **defaults}
-    p = common.base_parser(description, **defaults)
+                "ckpt_path": "./ckpt/checkpoints_dpo", "micro_train_batch_size": 1, **defaults}
+    p = common.base_parser(description, batch_meaning="xright", **defaults)
     common.add_data_flags(p, "sft_", max_len=2048)
     common.add_data_flags(p, "rlhf_", max_len=512, keys=False)
     p.add_argument("--sft_tokenizer_chat_template", dest="tokenizer_chat_template", type=str, default=None)
-    p.add_argument("--sft_micro_train_batch_size", type=int, default=8)
-    p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8)
+    p.add_argument("--sft_micro_train_batch_size", type=int, default=8, help="SFT examples per rank per loader batch")
+    p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8,
+                   help="preference pairs per rank per loader batch")
     common.add_pref_flags(p, rlhf_aliases=True)
     add_pair_loss_flags(p)
     g = p.add_argument_group("joint schedule (Fernando et al. 2024)")
