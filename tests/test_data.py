@@ -783,6 +783,33 @@ def test_sentencepiece_prompt_and_response_tokenised_together(tmp_path):
     assert train[0]["prompt_ids"][0] == sp.bos_token_id and sp.bos_token_id not in train[0]["response_ids"]
 
 
+def test_boundary_by_offsets_and_by_prompt_alone_agree():
+    """A fast tokenizer places the boundary by character offsets, a slow one (no offsets) by agreement
+    with the prompt tokenised alone: the same examples, the straddling token in the response."""
+    sp = sentencepiece_tokenizer()
+
+    class Slow:
+        bos_token, eos_token_id, chat_template = sp.bos_token, sp.eos_token_id, None
+
+        def __call__(self, texts, add_special_tokens=True, verbose=True):
+            return {"input_ids": sp(texts, add_special_tokens=add_special_tokens)["input_ids"]}
+
+    recs = [{"id": "a", "prompt": "\n\nHuman: tell me a joke\n\nAssistant:", "chosen": " Sure, why not",
+             "rejected": " I cannot", "raw_prompt": True},
+            {"id": "b", "prompt": "what is it?", "chosen": "Sure thing", "rejected": "No", "raw_prompt": False},
+            {"id": "c", "prompt": "User: what is it?\nAssistant: Su", "chosen": "re thing", "rejected": "re",
+             "raw_prompt": True}]  # the boundary inside the word "Sure"
+    fast, _ = tokenize(recs, sp, spec())
+    slow, _ = tokenize(recs, Slow(), spec())
+    assert fast == slow
+    for rec, ex in zip(recs, fast):
+        prompt = rec["prompt"] if rec["raw_prompt"] else f"User: {rec['prompt']}\nAssistant: "
+        for k, key in enumerate(("chosen", "rejected")):
+            assert ex["prompt_ids"] + ex["responses"][k] == sp(prompt + rec[key]).input_ids + [sp.eos_token_id]
+    assert sp.convert_ids_to_tokens(fast[2]["responses"][0])[0] == "▁Sure"  # straddles: in the response
+    assert sp.convert_ids_to_tokens(fast[2]["prompt_ids"])[-1] == "?\nAssistant:"
+
+
 def test_byte_level_tokenisation_unchanged(tmp_path, tok):
     """The built-in tokenizer has no merges: tokenising together gives the ids of separate tokenisation."""
     hh = [{"chosen": "\n\nHuman: hi\n\nAssistant: yes sir", "rejected": "\n\nHuman: hi\n\nAssistant: no"}]

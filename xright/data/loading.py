@@ -8,11 +8,13 @@ Tokenisation
     dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
     *together* (``prompt + response`` as one text, no special tokens) so that the ids are those of
     the whole text: tokenised apart, a SentencePiece tokenizer (Llama-2, Mistral) puts a spurious lone
-    "▁" at the start of every response. The boundary: the prompt's tokens are the longest common
-    prefix of the prompt tokenised alone and of every ``prompt + response_k`` of the example (one
-    prompt for all K responses); the rest of each whole text is its response. So a token that
-    straddles the boundary (``"▁Sure"`` after a prompt ending in a space), or any the response's
-    first characters re-tokenise, goes to the response (and is trained on). Then the special tokens
+    "▁" at the start of every response. The boundary: with a fast tokenizer, the prompt's tokens
+    are those of ``prompt + response_k`` before the token that holds the response's first character
+    (character offsets); with a slow one, the longest common prefix of the prompt tokenised alone and
+    of the whole text. Either way a token that straddles the boundary (``"▁Sure"`` after a prompt
+    ending in a space) goes to the response (and is trained on), and the K responses of an example
+    share one prompt: the tokens all K whole texts agree on. The rest of each whole text is its
+    response, so prompt + response are exactly the whole text's ids. Then the special tokens
     the tokenizer adds at the start of a text (BOS; measured once per call) are prepended to the
     prompt — unless the rendered prompt already starts with the BOS text, so a chat template that
     writes BOS does not get a second one; special tokens added at the end of a text are not used —
@@ -182,20 +184,39 @@ def _common_prefix(a: list[int], b: list[int], n: int) -> int:
     return next(i for i in range(m) if a[i] != b[i])
 
 
+def _token_at(encoding, pos: int, end: int, n: int) -> int:
+    """Index of the token holding character ``pos`` (or the next character that has one), else n."""
+    for c in range(pos, end):
+        t = encoding.char_to_token(c)
+        if t is not None:
+            return t
+    return n
+
+
 def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
     """(prompt ids, [K response ids]) per prompt and its K responses, with the ids of the whole texts
     (see the module docstring for the boundary and special tokens)."""
+    if not prompts:
+        return [], []
     bos = getattr(tokenizer, "bos_token", None)
-    head = _special_head(tokenizer) if prompts else []
-    alone = _encode(tokenizer, prompts, False)
-    wholes = _encode(tokenizer, [p + r for p, g in zip(prompts, groups) for r in g], False)
+    head = _special_head(tokenizer)
+    texts = [p + r for p, g in zip(prompts, groups) for r in g]
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False)
+    wholes = enc["input_ids"]
+    fast = getattr(enc, "encodings", None)  # a fast tokenizer's encodings know each character's token
+    alone = None if fast else _encode(tokenizer, prompts, False)
     out_p, out_r, i = [], [], 0
-    for text, p, g in zip(prompts, alone, groups):
-        ws = wholes[i:i + len(g)]
-        i += len(g)
-        b = len(p)
-        for w in ws:
+    for j, (text, g) in enumerate(zip(prompts, groups)):
+        ws = [list(w) for w in wholes[i:i + len(g)]]
+        if fast:
+            p = ws[0]
+            b = min(_token_at(fast[i + k], len(text), len(texts[i + k]), len(w)) for k, w in enumerate(ws))
+        else:
+            p = alone[j]
+            b = len(p)
+        for w in ws:  # one prompt for all K: the tokens every whole text agrees on
             b = _common_prefix(p, w, b)
+        i += len(g)
         out_p.append((head if not (bos and text.startswith(bos)) else []) + p[:b])
         out_r.append([w[b:] for w in ws])
     return out_p, out_r
@@ -217,22 +238,31 @@ def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict]
                                                                              "dropped_long")}
 
 
+def _encoded(records: list[dict], tokenizer, spec: DataSpec, chunk: int = 1024):
+    """(record, prompt ids, [K response ids]) per record, encoded a chunk at a time (so the whole
+    texts' token lists of a big set never all exist at once)."""
+    kind = spec.kind
+    for start in range(0, len(records), chunk):
+        recs = records[start:start + chunk]
+        if kind == "sft":
+            groups = [[r["response"]] for r in recs]
+        elif kind == "binary":
+            groups = [[r["completion"]] for r in recs]
+        else:
+            groups = [r["completions"] if kind == "scored" else [r["chosen"], r["rejected"]] for r in recs]
+        prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in recs], groups)
+        yield from zip(recs, prompts, responses)
+
+
 def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[dict | None, str]]:
     """(example or None, status) per record; status "ok", "truncated", "dropped_prompt" or "dropped_long"."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token id")
     kind = spec.kind
-    if kind == "sft":
-        groups = [[r["response"]] for r in records]
-    elif kind == "binary":
-        groups = [[r["completion"]] for r in records]
-    else:
-        groups = [r["completions"] if kind == "scored" else [r["chosen"], r["rejected"]] for r in records]
-    prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in records], groups)
     no_source = source_id("")
     out: list[tuple[dict | None, str]] = []
-    for rec, p, rs in zip(records, prompts, responses):
+    for rec, p, rs in _encoded(records, tokenizer, spec):
         rs = [r + [eos] for r in rs]
         if kind == "sft" and spec.pretrain_mode:
             p, rs = [], [p + rs[0]]
