@@ -10,17 +10,35 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from launch import metrics, run_cli, train_records
-from xright.data import DataSpec, collate, load_data
+from xright import losses as L
+from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.data.synthetic import preference_records
-from xright.objectives import RewardModel, reward_scores
+from xright.logprobs import sequence_logps, split_choices
+from xright.models import load_model, load_tokenizer
+from xright.objectives import KTO, Reference, RewardModel, reward_scores
 
 COMMON = ["--zero_stage", "3", "--train_batch_size", "8", "--micro_train_batch_size", "2", "--learning_rate", "1e-3",
           "--lr_scheduler", "constant", "--eval_steps", "1000"]
 FIXED = [*COMMON, "--max_samples", "16", "--max_epochs", "6"]  # 2 steps per epoch, 12 steps
+
+
+def steps_equal(two, one, name, what=("loss",), evals=True):
+    """2 ranks = 1 process: every step's metrics and (``evals``) every eval of the two runs agree (fp32)."""
+    a, b = train_records(two), train_records(one)
+    assert len(a) == len(b) == 12
+    for m in what:
+        assert [r[f"train/{name}/{m}"] for r in a] == pytest.approx([r[f"train/{name}/{m}"] for r in b],
+                                                                    rel=2e-5, abs=1e-6), m
+    if not evals:
+        return
+    ev = lambda out: [(r["step"], r[f"eval/{name}/loss"]) for r in metrics(out) if f"eval/{name}/loss" in r]  # noqa
+    assert [s for s, _ in ev(two)] == [s for s, _ in ev(one)] == [0, 12]
+    assert [v for _, v in ev(two)] == pytest.approx([v for _, v in ev(one)], rel=2e-5, abs=1e-6)
 
 
 def train_loss_drops(out, name, k=2):
@@ -96,17 +114,69 @@ def test_lora_reward_model_in_bf16_with_offloaded_adam_reloads_merged(tmp_path):
     assert math.isclose(sums["margin"] / len(ev), final["eval/rm/margin"], rel_tol=0.02)
 
 
-def test_kto_trains(tmp_path):
-    out = str(tmp_path / "kto")
-    proc = run_cli("train_kto", ["--save_path", out, *FIXED, "--beta", "0.1", "--desirable_loss_weight", "2"])
+def one_prompt_binary(tmp_path):
+    """KTO data where every record has the same prompt: the mismatched pairs (x_i, y_{i+1}) of a micro-batch
+    then hold the micro-batch's own completions whatever the pairing, so z depends only on which examples
+    share a micro-step — the same on 2 ranks (micro 2, z averaged over ranks) as in 1 process (micro 4).
+    The eval split has 7 records: 2 ranks evaluate the first 6."""
+    root = tmp_path / "binary"
+    root.mkdir()
+    pairs = preference_records(24, seed=3)
+    rows = [{"prompt": "say something", "completion": r[w], "label": w == "chosen"}
+            for r in pairs for w in ("chosen", "rejected")]
+    for split, part in (("train", rows[:16]), ("test", rows[16:23])):
+        with open(root / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return str(root)
+
+
+def kto_eval(model_dir, data, examples_per_batch):
+    """The KTO eval loss of a saved policy against the initial reference, batches as given (sizes)."""
+    tok = load_tokenizer("tiny")
+    _, ev = load_data(DataSpec(kind="binary", dataset=data, max_len=2048), tok, log=lambda *a: None)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ref = Reference(model=load_model("tiny", seed=42, trainable=False))
+    total, start = 0.0, 0
+    with torch.no_grad():
+        for n in examples_per_batch:
+            total += float(KTO(beta=0.1, desirable_weight=2.0)(policy, ref, collate("binary", ev[start:start + n],
+                                                                                     tok.pad_token_id))[0])
+            start += n
+    return total / start
+
+
+def test_kto_trains_and_two_ranks_equal_one_process(tmp_path):
+    data = one_prompt_binary(tmp_path)
+    out, one = str(tmp_path / "kto"), str(tmp_path / "kto1")
+    flags = [*FIXED, "--dataset", data, "--beta", "0.1", "--desirable_loss_weight", "2"]
+    proc = run_cli("train_kto", ["--save_path", out, *flags])
     train_loss_drops(out, "kto")
-    assert "outside [1, 4/3]" in proc.stdout  # 2·n_D / n_U is about 2
+    assert "outside [1, 4/3]" in proc.stdout  # 2·n_D / n_U = 2
+    run_cli("train_kto", ["--save_path", one, *flags, "--micro_train_batch_size", "4"], nproc=1)
+    # z (logged as kl) is the mean over both ranks: were it rank-local, the losses would part after step 1
+    steps_equal(out, one, "kto", ("loss", "kl", "reward"), evals=False)
+    assert max(abs(r["train/kto/kl"]) for r in train_records(out)) > 1e-3
+    # the eval cut: 2 ranks evaluate 6 of the 7 records (each rank 3 in one batch, z over both ranks' 6);
+    # 1 process all 7, in micro-batches of 4 and 3. At step 0 (π = ρ) every loss is λ/2: λ_D = 2, λ_U = 1
+    # and the records alternate desirable, undesirable
+    assert [r for r in metrics(out) if r.get("step") == 0][0]["eval/kto/loss"] == pytest.approx((3 * 1 + 3 * 0.5) / 6)
+    assert [r for r in metrics(one) if r.get("step") == 0][0]["eval/kto/loss"] == pytest.approx((4 * 1 + 3 * 0.5) / 7)
+    two_final, one_final = ([r for r in metrics(o) if r.get("final")][-1]["eval/kto/loss"] for o in (out, one))
+    assert two_final == pytest.approx(kto_eval(out, data, [6]), rel=1e-4)
+    assert one_final == pytest.approx(kto_eval(one, data, [4, 3]), rel=1e-4)
+    assert abs(kto_eval(out, data, [6]) - kto_eval(out, data, [4, 3])) > 1e-4
 
 
-def test_exo_pref_trains(tmp_path):
-    out = str(tmp_path / "exo")
+def test_exo_pref_trains_and_two_ranks_equal_one_process(tmp_path):
+    out, one = str(tmp_path / "exo"), str(tmp_path / "exo1")
     run_cli("train_exo", ["--save_path", out, *FIXED, "--loss", "exo-pref", "--beta", "0.1"])
     train_loss_drops(out, "exo-pref")
+    # step 1: policy = reference, q = [½, ½]; the target is softmax([0, −10]): KL = log ½ − ½ Σ log p
+    log_p = torch.log_softmax(torch.tensor([0.0, -10.0], dtype=torch.float64), 0)
+    assert train_records(out)[0]["train/exo-pref/loss"] == pytest.approx(math.log(0.5) - 0.5 * float(log_p.sum()),
+                                                                        rel=1e-5)
+    run_cli("train_exo", ["--save_path", one, *FIXED, "--loss", "exo-pref", "--beta", "0.1"], nproc=1)
+    steps_equal(out, one, "exo-pref", ("loss", "margin", "logp"))
 
 
 def test_exo_rw_trains_on_three_completions(tmp_path):
@@ -115,10 +185,15 @@ def test_exo_rw_trains_on_three_completions(tmp_path):
         for r in preference_records(16, seed=0):
             f.write(json.dumps({"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], "no idea"],
                                 "rewards": [1.0, 0.0, -1.0]}) + "\n")
-    out = str(tmp_path / "exo_rw")
-    run_cli("train_exo", ["--save_path", out, *FIXED, "--loss", "exo-rw", "--dataset", str(data),
-                          "--beta", "0.1", "--beta_r", "0.5"])
+    out, one = str(tmp_path / "exo_rw"), str(tmp_path / "exo_rw1")
+    flags = [*FIXED, "--zero_stage", "2", "--loss", "exo-rw", "--dataset", str(data), "--beta", "0.1", "--beta_r", "0.5"]
+    run_cli("train_exo", ["--save_path", out, *flags])  # ZeRO-2 (the pairwise run above is ZeRO-3)
     train_loss_drops(out, "exo-rw")
+    # step 1: q uniform over 3; p = softmax([1, 0, −1] / 0.5): KL = −log 3 − mean log p
+    log_p = torch.log_softmax(torch.tensor([2.0, 0.0, -2.0], dtype=torch.float64), 0)
+    assert train_records(out)[0]["train/exo-rw/loss"] == pytest.approx(-math.log(3) - float(log_p.mean()), rel=1e-5)
+    run_cli("train_exo", ["--save_path", one, *flags], nproc=1)
+    steps_equal(out, one, "exo-rw", ("loss", "margin", "logp"), evals=False)  # one file: no eval split
 
 
 def test_simpo_trains_without_reference(tmp_path):
@@ -127,6 +202,17 @@ def test_simpo_trains_without_reference(tmp_path):
     run_cli("train_dpo", ["--save_path", out, *FIXED, "--loss", "simpo", "--beta", "2.0",
                           "--ref_pretrain", str(tmp_path / "no-such-model")])
     train_loss_drops(out, "simpo")
+    # step 1 in numbers: SimPO (β 2, γ 0.5) of the initial model on the step's 8 pairs (both ranks, 2 micro-steps)
+    tok = load_tokenizer("tiny")
+    train, _ = load_data(DataSpec(kind="pairwise", max_samples=16, max_len=512), tok, log=lambda *a: None)
+    model = load_model("tiny", seed=42).eval()
+    losses = []
+    with torch.no_grad():
+        for ld in [CyclingLoader(train, "pairwise", 2, tok.pad_token_id, rank=r, world_size=2) for r in range(2)]:
+            for _ in range(2):
+                pi, n = (split_choices(t, 2) for t in sequence_logps(model, ld.next()))
+                losses.append(L.simpo(pi[:, 0], pi[:, 1], n[:, 0], n[:, 1], 2.0, 0.5)[0])
+    assert train_records(out)[0]["train/simpo/loss"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
 
 
 def test_maxright_three_objectives_picks_by_rule_on_every_rank(tmp_path):
