@@ -189,6 +189,19 @@ def test_packed_logps_and_grads_equal_padded(arch, lora, mode):
             torch.testing.assert_close(g[k], g_pad[k], atol=1e-5, rtol=1e-4)
 
 
+def test_packed_rows_under_gradient_checkpointing():
+    """The boundaries are kwargs of every layer call; checkpointed layers must pass them on too."""
+    model = load_model("tiny", seed=1, packing=True, gradient_checkpointing=True).train()
+    exs = rand_examples("pairwise", 4)
+    lp_pad = sequence_logps(model, collate("pairwise", exs, PAD))[0]
+    g_pad = grads(model, lp_pad.sum())
+    lp = sequence_logps(model, collate("pairwise", exs, PAD, packed=True))[0]
+    g = grads(model, lp.sum())
+    torch.testing.assert_close(lp, lp_pad, atol=1e-5, rtol=0)
+    for k in g:
+        torch.testing.assert_close(g[k], g_pad[k], atol=1e-5, rtol=1e-4)
+
+
 def test_lora_reference_reads_packed_rows():
     policy = with_lora(load_model("tiny", seed=4, packing=True))
     base = load_model("tiny", seed=4, trainable=False)
