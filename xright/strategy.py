@@ -201,12 +201,63 @@ def _unlink_shm_buffer(rank: int, world_size: int) -> None:
         pass
 
 
-def close_process_group() -> None:
-    """Tear the process group down after a successful run. Left to interpreter exit, gloo's
-    worker threads can abort the process ("terminate called without an active exception")
-    after everything was saved, and the launcher then reports the run as failed."""
+# Engines built by Strategy.prepare*/: torn down, in order, by close_process_group().
+_ENGINES: list = []
+
+
+def close_process_group() -> list[str]:
+    """Ordered teardown of what owns communication threads; every CLI exit path calls it.
+
+    Each gloo process group runs native threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) that stop
+    only when the group's C++ object is destroyed, i.e. when its last reference goes.
+    ``dist.destroy_process_group`` alone does not drop the references: DeepSpeed keeps groups in
+    ``deepspeed.utils.groups``, and every ZeRO-3 parameter holds its ``ds_process_group``. Left
+    alive, the groups were destroyed during interpreter finalisation, racing with C++ static
+    destruction on that rank: "terminate called without an active exception" (SIGABRT, launcher
+    exit 250) after a run had saved everything. Here, while the interpreter is intact, the engines
+    drop their hooks (``engine.destroy``), ``deepspeed.comm`` destroys the groups and releases its
+    own references, and a collection frees what is free. No collective: an error on one rank must
+    not hang here.
+
+    Returns the names of gloo threads still alive. Under ZeRO-3 there are some: DeepSpeed's
+    partitioned parameters stay reachable from native autograd state after ``engine.destroy``, so
+    the groups cannot be freed, and the caller must not let finalisation run (``common.shutdown``).
+    """
+    import gc
+
+    for engine in _ENGINES:
+        try:
+            engine.destroy()
+        except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
+            pass
+    _ENGINES.clear()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from deepspeed import comm as ds_comm
+
+        if getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()
+        else:  # initialised by torch directly (in-process tests)
+            dist.destroy_process_group()
+    gc.collect()
+    return comm_threads()
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's native gloo threads (Linux /proc; empty elsewhere)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
 
 
 class Strategy:
@@ -294,6 +345,7 @@ class Strategy:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        _ENGINES.append(engine)
         return engine
 
     def prepare_reference(self, model):
@@ -301,6 +353,7 @@ class Strategy:
         cfg = reference_config(self.ds_config, self.ref_offload)
         if cfg["zero_optimization"]["stage"] == 3:
             engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+            _ENGINES.append(engine)
             engine.eval()
             return engine
         dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else None
