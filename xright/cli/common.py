@@ -274,8 +274,9 @@ def batch_plan(args, specs: list[ObjectiveSpec], world_size: int) -> dict[str, B
             accum = accumulation_steps(args.train_batch_size, sp.micro_batch_size, world_size,
                                        f"{sp.name} micro batch size")
         else:
-            accum = accumulation_steps(args.train_batch_size, args.micro_train_batch_size, world_size,
-                                       "--micro_train_batch_size (as XRIGHT: DeepSpeed's micro batch in loader batches)")
+            accum = accumulation_steps(
+                args.train_batch_size, args.micro_train_batch_size, world_size,
+                "--micro_train_batch_size (as XRIGHT: DeepSpeed's micro batch in loader batches)")
         plan[sp.name] = Batching(sp.micro_batch_size, accum, world_size)
     return plan
 
@@ -302,8 +303,9 @@ def _check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None
     want = (args.train_batch_size, ds_micro_batch(args, specs))
     got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"])
     if got != want:
-        raise ConfigError(f"the DeepSpeed config {args.deepspeed or ''} resolves to train_batch_size {got[0]}, "
-                          f"train_micro_batch_size_per_gpu {got[1]} but the loop would train {want[0]} and "
+        raise ConfigError(f"the DeepSpeed config ({args.deepspeed or 'from --zero_stage'}) resolves to "
+                          f"train_batch_size {got[0]}, train_micro_batch_size_per_gpu {got[1]} but the loop would "
+                          f"train {want[0]} and "
                           f"{want[1]}; set --train_batch_size / --micro_train_batch_size to the file's values")
 
 

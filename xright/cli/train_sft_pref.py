@@ -14,7 +14,8 @@ def main(argv=None):
     # as XRIGHT's: loader batches of --rlhf_micro_train_batch_size, and --train_batch_size /
     # (--micro_train_batch_size × ranks) of them per optimizer step
     p = common.base_parser(__doc__, batch_meaning="xright", learning_rate=5e-6, max_epochs=2,
-                           micro_train_batch_size=1, wandb_project="xright_sft_pref", ckpt_path="./ckpt/checkpoints_sft")
+                           micro_train_batch_size=1, wandb_project="xright_sft_pref",
+                           ckpt_path="./ckpt/checkpoints_sft")
     common.add_data_flags(p, max_len=2048)
     p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8, help="examples per rank per loader batch")
     args = common.parse(p, argv)
