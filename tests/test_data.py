@@ -886,6 +886,7 @@ def cache_cases(tmp_path):
 def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
     from xright.data.store import ExampleTable
 
+    pair_tables = []
     for i, s in enumerate(cache_cases(tmp_path)):
         mem_log, disk_log = Log(), Log()
         want = load_data(s, tok, log=mem_log)
@@ -898,6 +899,8 @@ def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
                 assert list(g) == w, i  # same dicts: ids, token ids, labels, rewards, margins, max_len
         assert disk_log[:-1] == mem_log, i  # the same log, then where the tables are
         assert "tokenised examples written to" in disk_log[-1]
+        if s.kind == "scored":
+            pair_tables = (want[0], got[0])
         # KTO's loader and collate read a table as they read a list
         if s.kind == "binary":
             a, b = (CyclingLoader(x, "binary", 4, tok.pad_token_id, seed=3) for x in (want[0], got[0]))
@@ -907,6 +910,11 @@ def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
             assert a.state_dict() == b.state_dict()
     view = got[0][2:9][::3]  # slices are views
     assert isinstance(view, ExampleTable) and list(view) == want[0][2:9][::3]
+    assert [view[i] for i in range(len(view))] == list(view) and view[-1] == want[0][8]
+    longest = lambda e: len(e["prompt_ids"]) + max(map(len, e.get("responses", [e.get("response_ids")])))  # noqa
+    assert got[0].lengths() == [longest(e) for e in want[0]]  # for length grouping, from the Arrow offsets
+    assert view.lengths() == [longest(e) for e in want[0][2:9][::3]]
+    assert pair_tables[1].lengths() == [longest(e) for e in pair_tables[0]]  # K = 3 completions
 
 
 def test_disk_cache_is_reused_and_rebuilt_on_a_change(tmp_path, tok, monkeypatch):
@@ -994,3 +1002,15 @@ def test_data_cache_dir_flag_in_process(tmp_path, capsys):
         outs.append(capsys.readouterr().out)
     assert "tokenised examples written to" in outs[0] and "memory-mapped from" in outs[1]
     assert "sft train: 8 examples (0 truncated" in outs[1]  # the first run's counts, replayed
+
+
+def test_disk_cache_empty_eval_split(tmp_path, tok):
+    d = tmp_path / "ds"
+    d.mkdir()
+    write(d / "train.jsonl", pairs(4))
+    write(d / "test.jsonl", [{"prompt": "p" * 40, "chosen": "a", "rejected": "b"}])  # dropped: prompt too long
+    for _ in range(2):
+        log = Log()
+        train, ev = load_data(spec(dataset=str(d), eval_split="test", max_len=30, cache_dir=str(tmp_path / "c")), tok,
+                              log=log)
+        assert len(train) == 4 and ev is None and "eval set empty after filtering" in log.text()

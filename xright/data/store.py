@@ -70,7 +70,30 @@ class ExampleTable(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return ExampleTable(self.ds, self.kind, self.max_len, self.index[i])
-        row = self.ds[self.index[i]]
+        return self._example(self.ds[self.index[i]])
+
+    def __iter__(self):
+        step = 1024  # rows converted a block at a time: much faster than one by one
+        for start in range(0, len(self.index), step):
+            block = self.index[start:start + step]
+            cols = self.ds[block.start:block.stop] if block.step == 1 else self.ds[list(block)]
+            for j in range(len(block)):
+                yield self._example({k: v[j] for k, v in cols.items()})
+
+    def lengths(self) -> list[int]:
+        """Each example's longest row (prompt + its longest response), from the Arrow offsets."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        table = self.ds.data.table
+        prompt = pc.list_value_length(table.column("prompt_ids")).to_numpy().astype(np.int64)
+        responses = table.column("responses")
+        longest = np.zeros(len(prompt), np.int64)
+        np.maximum.at(longest, pc.list_parent_indices(responses).to_numpy(),
+                      pc.list_value_length(pc.list_flatten(responses)).to_numpy())
+        return (prompt + longest)[np.asarray(self.index, dtype=np.int64)].tolist()
+
+    def _example(self, row: dict) -> dict:
         ex = {"id": row["id"], "prompt_ids": row["prompt_ids"]}
         if self.kind in ("sft", "binary"):
             ex["response_ids"] = row["responses"][0]
@@ -172,6 +195,8 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     from .loading import prompt_text
 
     kind = spec.kind
+    if not records:  # (an empty table cannot be saved; load_data treats an empty split as none)
+        return [], {name: 0 for name in STATUS[1:]}
     texts = [[r["response"]] if kind == "sft" else [r["completion"]] if kind == "binary"
              else [r["chosen"], r["rejected"]] if kind == "pairwise" else r["completions"] for r in records]
     cols = {"id": [r["id"] for r in records], "source": [r.get("source", "") for r in records],
@@ -195,11 +220,12 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     status = Counter(mapped["status"])
     kept = mapped.filter(lambda s: [x < 2 for x in s], input_columns="status", batched=True,
                          cache_file_name=os.path.join(work, "kept.arrow"), load_from_cache_file=False)
-    kept.remove_columns("status").save_to_disk(path)
+    counts = {name: status.get(i, 0) for i, name in enumerate(STATUS) if name != "ok"}
+    if len(kept):
+        kept.remove_columns("status").save_to_disk(path)
     del source, mapped, kept
     shutil.rmtree(work, ignore_errors=True)
-    counts = {name: status.get(i, 0) for i, name in enumerate(STATUS) if name != "ok"}
-    return ExampleTable.open(path, kind, spec.max_len), counts
+    return (ExampleTable.open(path, kind, spec.max_len) if os.path.exists(path) else []), counts
 
 
 def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | None]:
