@@ -56,16 +56,33 @@ def _ds(tmp_path):
     return str(path)
 
 
+# Through the launcher's process path too (exit code, no traceback) for a few; the rest in-process
+# through the same entry point (main_guard), which is what decides the exit code.
+SUBPROCESS = {"malformed json", "missing model", "contradictory ds_config"}
+
+
+def run_train_sft(args, capsys, subprocess_run):
+    if subprocess_run:
+        proc = run_cli("train_sft", args, nproc=1, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+    from xright.cli import common, train_sft
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: train_sft.main(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_fails_clearly_before_training(tmp_path, case):
+def test_bad_input_fails_clearly_before_training(tmp_path, capsys, case):
     make, needles = CASES[case]
     out = tmp_path / "out"
     args = [*SMALL, "--save_path", str(out), *make(tmp_path)]
     if "--save_path" in make(tmp_path):
         args = [*SMALL, *make(tmp_path)]
-    proc = run_cli("train_sft", args, nproc=1, check=False)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    code, text = run_train_sft(args, capsys, case in SUBPROCESS)
+    assert code == 2, text[-3000:]
     for needle in needles:
         assert needle in text, f"{needle!r} not in output:\n{text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
