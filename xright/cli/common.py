@@ -576,6 +576,14 @@ def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
         return False
     if "precompute_ref_log_probs" in args.explicit:
         return True
+    for sp in ref_specs:  # an objective picked at every step draws micro × accum × world examples per step
+        t = tasks[sp.name]
+        drawn, have = total * t.micro_batch_size * t.grad_accum * strategy.world_size, len(t.loader.examples)
+        if drawn < have:
+            strategy.print(f"reference log-probs: live ({total} steps draw at most {drawn} of the {have} {sp.name} "
+                           "examples; --precompute_ref_log_probs forces the pass)")
+            return False
+    return True
 
 
 def _write_batches(args, batches: dict[str, Batching], tasks: dict, strategy) -> None:
