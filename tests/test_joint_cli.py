@@ -33,16 +33,62 @@ def check_common(out):
     return recs, r0, r1
 
 
+def one_process_flags(flags):
+    """The JOINT flags for 1 process on the same global batches: each loader batch twice as big (one
+    process reads what both ranks read); where --train_batch_size counts loader batches (XRIGHT's
+    meaning) it halves with the ranks."""
+    from xright.cli import joint
+
+    xright_meaning = joint.parser("", "alright").get_default("batch_meaning") == "xright"
+    out = list(flags)
+    for flag in ("--sft_micro_train_batch_size", "--rlhf_micro_train_batch_size"):
+        i = out.index(flag) + 1
+        out[i] = str(2 * int(out[i]))
+    if xright_meaning:
+        i = out.index("--train_batch_size") + 1
+        out[i] = str(int(out[i]) // 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def alright_runs(tmp_path_factory):
+    """get(zero, nproc) -> save path of an ALRIGHT run, launched once per module."""
+    runs = {}
+
+    def get(zero, nproc=2):
+        if (zero, nproc) not in runs:
+            out = str(tmp_path_factory.mktemp(f"alright_z{zero}_n{nproc}"))
+            flags = JOINT if nproc == 2 else one_process_flags(JOINT)
+            run_cli("train_sft_dpo_alright", ["--zero_stage", zero, "--save_path", out, *flags, "--lambd", "0.5",
+                                              "--debug_rank_seed"], nproc=nproc)
+            runs[zero, nproc] = out
+        return runs[zero, nproc]
+    return get
+
+
 @pytest.mark.parametrize("zero", ["2", "3"])
-def test_alright_ranks_agree_even_when_seeded_differently(tmp_path, zero):
-    out = str(tmp_path / "alright")
-    run_cli("train_sft_dpo_alright", ["--zero_stage", zero, "--save_path", out, *JOINT, "--lambd", "0.5",
-                                      "--debug_rank_seed"])
+def test_alright_ranks_agree_even_when_seeded_differently(alright_runs, zero):
+    out = alright_runs(zero)
     recs, r0, r1 = check_common(out)
     assert all(len(r["objectives"]) == 1 for r in recs)
     # rank 1's own schedule (seeded differently) would have picked otherwise at some step; rank 0's pick won
     assert any(a["local"] != b["local"] for a, b in zip(r0, r1))
     assert {tuple(r["objectives"]) for r in recs} == {("sft",), ("dpo",)}
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_alright_two_ranks_equal_one_process(alright_runs, zero):
+    """The same picks, per-step losses and evaluations as one process on the same global batches (fp32)."""
+    two, one = alright_runs(zero), alright_runs("2", nproc=1)
+    a, b = train_records(two), train_records(one)
+    assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
+    for k in ("sft", "dpo"):
+        assert [r.get(f"train/{k}/loss") for r in a if k in r["objectives"]] == pytest.approx(
+            [r.get(f"train/{k}/loss") for r in b if k in r["objectives"]], rel=2e-5, abs=1e-6), k
+    ev = lambda out: [(r["step"], r["eval/sft/loss"], r["eval/dpo/loss"], r["eval/ideal_distance"])  # noqa: E731
+                      for r in metrics(out) if "eval/ideal_distance" in r]
+    assert [e[0] for e in ev(two)] == [e[0] for e in ev(one)] and {0, 6, 12} <= {e[0] for e in ev(two)}
+    assert [e[1:] for e in ev(two)] == [pytest.approx(e[1:], rel=2e-5, abs=1e-6) for e in ev(one)]
 
 
 @pytest.mark.parametrize("zero", ["2", "3"])
