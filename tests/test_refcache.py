@@ -39,11 +39,12 @@ def run(main, tmp_path, name, *extra, capsys=None):
 
 @pytest.mark.parametrize("main,extra", [
     (train_dpo.main, [*N16, "--label_smoothing", "0.1"]),
+    (train_dpo.main, [*N16, "--packing_samples", "--group_by_length"]),
     (train_kto.main, [*N16, "--beta", "0.1"]),
     (train_exo.main, [*N16, "--loss", "exo-pref"]),
     (lambda argv: joint.main(argv, schedule="alright"), ["--sft_max_samples", "16", "--rlhf_max_samples", "16",
                                   "--sft_micro_train_batch_size", "4", "--rlhf_micro_train_batch_size", "4"]),
-], ids=["dpo", "kto", "exo", "alright"])
+], ids=["dpo", "dpo-packed", "kto", "exo", "alright"])
 def test_precomputed_reference_logs_the_live_losses(tmp_path, capsys, main, extra):
     cached, printed = run(main, tmp_path, "cached", *extra, capsys=capsys)
     assert "reference log-probs: computed" in printed
@@ -125,6 +126,9 @@ def test_table_rows_are_the_live_rows_in_k_major_order(tmp_path, kind, k):
     for c, w in zip(cached, want):
         assert c.shape == w.shape == (k * 5,)
         torch.testing.assert_close(c, w, atol=1e-5, rtol=0)
+    packed = refcache.compute_table(live, examples, 3, tok.pad_token_id, OneRank(), packed=True)  # --packing_samples
+    torch.testing.assert_close(packed.logps, table.logps, atol=1e-5, rtol=0)
+    assert torch.equal(packed.lengths, table.lengths)
     if kind == "binary":  # KL rows: live reference, or a clear error without one
         with pytest.raises(ValueError, match="no 'kl_' rows"):
             refcache.CachedReference(table).sequence_logps(batch, "kl_")

@@ -204,8 +204,9 @@ def _batches(examples: list, batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def compute_table(live: Reference, examples: list, batch_size: int, pad_id: int, strategy,
-                  hashes: list[int] | None = None) -> RefTable:
-    """The reference log-probs of ``examples`` (unique ids), sharded over ranks, gathered to every rank."""
+                  hashes: list[int] | None = None, packed: bool = False) -> RefTable:
+    """The reference log-probs of ``examples`` (unique ids), sharded over ranks, gathered to every rank;
+    ``packed``: batches in the padding-free layout (--packing_samples), else padded."""
     W, r = strategy.world_size, strategy.rank
     batches = _batches(examples, batch_size)
     mine = batches[r::W]
@@ -215,7 +216,7 @@ def compute_table(live: Reference, examples: list, batch_size: int, pad_id: int,
     for j, idx in enumerate(mine + [batches[0]] * dummies):
         rows = [{"id": examples[i]["id"], "prompt_ids": examples[i]["prompt_ids"],
                  "responses": completions(examples[i])} for i in idx]
-        batch = collate("scored", rows, pad_id)
+        batch = collate("scored", rows, pad_id, packed=packed)
         batch = {k: v.to(strategy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         lp, ln = live.sequence_logps(batch)
         if j >= len(mine):
@@ -287,7 +288,7 @@ def unique_examples(sets, log) -> tuple[list, list[int]] | None:
 
 
 def cached_reference(build_live, strategy, sets: list[list], live_prefixes: tuple, fp: dict, cache_dir: str,
-                     batch_size: int, pad_id: int) -> Reference:
+                     batch_size: int, pad_id: int, packed: bool = False) -> Reference:
     """The run's reference: the table for this fingerprint from ``cache_dir`` if every rank has one that
     covers the examples, else computed now (with ``build_live()``) and saved by rank 0."""
     log = strategy.print
@@ -306,7 +307,7 @@ def cached_reference(build_live, strategy, sets: list[list], live_prefixes: tupl
         log(f"reference log-probs: loaded {len(examples)} examples from {path} in {time.perf_counter() - start:.2f}s "
             "(no reference forward)")
     else:
-        table = compute_table(live, examples, batch_size, pad_id, strategy, hashes)
+        table = compute_table(live, examples, batch_size, pad_id, strategy, hashes, packed)
         table.meta = fp
         if strategy.is_rank0:
             os.makedirs(cache_dir, exist_ok=True)

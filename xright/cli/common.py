@@ -511,7 +511,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
                 tuple(sorted({p for sp in ref_specs for p in sp.objective.live_reference_prefixes})),
                 refcache.fingerprint(args, specs, tokenizer),
                 args.ref_cache_dir or os.path.join(args.ckpt_path, "ref_cache"),
-                min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id)
+                min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id, packed=args.packing_samples)
         else:
             reference = live_reference()
 
