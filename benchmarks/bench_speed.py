@@ -1,6 +1,7 @@
 """DPO pairs/s of TRL's DPOTrainer against xright.cli.train_dpo, feature by feature, in one run.
 
     python benchmarks/bench_speed.py [--rounds 2] [--workloads whole,cut] [--configs trl,base,...] [--results FILE]
+    python benchmarks/bench_speed.py --count_tokens     # each configuration's work, counted (seconds, no training)
 
 Workloads (Anthropic HH harmless-base test, ../shared/data/hh-rlhf, see its README):
   whole  the first 64 pairs whose longer dialogue is <= 1000 bytes, max_len 1024 (nothing truncated)
@@ -16,9 +17,12 @@ otherwise, except gradient checkpointing and bf16 (TRL 1.16 turns both on by def
 neither unless asked), which are off.
 
 Configurations (each a fresh process with fresh output and cache directories, so a precompute is
-always computed, never loaded): ``trl`` (TRL defaults: live reference, padded batches); xright
+computed, except by the ``*-cached`` ones): ``trl`` (TRL defaults: live reference, padded batches); xright
 ``base`` (--no_precompute_ref_log_probs), ``precompute``, ``group`` (--group_by_length), ``packing``
-(--packing_samples) and ``all`` (the three together). Every round runs every configuration once,
+(--packing_samples), ``all`` (the three together), and ``precompute-cached`` / ``all-cached``, which
+find the table an earlier run of the round computed (what every run of a sweep after the first does;
+in one epoch the precompute pass does the reference's work once either way, so only a cached table
+or a second epoch removes it). Every round runs every configuration once,
 TRL first, so slow spells of a shared machine hit all of them alike (A/B alternated).
 
 Measured per run: *train seconds* — TRL's ``train_runtime`` (``trainer.train()``; tokenisation
@@ -40,6 +44,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,9 @@ XRIGHT_CONFIGS = {
     "group": ["--no_precompute_ref_log_probs", "--group_by_length"],
     "packing": ["--no_precompute_ref_log_probs", "--packing_samples"],
     "all": ["--precompute_ref_log_probs", "--group_by_length", "--packing_samples"],
+    # the same, finding the table an earlier run of this workload computed (a sweep's second run)
+    "precompute-cached": ["--precompute_ref_log_probs"],
+    "all-cached": ["--precompute_ref_log_probs", "--group_by_length", "--packing_samples"],
 }
 CONFIGS = ["trl", *XRIGHT_CONFIGS]
 MARK = "<!-- bench_speed -->"
@@ -149,15 +157,16 @@ def trl_child(model_dir: str, data: str, max_len: int, out: str) -> None:
 
 def xright_child(argv: list[str]) -> None:
     """Runs in a child process: xright.cli.train_dpo, with the CPU time after the imports printed."""
-    from xright.cli import common, train_dpo
+    from xright.cli import train_dpo
 
     cpu0 = time.process_time()
     train_dpo.main(argv)
     print("BENCH " + json.dumps({"work_cpu_s": time.process_time() - cpu0}), flush=True)
-    common.main_guard(lambda: None)  # tears the process group down as the CLI does (it may end the process)
+    sys.stderr.flush()
+    os._exit(0)  # everything is saved; skip the finalisation of gloo's threads (xright's CLIs avoid it too)
 
 
-def command(config: str, model_dir: str, data: str, max_len: int, out: str) -> list[str]:
+def command(config: str, model_dir: str, data: str, max_len: int, out: str, shared_cache: str) -> list[str]:
     if config == "trl":
         return [sys.executable, os.path.abspath(__file__), "--_trl_child", model_dir, data, str(max_len), out]
     return [sys.executable, os.path.abspath(__file__), "--_xright_child", "--pretrain", model_dir, "--dataset", data,
@@ -166,11 +175,15 @@ def command(config: str, model_dir: str, data: str, max_len: int, out: str) -> l
             "--learning_rate", str(LR), "--lr_scheduler", "constant", "--lr_warmup_ratio", "0",
             "--adam_betas", "0.9", "0.999", "--beta", "0.1", "--seed", str(SEED), "--logging_steps", "1",
             "--save_path", os.path.join(out, "save"), "--ckpt_path", os.path.join(out, "ckpt"),
-            *XRIGHT_CONFIGS[config]]
+            *(["--ref_cache_dir", shared_cache] if config.endswith("-cached") else []), *XRIGHT_CONFIGS[config]]
 
 
-def run_one(config: str, model_dir: str, data: str, max_len: int) -> dict:
+def run_one(config: str, model_dir: str, data: str, max_len: int, shared_cache: str) -> dict:
+    """One configuration in a fresh process. A precompute's table is copied to ``shared_cache``, where
+    the ``*-cached`` configurations find it."""
     out = tempfile.mkdtemp(prefix=f"bench_speed_{config}_")
+    if config.endswith("-cached") and not (os.path.isdir(shared_cache) and os.listdir(shared_cache)):
+        raise RuntimeError(f"{config} needs a table: run precompute or all before it in the round")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ROOT}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -178,7 +191,7 @@ def run_one(config: str, model_dir: str, data: str, max_len: int) -> dict:
     log = os.path.join(out, "log.txt")
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(command(config, model_dir, data, max_len, out), cwd=ROOT, env=env,
+        proc = subprocess.Popen(command(config, model_dir, data, max_len, out, shared_cache), cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -197,10 +210,41 @@ def run_one(config: str, model_dir: str, data: str, max_len: int) -> dict:
         res.update(train_s=[r["wall_time"] for r in records if r.get("done")][-1] + (float(pre[0]) if pre else 0.0),
                    precompute_s=float(pre[0]) if pre else 0.0,
                    losses=[r["train/dpo/loss"] for r in records if "train/dpo/loss" in r])
+        own = os.path.join(out, "ckpt", "ref_cache")
+        if os.path.isdir(own) and not config.endswith("-cached"):
+            shutil.copytree(own, shared_cache, dirs_exist_ok=True)
     res["pairs_per_s"] = N_PAIRS / res["train_s"]
     res["loss_mean"] = statistics.fmean(res["losses"])
     res["loss_last"] = res["losses"][-1]
     return res
+
+
+# ---- work, counted rather than timed ------------------------------------------------------------
+
+def count_tokens(model_dir: str, data: str, max_len: int) -> dict[str, float]:
+    """Token positions each configuration computes in the epoch (batch 8, seed 42, xright's loaders):
+    policy forward+backward (weighted 3, a backward being about two forwards) plus reference forwards
+    (weighted 1). A machine-independent proxy for the work (attention's T² part aside)."""
+    sys.path.insert(0, ROOT)
+    from xright import refcache
+    from xright.data import CyclingLoader, DataSpec, collate, load_data
+    from xright.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=data, eval_split="", input_template="", max_len=max_len,
+                                  seed=SEED), tok, log=lambda *a: None)
+
+    def epoch(**kw) -> int:
+        loader = CyclingLoader(train, "pairwise", BATCH, tok.pad_token_id, seed=SEED, **kw)
+        return sum(loader.next()["input_ids"].numel() for _ in range(len(loader)))
+
+    padded, grouped, packed = epoch(), epoch(group_by_length=True), epoch(packed=True)
+    once = sum(collate("pairwise", [train[i] for i in idx], tok.pad_token_id)["input_ids"].numel()
+               for idx in refcache._batches(train, BATCH))  # the precompute pass: length-sorted batches
+    return {"real tokens": packed, "base": 3 * padded + padded, "precompute": 3 * padded + once,
+            "group": 3 * grouped + grouped, "packing": 3 * packed + packed,
+            "all": 3 * packed + packed,  # under --packing_samples the pass is packed too
+            "precompute-cached": 3 * padded, "all-cached": 3 * packed}
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -248,10 +292,20 @@ def main(argv=None) -> None:
     p.add_argument("--configs_cut", default=None)
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
     p.add_argument("--workdir", default=None)
+    p.add_argument("--count_tokens", action="store_true", help="only count each configuration's work (seconds)")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_speed_")
     data = write_workloads(workdir)
     model_dir, n_params = write_model(workdir)
+    if args.count_tokens:
+        lines = ["| workload | real tokens | " + " | ".join(XRIGHT_CONFIGS) + " |",
+                 "| --- | --- | " + " | ".join("---" for _ in XRIGHT_CONFIGS) + " |"]
+        for wl in args.workloads.split(","):
+            w = count_tokens(model_dir, data[wl], WORKLOADS[wl])
+            lines.append(f"| {wl} | {w['real tokens']} | " + " | ".join(
+                f"{w[c] / 1e3:.0f}k ({w['base'] / w[c]:.2f}× less)" for c in XRIGHT_CONFIGS) + " |")
+        print("\n".join(lines))
+        return
     started = time.time()
     sections = []
     for wl in args.workloads.split(","):
@@ -259,7 +313,7 @@ def main(argv=None) -> None:
         results: dict[str, list[dict]] = {c: [] for c in configs}
         for rnd in range(args.rounds):
             for c in configs:
-                r = run_one(c, model_dir, data[wl], WORKLOADS[wl])
+                r = run_one(c, model_dir, data[wl], WORKLOADS[wl], os.path.join(workdir, f"refcache-{wl}"))
                 results[c].append(r)
                 print(f"[{wl} round {rnd + 1}] {c}: {r['pairs_per_s']:.2f} pairs/s, train {r['train_s']:.1f}s, "
                       f"wall {r['wall_s']:.1f}s, peak {r['peak_rss_mb']:.0f} MB, loss mean {r['loss_mean']:.4f} "
