@@ -49,53 +49,96 @@ def test_sft_nll_ignores_inf_at_masked_positions():
 
 
 def test_sft_global_token_mean_under_deepspeed_scaling():
-    # W = 2 ranks x G = 2 micro-steps with different response-token counts.
-    # Per-token NLLs (padding positions masked):
-    #   rank 0, micro 0: [1.0, 3.0]            -> 2 tokens, sum 4.0, mean 2.0
-    #   rank 0, micro 1: [2.0]                 -> 1 token,  sum 2.0, mean 2.0
-    #   rank 1, micro 0: [0.5, 0.5, 0.5, 0.5]  -> 4 tokens, sum 2.0, mean 0.5
-    #   rank 1, micro 1: [6.0]                 -> 1 token,  sum 6.0, mean 6.0
-    # Global N = 2 + 1 + 4 + 1 = 8, token mean over the concatenation = 14 / 8 = 1.75.
-    # Mean of per-micro means = (2.0 + 2.0 + 0.5 + 6.0) / 4 = 2.625 (weights tokens unequally).
-    W, G = 2, 2
-    micro_nll = {
-        (0, 0): [1.0, 3.0, 0.0, 0.0],
-        (0, 1): [2.0, 0.0, 0.0, 0.0],
-        (1, 0): [0.5, 0.5, 0.5, 0.5],
-        (1, 1): [6.0, 0.0, 0.0, 0.0],
-    }
-    micro_mask = {
-        (0, 0): [1, 1, 0, 0],
-        (0, 1): [1, 0, 0, 0],
-        (1, 0): [1, 1, 1, 1],
-        (1, 1): [1, 0, 0, 0],
-    }
-    n_global = sum(sum(m) for m in micro_mask.values())  # all-reduced before backward
-    assert n_global == 8
+    """The trainer's own loss assembly (``Trainer.train_step``), run once per rank of a 2-rank world, gives the
+    gradient of the token mean over the whole step once DeepSpeed averages the ranks' gradients.
 
-    # A shared scalar parameter theta (= 1) scales every token log-prob, so each rank's
-    # gradient is d(loss)/d(theta) and the true token-mean gradient is 14 / 8 = 1.75.
-    rank_values, rank_grads = [], []
-    for rank in range(W):
+    W = 2 ranks x G = 2 micro-steps with different response-token counts. Per-token NLLs (padding masked):
+      rank 0, micro 0: [1.0, 3.0]            -> 2 tokens, sum 4.0, mean 2.0
+      rank 0, micro 1: [2.0]                 -> 1 token,  sum 2.0, mean 2.0
+      rank 1, micro 0: [0.5, 0.5, 0.5, 0.5]  -> 4 tokens, sum 2.0, mean 0.5
+      rank 1, micro 1: [6.0]                 -> 1 token,  sum 6.0, mean 6.0
+    Global N = 8, token mean over the concatenation = 14 / 8 = 1.75; the mean of per-micro means would be
+    (2 + 2 + 0.5 + 6) / 4 = 2.625, a rank-local normaliser (rank 0: 6/3, rank 1: 8/5) gives 1.8.
+    Every token log-prob is −θ·nll with θ = 1, so d(loss)/dθ is the loss itself.
+    """
+    from xright.objectives import Objective
+    from xright.schedules import Single
+    from xright.trainer import Task, TrainArgs, Trainer
+
+    nll = {(0, 0): [1.0, 3.0, 0.0, 0.0], (0, 1): [2.0, 0.0, 0.0, 0.0],
+           (1, 0): [0.5, 0.5, 0.5, 0.5], (1, 1): [6.0, 0.0, 0.0, 0.0]}
+    mask = {(0, 0): [1, 1, 0, 0], (0, 1): [1, 0, 0, 0], (1, 0): [1, 1, 1, 1], (1, 1): [1, 0, 0, 0]}
+    local_tokens = {r: sum(sum(mask[r, m]) for m in range(2)) for r in range(2)}  # 3 and 5
+
+    class TokenNLL(Objective):
+        kind, unit = "sft", "tokens"
+
+        def __init__(self, theta):
+            self.theta = theta
+
+        def units(self, batch):
+            return batch["loss_mask"].sum().double()
+
+        def __call__(self, model, reference, batch):
+            value = L.sft_nll(-self.theta * batch["nll"], batch["loss_mask"]).sum()
+            return value, {"loss": value.detach()}
+
+    class Loader:
+        seed = 0
+
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def next(self):
+            return next(self.batches)
+
+        def load_state_dict(self, state):  # the trainer's probe copy is set up, never drawn from
+            pass
+
+    class RankStrategy:
+        """Rank r of 2; the one collective of a step (the token count) returns both ranks' sum."""
+        world_size, device = 2, torch.device("cpu")
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def all_reduce(self, tensor, op="sum"):
+            assert op == "sum" and float(tensor) == local_tokens[self.rank]
+            return tensor.detach() + local_tokens[1 - self.rank]
+
+    class Engine:
+        def __init__(self):
+            self.boundaries, self.calls = [], []
+
+        def set_gradient_accumulation_boundary(self, flag):
+            self.boundaries.append(flag)
+
+        def backward(self, loss, scale_wrt_gas=True):
+            assert scale_wrt_gas is False  # the trainer scales by W / N itself; DeepSpeed must not divide by G
+            self.calls.append(float(loss))
+            loss.backward()
+
+        def step(self):
+            pass
+
+    grads, sums = [], []
+    for rank in range(2):
         theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
-        accumulated = 0.0
-        for micro in range(G):
-            token_logps = -theta * t(*micro_nll[rank, micro]).unsqueeze(0)
-            mask = torch.tensor([micro_mask[rank, micro]])
-            loss = L.sft_nll(token_logps, mask).sum() * W * G / n_global
-            (loss / G).backward()  # engine.backward divides by G
-            accumulated += loss.item() / G
-        rank_values.append(accumulated)
-        rank_grads.append(theta.grad.item())
-    # the gradient all-reduce averages over W ranks
-    value = sum(rank_values) / W
-    grad = sum(rank_grads) / W
-    assert value == pytest.approx(1.75, abs=1e-12)
-    assert grad == pytest.approx(1.75, abs=1e-12)
-
-    mean_of_micro_means = (4.0 / 2 + 2.0 / 1 + 2.0 / 4 + 6.0 / 1) / 4
-    assert mean_of_micro_means == pytest.approx(2.625)
-    assert abs(value - mean_of_micro_means) > 0.5
+        batches = [{"ids": [f"r{rank}m{m}"], "nll": t(*nll[rank, m]).unsqueeze(0),
+                    "loss_mask": torch.tensor([mask[rank, m]]), "attention_mask": torch.tensor([mask[rank, m]])}
+                   for m in range(2)]
+        engine = Engine()
+        task = Task(TokenNLL(theta), Loader(batches), None, micro_batch_size=1, grad_accum=2)
+        trainer = Trainer(RankStrategy(rank), engine, None, {"sft": task}, Single("sft"),
+                          TrainArgs(total_steps=1, save_path="/nonexistent"), logger=None)
+        step_sums, units, _ = trainer.train_step({"sft": 1.0})
+        assert float(units["sft"]) == 8 and engine.boundaries == [False, True]
+        # each micro-step's loss is its summed NLL × W / N
+        assert engine.calls == pytest.approx([sum(nll[rank, m]) * 2 / 8 for m in range(2)], abs=1e-12)
+        grads.append(theta.grad.item())
+        sums.append(float(step_sums["sft"]["loss"]))
+    assert sum(grads) / 2 == pytest.approx(1.75, abs=1e-12)  # DeepSpeed's gradient all-reduce: mean over ranks
+    assert sum(sums) / 8 == pytest.approx(1.75, abs=1e-12)   # the logged loss: summed over ranks / N
 
 
 # ----------------------------------------------------------------------------- DPO / IPO
