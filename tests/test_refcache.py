@@ -103,6 +103,16 @@ def test_model_fingerprint_follows_the_files(tmp_path):
     assert refcache.model_fingerprint("tiny", 1, 258) != refcache.model_fingerprint("tiny", 2, 258)
 
 
+def test_code_fingerprint_follows_the_log_prob_sources(tmp_path, monkeypatch):
+    from xright import logprobs
+
+    before = refcache.code_fingerprint()
+    changed = tmp_path / "logprobs.py"
+    changed.write_text(open(logprobs.__file__).read() + "\n# a fix\n")
+    monkeypatch.setattr(logprobs, "__file__", str(changed))
+    assert refcache.code_fingerprint()["sources_sha256"] != before["sources_sha256"]
+
+
 class OneRank:
     world_size, rank, device, is_rank0 = 1, 0, torch.device("cpu"), True
 

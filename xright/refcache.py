@@ -11,7 +11,8 @@ is small, two float32 per completion — and the reference model is released.
 The table is stored as safetensors under ``--ref_cache_dir`` (default ``<ckpt_path>/ref_cache``),
 named by a fingerprint of the reference model (path + its files' names, sizes and mtimes and
 the config's content; for ``tiny``: its config and seed), dtype and attention, the tokenizer,
-and each objective's max_len, truncation and templates. Inside, every example carries a hash of
+each objective's max_len, truncation and templates, and the code that computes log-probs (the
+sources of logprobs, models, collate and this module; torch and transformers versions). Inside, every example carries a hash of
 its token ids, so a table is reused only when every id of this run is in it with the same
 tokens: a second run (or a resumed one) loads it in seconds, and any change recomputes.
 
@@ -90,6 +91,18 @@ def model_fingerprint(pretrain: str | None, seed: int, vocab_size: int) -> dict:
     return _files_fingerprint(path)
 
 
+def code_fingerprint() -> dict:
+    """The code that turns token ids into reference log-probs: a fix to a mask or an attention path
+    must not be answered from a table computed before it."""
+    import transformers
+
+    from xright import data, logprobs, models
+
+    sources = [logprobs.__file__, models.__file__, os.path.join(os.path.dirname(data.__file__), "collate.py"), __file__]
+    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()
+    return {"sources_sha256": digest, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def fingerprint(args, specs, tokenizer) -> dict:
     """Everything besides the token ids that decides the reference log-probs of this run's examples."""
     ref_path = getattr(args, "ref_pretrain", None)
@@ -97,7 +110,7 @@ def fingerprint(args, specs, tokenizer) -> dict:
     chat = getattr(tokenizer, "chat_template", None)
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
-        "format": FORMAT,
+        "format": FORMAT, "code": code_fingerprint(),
         "model": model_fingerprint(ref_path or args.pretrain, args.seed, len(tokenizer)),
         "bf16": args.bf16, "flash_attn": args.flash_attn,
         "load_in_4bit": bool(lora_base and args.load_in_4bit),
