@@ -466,7 +466,6 @@ def test_lora_rank_alpha_dropout_and_one_target_module(tmp_path):
     assert all("query_key_value.lora_" in n for n, _ in trained) and sum(k for _, k in trained) == 4 * (512 + 1536)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 B1: a --deepspeed file's batch sizes are ignored")
 def test_deepspeed_file_batch_sizes_are_used(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
@@ -487,7 +486,6 @@ def test_deepspeed_file_batch_sizes_are_used(tmp_path):
             written["gradient_accumulation_steps"]) == (8, 2, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 B2: --zero_stage 0 --bf16 keeps grad_accum_dtype fp32")
 def test_zero_stage_0_bf16_trains(tmp_path):
     records = run(train_sft.main, tmp_path / "run", "--zero_stage", "0", "--bf16", "--max_samples", "16",
                   "--train_batch_size", "4", "--micro_train_batch_size", "2", "--max_steps", "2")
