@@ -407,3 +407,16 @@ def test_sigkill_resume_with_grouping_and_packing_is_bitwise(tmp_path):
     out = run_cli("train_sft", [*argv(cut), "--load_checkpoint"], nproc=1)
     assert "resumed from" in out.stdout
     assert len(trajectory(ref)) == 12 and trajectory(cut) == trajectory(ref)  # 8 steps per epoch: crosses one
+
+
+def test_fused_adamw_only_on_cuda():
+    """A GPU run without offload gets torch's fused AdamW; the CPU path keeps the default AdamW."""
+    from xright.strategy import Strategy
+
+    model = load_model("tiny", seed=0)
+    s = Strategy.__new__(Strategy)  # no process group needed to build an optimizer
+    s.ds_config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}
+    s.device = torch.device("cpu")
+    assert not s.optimizer(model, 1e-3, (0.9, 0.95), 0.0).defaults["fused"]
+    s.device = torch.device("cuda")  # the kernel runs only at step(): building it needs no GPU
+    assert s.optimizer(model, 1e-3, (0.9, 0.95), 0.0).defaults["fused"] is True
