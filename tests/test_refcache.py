@@ -84,6 +84,14 @@ def test_cache_is_reused_and_recomputed_on_a_change(tmp_path, capsys, monkeypatc
     assert len(os.listdir(tmp_path / "ckpt" / "ref_cache")) == 3
 
 
+def test_a_resumed_run_finds_the_table(tmp_path, capsys):
+    steps = ["--max_steps", "4", "--save_steps", "2"]
+    _, printed = run(train_dpo.main, tmp_path, "run", *N16, *steps, capsys=capsys)
+    assert "reference log-probs: computed" in printed
+    _, printed = run(train_dpo.main, tmp_path, "run", *N16, *steps, "--load_checkpoint", capsys=capsys)
+    assert "reference log-probs: loaded 32 examples" in printed and "at step 4" in printed
+
+
 def test_short_runs_keep_the_live_reference_unless_asked(tmp_path, capsys):
     _, printed = run(train_dpo.main, tmp_path, "short", *N16, "--max_steps", "1", capsys=capsys)
     assert "reference log-probs: live (1 steps draw at most 8 of the 16 dpo examples" in printed
