@@ -16,7 +16,7 @@ import torch
 
 from launch import ROOT, env, metrics, run_cli, train_records
 from xright.cli import batch_inference, common
-from xright.data import DataSpec, load_data
+from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
 from xright.generation import (Sampling, cut_at_eos, encode_prompts, generate, gather_ordered, iter_dpo, kto,
                                plan_batches, rank_batches, read_prompts, rs, csft, exo, post_process, win_rate)
@@ -40,6 +40,15 @@ def infer(tmp_path, name, *args):
         os.environ.clear()
         os.environ.update(saved)
     return read_jsonl(out)
+
+
+def inprocess(main, argv):
+    saved = dict(os.environ)
+    try:
+        return main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ---- generation -------------------------------------------------------------------------------------
@@ -108,8 +117,12 @@ def test_fixed_seed_reproduces_sampled_output(tmp_path):
 def test_bad_prompt_record_names_file_line_and_field(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"input": "hi"}\n{"inptu": "ho"}\n')
-    with pytest.raises(Exception, match=r"p.jsonl line 2: field 'input': missing.*did you mean 'inptu'"):
+    with pytest.raises(DataError, match=r"p.jsonl line 2: field 'input': missing.*did you mean 'inptu'"):
         infer(tmp_path, "o.jsonl", *GEN, "--dataset", str(data))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text('{"input": "hi", "output": "ho"}\n\n{"input": "hi", "output": 3}\n')
+    with pytest.raises(DataError, match=r"a.jsonl line 3: field 'output': must be a string, got int 3"):
+        infer(tmp_path, "o.jsonl", "--eval_task", "rm", "--dataset", str(answers))
 
 
 def test_vllm_missing_is_one_clear_line(tmp_path, capsys):
@@ -143,9 +156,11 @@ def rm_run(tmp_path_factory):
     written as generation records (chosen and rejected answers of each prompt)."""
     root = tmp_path_factory.mktemp("rm")
     out = str(root / "rm")
-    run_cli("train_rm", ["--save_path", out, "--max_samples", "64", "--max_steps", "8", "--micro_train_batch_size",
-                         "4", "--train_batch_size", "8", "--eval_steps", "1000", "--zero_stage", "0",
-                         "--learning_rate", "1e-3", "--lr_scheduler", "constant"], nproc=1)
+    from xright.cli import train_rm
+
+    inprocess(train_rm.main, ["--save_path", out, "--max_samples", "64", "--max_steps", "8", "--micro_train_batch_size",
+                              "4", "--train_batch_size", "8", "--eval_steps", "1000", "--zero_stage", "0",
+                              "--learning_rate", "1e-3", "--lr_scheduler", "constant"])
     pairs = root / "answers.jsonl"
     with open(pairs, "w") as f:
         for r in preference_records(64, 42, "eval"):
@@ -186,10 +201,12 @@ def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, tmp_path):
         assert a["completions"] == b["completions"] and a["rewards"] == pytest.approx(b["rewards"], abs=1e-5)
     # the scored records train EXO-rw as they are
     out = str(tmp_path / "exo_run")
-    run_cli("train_exo", ["--loss", "exo-rw", "--dataset", str(tmp_path / "exo1.jsonl"), "--save_path", out,
-                          "--zero_stage", "0", "--train_batch_size", "8", "--micro_train_batch_size", "4",
-                          "--learning_rate", "2e-3", "--lr_scheduler", "constant", "--max_epochs", "3",
-                          "--eval_split", "", "--beta", "0.5"], nproc=1)
+    from xright.cli import train_exo
+
+    inprocess(train_exo.main, ["--loss", "exo-rw", "--dataset", str(tmp_path / "exo1.jsonl"), "--save_path", out,
+                               "--zero_stage", "0", "--train_batch_size", "8", "--micro_train_batch_size", "4",
+                               "--learning_rate", "2e-3", "--lr_scheduler", "constant", "--max_epochs", "3",
+                               "--eval_split", "", "--beta", "0.5"])
     losses = [r["train/exo-rw/loss"] for r in train_records(out)]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02, losses
@@ -225,15 +242,6 @@ def test_post_processors_by_hand():
     opts = type("Opts", (), {"kto_threshold": 0.7, "reward_template": None})()
     assert [r["label"] for r in kto(SCORED[:7], opts)] == [False, True, False, True, True, True, True]
     assert csft(SCORED[:1])[0]["input"] == "what is 1+1? <rm_score>: 0.50 "
-
-
-def inprocess(main, argv):
-    saved = dict(os.environ)
-    try:
-        return main(argv)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_each_post_processors_output_is_read_by_its_trainer(tmp_path):
@@ -301,6 +309,13 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
     assert hedged["mean_len"] > 3 * hedged["baseline_mean_len"]  # the hedged answers are long: visible
     table = open(os.path.join(out, "winrate.md")).read()
     assert table.count("\n") == 4 and "| hedged | 1.000 |" in table
+    # a model instead of a file: its greedy answers to the same (built-in held-out) prompts come first
+    inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
+                                  "--candidates", "tiny", "--max_samples", "64", "--max_new_tokens", "8",
+                                  "--output_dir", out])
+    res = json.load(open(os.path.join(out, "winrate.json")))
+    assert res["rows"][0]["name"] == "tiny" and res["rows"][0]["n"] == 64
+    assert len(read_jsonl(os.path.join(out, "answers_tiny.jsonl"))) == 64
     with pytest.raises(common.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
         inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
                                       "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])

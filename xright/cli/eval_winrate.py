@@ -5,7 +5,9 @@ of the paper's AlpacaEval number.
         --candidates exo.jsonl,dpo.jsonl --names exo-rw,iter-dpo --output_dir ./eval
 
 Every file is a generation file (``batch_inference --eval_task generate``: ``prompt_id``, ``input``,
-``output``) with one answer per prompt, for the same prompts. The reward model scores every answer
+``output``) with one answer per prompt, for the same prompts. A baseline or candidate that is not a file
+is a model (HF dir, LoRA adapter dir, hub id or ``tiny``): its greedy answers to ``--dataset``
+(default: the built-in held-out prompts) are generated first, into ``output_dir/answers_<name>.jsonl``. The reward model scores every answer
 (the score ``train_rm`` trains: the last real token); per candidate: the win rate over the baseline with
 ties counted half, a bootstrap interval over prompts, the mean score difference and the mean answer
 lengths in tokens (a judge that likes long answers shows up as a length gap). Writes
@@ -28,6 +30,12 @@ def parser():
     p.add_argument("--candidates", type=str, required=True, help="comma-separated generation files (A, …)")
     p.add_argument("--names", type=str, default=None, help="comma-separated names for --candidates")
     p.add_argument("--output_dir", type=str, required=True)
+    g = p.add_argument_group("generating first (for models among --baseline / --candidates)")
+    g.add_argument("--dataset", type=str, default=None, help="prompts; default: the built-in held-out prompts")
+    g.add_argument("--dataset_split", type=str, default="test")
+    g.add_argument("--max_samples", type=int, default=100000000)
+    g.add_argument("--max_new_tokens", type=int, default=1024)
+    g.add_argument("--generate_micro_batch_size", type=int, default=16)
     p.add_argument("--input_key", type=str, default="input")
     p.add_argument("--output_key", type=str, default="output")
     p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
@@ -66,6 +74,24 @@ def aligned(files: dict, answers: dict) -> list[str]:
             raise common.UsageError(f"{files[name]} {what} prompts of the baseline {next(iter(files.values()))}: "
                                     "generate both for the same prompts")
     return order
+
+
+def answers_file(path: str, name: str, args) -> str:
+    """``path`` if it is a file; else ``path`` is a model: its greedy answers, generated now."""
+    if os.path.isfile(path):
+        return path
+    from xright.cli import batch_inference
+
+    out = os.path.join(args.output_dir, f"answers_{name}.jsonl")
+    batch_inference.main(["--eval_task", "generate", "--pretrain", path, "--greedy_sampling", "--output_path", out,
+                          "--max_new_tokens", str(args.max_new_tokens), "--max_samples", str(args.max_samples),
+                          "--dataset_split", args.dataset_split, "--input_key", args.input_key,
+                          "--input_template", args.input_template, "--micro_batch_size",
+                          str(args.generate_micro_batch_size), "--zero_stage", str(args.zero_stage), "--seed",
+                          str(args.seed), *(["--dataset", args.dataset] if args.dataset else []),
+                          *(["--apply_chat_template"] if args.apply_chat_template else []),
+                          *(["--bf16"] if args.bf16 else [])])
+    return out
 
 
 def plot(rows: list[dict], baseline: str, path: str) -> bool:
@@ -108,6 +134,7 @@ def main(argv=None):
     files = {baseline: args.baseline, **dict(zip(names, candidates))}
     if len(files) != len(candidates) + 1:
         raise common.UsageError(f"names must differ: {baseline}, {', '.join(names)}")
+    files = {n: answers_file(f, n, args) for n, f in files.items()}
     strategy = Strategy(seed=args.seed)
     configure_inference(strategy, args.zero_stage, args.bf16)
     tokenizer = load_tokenizer(args.reward_pretrain)
