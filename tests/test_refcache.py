@@ -194,3 +194,13 @@ def test_two_ranks_zero3_precompute_is_the_single_process_table(tmp_path, capsys
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) > 4
     for (step, key, x), (_, _, y) in zip(a, b):
         assert x == pytest.approx(y, abs=1e-5), (step, key)
+
+
+def test_one_id_with_two_tokenisations_keeps_the_reference_live():
+    a = {"id": "train.jsonl:3", "prompt_ids": [1, 2], "responses": [[3], [4]]}
+    same, other = dict(a), {**a, "responses": [[3, 5], [4]]}  # e.g. two objectives with different max_len
+    logs = []
+    assert refcache.unique_examples([[a], [same]], logs.append) == ([a], [refcache.token_hash(a)])
+    assert refcache.unique_examples([[a], [other]], logs.append) is None
+    assert logs == ["warning: reference log-probs: example 'train.jsonl:3' has different token ids in two "
+                    "objectives; the reference stays live (no precompute)"]
