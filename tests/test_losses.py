@@ -181,6 +181,14 @@ def test_dpo_rewards_are_beta_logratios_detached():
     assert not chosen.requires_grad and not rejected.requires_grad
 
 
+def test_ipo_and_simpo_rewards_are_detached():
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    losses, chosen, rejected = L.ipo(pc, pr, RC, RR, 0.1)
+    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+    losses, chosen, rejected = L.simpo(pc, pr, t(2.0, 3.0), t(1.0, 4.0))
+    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+
+
 def test_ipo_on_summed_logps():
     losses, chosen, rejected = L.ipo(PC, PR, RC, RR, beta=0.1)
     # 1/(2*0.1) = 5: (1 - 5)^2 = 16, (-2 - 5)^2 = 49
@@ -332,8 +340,8 @@ def test_exo_pref_target_epsilon_variant():
     qc, qr = sig(0.5), sig(-0.5)
     expected = qc * (math.log(qc) - math.log(1 - eps)) + qr * (math.log(qr) - math.log(eps))
     close(L.exo(policy, ref, target, beta=0.5), [expected])
-    for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError):
+    for bad in (0.0, 1.0, 1.5, -0.1):  # the check's own message, not a math domain error further on
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
             L.exo_pref_target(1, bad, torch.float64, None)
 
 
