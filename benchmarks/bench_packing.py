@@ -54,7 +54,7 @@ SFT_FILE = os.path.join(DATA, "xright", "rm_hh_rlhf_test_subset_formatted.json")
 HH_FILE = os.path.join(DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
 CONFIGS = {"sft": {"padded random": {}, "length-grouped": {"group_by_length": True}, "packed": {"packed": True}},
            "dpo": {"padded random": {}, "packed": {"packed": True}}}
-MARK = "<!-- bench_packing -->"
+MARK = "<!-- bench_packing {} -->"  # one section per model
 
 
 def build_model(name: str, packing: bool, seed: int = 0):
@@ -161,14 +161,14 @@ def main(argv=None):
     rss = {(job, c): in_child(peak_rss, job, c, data[job], args) for job in CONFIGS for c in CONFIGS[job]}
     section = report(args, data, results, rss, started, load_before, os.getloadavg(), argv)
     print(section)
-    write_section(args.results, section)
+    write_section(args.results, section, MARK.format(args.model))
 
 
 def report(args, data, results, rss, started, load_before, load_after, argv) -> str:
     cmd = "OMP_NUM_THREADS=%d python benchmarks/bench_packing.py %s" % (
         args.threads, shlex.join(sys.argv[1:] if argv is None else argv))
     params = sum(p.numel() for p in build_model(args.model, False).parameters()) / 1e6
-    lines = [MARK, "## Packing and length grouping (`bench_packing.py`)", "",
+    lines = [MARK.format(args.model), f"## Packing and length grouping, {args.model} model (`bench_packing.py`)", "",
              f"Measured {started:%Y-%m-%d %H:%M} UTC with:", "", "```", cmd, "```", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other work (load average "
              f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} "
@@ -194,11 +194,11 @@ def report(args, data, results, rss, started, load_before, load_after, argv) -> 
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
+def write_section(path: str, section: str, mark: str) -> None:
     """Replace this benchmark's section of RESULTS.md (from its marker to the next one or the end)."""
     text = open(path).read() if os.path.exists(path) else ""
-    if MARK in text:
-        head, rest = text.split(MARK, 1)
+    if mark in text:
+        head, rest = text.split(mark, 1)
         nxt = rest.find("\n<!-- ", 1)
         text = head + section + (rest[nxt:] if nxt >= 0 else "\n")
     else:
