@@ -42,8 +42,10 @@ class Bigram(nn.Module):
         self.table = nn.Parameter(table.float())
         self.calls = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        assert use_cache is False and attention_mask is not None
+    def forward(self, input_ids, attention_mask=None, use_cache=None, position_ids=None, **packing):
+        # a cache would stop transformers from seeing a packed row's sequence boundaries
+        assert use_cache is False
+        assert (attention_mask is not None) != (position_ids is not None)  # padded rows xor one packed row
         self.calls.append(input_ids.shape)
         return SimpleNamespace(logits=self.table[input_ids])
 
@@ -100,10 +102,11 @@ def as_tensors(rows):
 
 # ---- SFT -------------------------------------------------------------------------------------
 
-def test_sft_sums_response_nll_and_counts_response_tokens(models):
+@pytest.mark.parametrize("packed", [False, True])
+def test_sft_sums_response_nll_and_counts_response_tokens(models, packed):
     policy, _ = models
     examples = [{"id": e["id"], "prompt_ids": e["prompt_ids"], "response_ids": e["responses"][0]} for e in PAIRS]
-    batch = collate("sft", examples, PAD)
+    batch = collate("sft", examples, PAD, packed=packed)
     value, metrics = SFT()(policy, None, batch)
     per_token = [token_logps(POLICY_T, e["prompt_ids"], e["response_ids"]) for e in examples]
     hand = -math.fsum(v for row in per_token for v in row)
@@ -165,12 +168,13 @@ PAIR_CASES = {
 }
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("case", list(PAIR_CASES))
-def test_pairwise_objective_equals_pure_loss_and_hand_value(models, case):
+def test_pairwise_objective_equals_pure_loss_and_hand_value(models, case, packed):
     loss, params, hand, pure = PAIR_CASES[case]
     policy, reference = models
     objective = Pairwise(loss, params)
-    batch = collate("pairwise", PAIRS, PAD)
+    batch = collate("pairwise", PAIRS, PAD, packed=packed)
     value, metrics = objective(policy, reference, batch)
     rows = hand_pairs(ref=objective.needs_reference)
     expect_hand = math.fsum(hand(*r) for r in rows)
@@ -248,15 +252,16 @@ def kto_local_z():
     return sum(vals) / B
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("other_rank_z", [None, 3.0, -40.0])
-def test_kto_equals_hand_value_with_mismatched_pair_reference_point(models, other_rank_z):
+def test_kto_equals_hand_value_with_mismatched_pair_reference_point(models, other_rank_z, packed):
     """z is the mean log-ratio of (x_i, y_{i+1}); with a second rank, the mean of both ranks' z, then
     clamped at 0 (the −40 case: a negative mean gives z = 0)."""
     policy, reference = models
     objective = KTO(beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     if other_rank_z is not None:
         objective.reduce_mean = lambda t: (t + other_rank_z) / 2
-    batch = collate("binary", BINARY, PAD)
+    batch = collate("binary", BINARY, PAD, packed=packed)
     value, m = objective(policy, reference, batch)
     z = kto_local_z() if other_rank_z is None else (kto_local_z() + other_rank_z) / 2
     assert kto_local_z() > 0.5  # z matters in these numbers (positive: not clamped away)
@@ -387,3 +392,20 @@ def test_reward_model_equals_bradley_terry_by_hand(kind, use_margin):
     pure = L.bradley_terry(torch.tensor(chosen), torch.tensor(rejected),
                            torch.tensor(margins) if use_margin else None, kind).sum()
     assert float(value) == pytest.approx(float(pure), rel=1e-5)
+
+
+# ---- log-prob plumbing ---------------------------------------------------------------------------
+
+def test_gather_logps_upcasts_low_precision_logits():
+    logits = (POLICY_T[[1, 2, 3]] * 1.37).unsqueeze(0).to(torch.bfloat16)  # [1, 3, V]
+    targets = torch.tensor([[4, 5, 6]])
+    from xright.logprobs import gather_logps, num_tokens
+
+    out = gather_logps(logits, targets)
+    assert out.dtype == torch.float32
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)  # bf16 arithmetic would be ~1e-2 off
+    for packed in (False, True):
+        batch = collate("pairwise", PAIRS, PAD, packed=packed)
+        assert int(num_tokens(batch)) == sum(len(e["prompt_ids"]) * 2 + sum(map(len, e["responses"]))
+                                             for e in PAIRS)
