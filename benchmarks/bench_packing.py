@@ -186,10 +186,12 @@ def report(args, data, results, rss, started, load_before, load_after, argv) -> 
         base = results[job]["padded random"]
         for config, steps in results[job].items():
             rate = sum(x[count] for x in steps) / sum(x["seconds"] for x in steps)
-            ratio = statistics.median((x[count] / x["seconds"]) / (b[count] / b["seconds"]) for x, b in zip(steps, base))
+            ratio = statistics.median([(x[count] / x["seconds"]) / (b[count] / b["seconds"])
+                                       for x, b in zip(steps, base)])
             fill = sum(x["real"] for x in steps) / sum(x["slots"] for x in steps)
             losses = ", ".join(f"{x['loss']:.4f}" for x in steps)
-            lines.append(f"| {config} | {rate:.1f} | **{ratio:.2f}×** | {fill:.0%} | {losses} | {rss[(job, config)]:.0f} |")
+            lines.append(f"| {config} | {rate:.1f} | **{ratio:.2f}×** | {fill:.0%} | {losses} | "
+                         f"{rss[(job, config)]:.0f} |")
         lines.append("")
     return "\n".join(lines)
 

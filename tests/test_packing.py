@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from launch import final_eval, run_cli, train_records
 from xright.data import CyclingLoader, collate
-from xright.data.collate import example_length, pack
+from xright.data.collate import example_length
 from xright.logprobs import model_inputs, num_tokens, sequence_logps, token_logps
 from xright.models import VARLEN_SDPA, load_model, register_varlen_attention
 from xright.objectives import EXO, KTO, SFT, Pairwise, Reference
@@ -58,7 +58,8 @@ def test_pack_layout_by_hand():
     assert kto["kl_position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1]]
     assert kto["kl_cu_seqlens"].tolist() == [0, 5, 7, 9] and kto["kl_max_seqlen"] == 5
     # pairwise: K-major rows become K-major sequences (chosen of every example, then rejected)
-    pairs = [{"id": "p", "prompt_ids": [1], "responses": [[2], [3, 4]]}, {"id": "q", "prompt_ids": [5], "responses": [[6, 7, 8], [9]]}]
+    pairs = [{"id": "p", "prompt_ids": [1], "responses": [[2], [3, 4]]},
+             {"id": "q", "prompt_ids": [5], "responses": [[6, 7, 8], [9]]}]
     pw = collate("pairwise", pairs, PAD, packed=True)
     assert pw["input_ids"].tolist() == [[1, 2, 5, 6, 7, 8, 1, 3, 4, 5, 9]]
     assert pw["cu_seqlens"].tolist() == [0, 2, 6, 9, 11] and pw["num_choices"] == 2
