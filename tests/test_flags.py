@@ -491,3 +491,20 @@ def test_zero_stage_0_bf16_trains(tmp_path):
                   "--train_batch_size", "4", "--micro_train_batch_size", "2", "--max_steps", "2")
     assert len(records) == 2 and all(math.isfinite(r["train/sft/loss"]) for r in records)
     assert json.load(open(tmp_path / "run" / "ds_config.json"))["bf16"]["enabled"] is True
+
+
+def test_compute_fp32_loss_under_bf16(tmp_path):
+    # bf16 scores: with --compute_fp32_loss the Bradley-Terry loss is computed from them in fp32, without it in
+    # bf16 — two values that differ by bf16 rounding; the run logs the first
+    data = jsonl(tmp_path / "rm.jsonl", preference_records(8, seed=12))
+    records = run(train_rm.main, tmp_path / "run", "--dataset", data, "--prompt_key", "prompt", "--bf16",
+                  "--compute_fp32_loss", "--train_batch_size", "8", "--micro_train_batch_size", "4", "--max_steps", "1")
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=data, max_len=512), TOK, **QUIET)
+    model = load_model("tiny", task="reward", seed=42, bf16=True).eval()
+    fp32 = bf16 = 0.0
+    with torch.no_grad():
+        for b in first_step(train, "pairwise", 4, 2, 42):
+            fp32 += float(RewardModel(fp32=True)(model, None, b)[0])
+            bf16 += float(RewardModel(fp32=False)(model, None, b)[0])
+    assert records[0]["train/rm/loss"] == pytest.approx(fp32 / 8, rel=1e-6)
+    assert abs(fp32 - bf16) / 8 > 1e-5
