@@ -203,6 +203,28 @@ def test_packed_rows_under_gradient_checkpointing():
         torch.testing.assert_close(g[k], g_pad[k], atol=1e-5, rtol=1e-4)
 
 
+def test_sliding_window_longer_than_a_packed_sequence_is_refused():
+    """The per-sequence SDPA applies no sliding window: exact while every sequence fits in it, an error
+    (not a silently different attention) once one does not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, pad_token_id=PAD)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).eval()
+    register_varlen_attention()
+    short = [{"id": str(i), "prompt_ids": [1, 2, 3], "response_ids": [4 + i] * (1 + i)} for i in range(3)]
+    with torch.no_grad():
+        padded = sequence_logps(model, collate("sft", short, PAD))[0]
+        with attention(model, VARLEN_SDPA):
+            torch.testing.assert_close(sequence_logps(model, collate("sft", short, PAD, packed=True))[0], padded,
+                                       atol=1e-5, rtol=0)
+            long = short + [{"id": "x", "prompt_ids": [1] * 5, "response_ids": [2] * 5}]  # 10 > 8 tokens
+            with pytest.raises(ValueError, match="exceeds this model's sliding window"):
+                sequence_logps(model, collate("sft", long, PAD, packed=True))
+
+
 def test_lora_reference_reads_packed_rows():
     policy = with_lora(load_model("tiny", seed=4, packing=True))
     base = load_model("tiny", seed=4, trainable=False)

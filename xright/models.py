@@ -117,8 +117,8 @@ def register_varlen_attention() -> str:
     whole L×L product under a block-diagonal mask (measured only 1.16× over padded batches here); this
     computes Σ Lᵢ². Without ``cu_seq_lens_q`` (padded batches, generation) it is transformers' SDPA
     with transformers' SDPA mask, unchanged. Its mask function builds no mask when there is no 2-D
-    attention mask, so a packed row never materialises L×L. Sliding-window layers are not windowed
-    on packed rows (GPT-NeoX and Llama have none).
+    attention mask, so a packed row never materialises L×L. Sliding windows (Mistral, some Qwen2
+    layers) are not applied to packed rows: a sequence longer than the window is an error.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -129,6 +129,11 @@ def register_varlen_attention() -> str:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         # split, not slices: the backward of a split is one cat, of each slice a full-size zero tensor
         lengths = cu_seq_lens_q.diff().tolist()
+        window = kwargs.get("sliding_window")
+        if window is not None and max(lengths) > window:
+            raise ValueError(f"--packing_samples: a sequence of {max(lengths)} tokens exceeds this model's sliding "
+                             f"window ({window}), which packed rows do not apply; drop --packing_samples or use "
+                             "--flash_attn")
         outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
                 for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)))]
         return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim], as sdpa_attention_forward returns
