@@ -212,12 +212,13 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     del cols, texts
     features = _features(kind).copy()
     features["status"] = Value("int8")
-    num_proc = min(os.cpu_count() or 1, len(records) // 4000) or None
+    num_proc = min(os.cpu_count() or 1, len(records) // 4000)
+    num_proc = num_proc if num_proc > 1 else None  # (num_proc=1 would still start a worker process)
     mapped = source.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=source.column_names,
                         features=features, fn_kwargs={"tokenizer": tokenizer, "spec": spec}, num_proc=num_proc,
                         cache_file_name=os.path.join(work, "tokens.arrow"), new_fingerprint=os.path.basename(path),
                         load_from_cache_file=False)
-    status = Counter(mapped["status"])
+    status = Counter(mapped.data.column("status").to_numpy().tolist())
     kept = mapped.filter(lambda s: [x < 2 for x in s], input_columns="status", batched=True,
                          cache_file_name=os.path.join(work, "kept.arrow"), load_from_cache_file=False)
     counts = {name: status.get(i, 0) for i, name in enumerate(STATUS) if name != "ok"}
