@@ -232,7 +232,7 @@ def close_process_group() -> list[str]:
             pass
     _ENGINES.clear()
     if dist.is_initialized():
-        from deepspeed import comm as ds_comm
+        from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
 
         if getattr(ds_comm, "cdb", None) is not None:
             ds_comm.destroy_process_group()
