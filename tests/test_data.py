@@ -1014,3 +1014,19 @@ def test_disk_cache_empty_eval_split(tmp_path, tok):
         train, ev = load_data(spec(dataset=str(d), eval_split="test", max_len=30, cache_dir=str(tmp_path / "c")), tok,
                               log=log)
         assert len(train) == 4 and ev is None and "eval set empty after filtering" in log.text()
+
+
+def test_disk_cache_parallel_build_keeps_order(tmp_path, tok, monkeypatch):
+    from xright.data import store
+
+    monkeypatch.setattr(store, "PER_PROCESS", 10)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two tokenising processes for 60 records
+    import datasets
+
+    procs, real_map = [], datasets.Dataset.map
+    monkeypatch.setattr(datasets.Dataset, "map", lambda self, *a, **k: procs.append(k.get("num_proc"))
+                        or real_map(self, *a, **k))
+    s = spec("binary", dataset=write(tmp_path / "p.jsonl", pairs(30)), max_len=24)
+    want = load_data(s, tok, log=Log())[0]
+    s.cache_dir = str(tmp_path / "cache")
+    assert list(load_data(s, tok, log=Log())[0]) == want and procs[0] == 2

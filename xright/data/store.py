@@ -36,6 +36,7 @@ from collections.abc import Sequence
 FORMAT = 1
 META = "meta.json"
 STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
+PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
 
 
 def _features(kind: str):
@@ -212,7 +213,7 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     del cols, texts
     features = _features(kind).copy()
     features["status"] = Value("int8")
-    num_proc = min(os.cpu_count() or 1, len(records) // 4000)
+    num_proc = min(os.cpu_count() or 1, len(records) // PER_PROCESS)
     num_proc = num_proc if num_proc > 1 else None  # (num_proc=1 would still start a worker process)
     mapped = source.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=source.column_names,
                         features=features, fn_kwargs={"tokenizer": tokenizer, "spec": spec}, num_proc=num_proc,
