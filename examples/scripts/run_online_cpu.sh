@@ -30,11 +30,13 @@ K=${K:-4}
 MAX_NEW=${MAX_NEW:-48}
 TEMPERATURE=${TEMPERATURE:-1.0}
 EPOCHS=${EPOCHS:-2}
-LR=${LR:-5e-4}
+LR=${LR:-1e-4}
 BETA=${BETA:-0.1}
 EVAL_PROMPTS=${EVAL_PROMPTS:-128}
+EVAL_MAX_NEW=${EVAL_MAX_NEW:-96}  # the judged answers: room to finish (the built-in answers are < 100 bytes)
 DEMO=${DEMO:-runs/demo}
 THREADS=${THREADS:-2}
+SKIP_DONE=${SKIP_DONE:-0}        # 1: keep the steps an earlier invocation finished (e.g. to retrain with another LR)
 
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$OUT/logs
@@ -44,12 +46,18 @@ START=$SECONDS
 step() {  # step NAME MODULE ARGS...: one single-process run, its output in LOGS/NAME.log
     local name=$1 module=$2
     shift 2
+    if [[ $SKIP_DONE == 1 && -e $LOGS/$name.done ]]; then
+        echo "  [$(( SECONDS - START ))s] $name: kept from an earlier run"
+        return
+    fi
+    rm -f "$LOGS/$name.done"
     echo "  [$(( SECONDS - START ))s] $name: $module $*"
     if ! python -m "xright.cli.$module" "$@" >"$LOGS/$name.log" 2>&1; then
         echo "$name failed; the end of $LOGS/$name.log:" >&2
         tail -n 25 "$LOGS/$name.log" >&2
         exit 1
     fi
+    touch "$LOGS/$name.done"
 }
 
 REF=$OUT/ref
@@ -79,7 +87,7 @@ step iter_dpo train_dpo --pretrain "$REF" --dataset "$OUT/iter_dpo.jsonl" --save
     "${TRAIN[@]}" --train_batch_size 8 --micro_train_batch_size 8 --max_epochs "$EPOCHS" --learning_rate "$LR" \
     --beta "$BETA"
 echo "6/6 greedy answers to $EVAL_PROMPTS held-out prompts, judged against the reference"
-GEN=(--eval_task generate --dataset_split test --max_samples "$EVAL_PROMPTS" --max_new_tokens "$MAX_NEW"
+GEN=(--eval_task generate --dataset_split test --max_samples "$EVAL_PROMPTS" --max_new_tokens "$EVAL_MAX_NEW"
      --greedy_sampling --micro_batch_size 32)
 for m in ref exo_rw iter_dpo; do
     step "answers_$m" batch_inference "${GEN[@]}" --pretrain "$OUT/$m" --output_path "$OUT/answers_$m.jsonl"
