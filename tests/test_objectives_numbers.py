@@ -409,3 +409,108 @@ def test_gather_logps_upcasts_low_precision_logits():
         batch = collate("pairwise", PAIRS, PAD, packed=packed)
         assert int(num_tokens(batch)) == sum(len(e["prompt_ids"]) * 2 + sum(map(len, e["responses"]))
                                              for e in PAIRS)
+
+
+# ---- facts, defaults and metrics the loop relies on (mutation survivors) -----------------------------------
+
+def test_objective_facts_and_defaults():
+    from xright.cli import train_dpo, train_kto
+    from xright.cli.common import parse
+
+    assert Pairwise("dpo").needs_reference and Pairwise("ipo").needs_reference and KTO().needs_reference
+    assert EXO("exo-pref").needs_reference and not Pairwise("slic").needs_reference
+    assert not Pairwise("simpo").needs_reference and not RewardModel().needs_reference
+    # the library's defaults are the CLIs' (one default per hyperparameter)
+    dpo_args = parse(_parser(train_dpo), [])
+    assert PrefParams() == PrefParams(beta=dpo_args.beta, label_smoothing=dpo_args.label_smoothing,
+                                      ipo_average=dpo_args.ipo_average, slic_delta=dpo_args.slic_delta,
+                                      slic_lambda=dpo_args.slic_lambda, simpo_gamma=dpo_args.simpo_gamma)
+    kto = KTO()
+    kto_args = parse(_parser(train_kto), [])
+    assert (kto.desirable_weight, kto.undesirable_weight) == (kto_args.desirable_loss_weight,
+                                                              kto_args.undesirable_loss_weight)
+    assert RewardModel().use_margin  # a batch's margin is used unless switched off
+
+
+def _parser(cli):
+    """The CLI's parser, built the way its main() builds it (captured from a dry call)."""
+    import argparse
+
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        captured["p"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        cli.main([])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return captured["p"]
+
+
+def test_metrics_are_detached_float_sums(models):
+    policy, reference = models
+    margins = [{**e, "margin": 0.5} for e in PAIRS]
+    cases = [(Pairwise("dpo"), "pairwise", PAIRS), (KTO(), "binary", BINARY), (EXO("exo-rw"), "scored", SCORED),
+             (EXO("dpo-pref"), "pairwise", PAIRS)]
+    for objective, kind, examples in cases:
+        _, m = objective(policy, reference, collate(kind, examples, PAD))
+        for name, v in m.items():
+            assert not v.requires_grad and v.dtype.is_floating_point, (type(objective).__name__, name)
+    _, m = RewardModel()(CumulativeScorer(), None, collate("pairwise", margins, PAD))
+    assert all(not v.requires_grad and v.dtype.is_floating_point for v in m.values())
+
+
+def test_kto_accuracy_by_hand(models):
+    policy, reference = models
+    # reward on the side of max(z, 0) its label asks for; with policy = reference every r = 0 = z: no side
+    same = Reference(model=Bigram(POLICY_T))
+    _, m = KTO(beta=0.5)(policy, same, collate("binary", BINARY, PAD))
+    assert float(m["acc"]) == 0 and float(m["kl"]) == 0
+    for other in (None, -40.0):
+        objective = KTO(beta=0.5)
+        if other is not None:
+            objective.reduce_mean = lambda t, o=other: (t + o) / 2
+        z = kto_local_z() if other is None else (kto_local_z() + other) / 2
+        _, m = objective(policy, reference, collate("binary", BINARY, PAD))
+        r = [seq(POLICY_T, e["prompt_ids"], e["response_ids"]) - seq(REF_T, e["prompt_ids"], e["response_ids"])
+             for e in BINARY]
+        right = [(ri > max(z, 0)) if e["label"] else (ri < max(z, 0)) for ri, e in zip(r, BINARY)]
+        assert float(m["acc"]) == sum(right), other
+        assert float(m["reward"]) == pytest.approx(0.5 * sum(r), rel=1e-5)
+
+
+def test_exo_accuracy_and_margin_by_hand(models):
+    policy, reference = models
+    _, m = EXO("exo-rw", beta=0.5)(policy, reference, collate("scored", SCORED, PAD))
+    acc = margin = 0.0
+    for e in SCORED:
+        u = [0.5 * (seq(POLICY_T, e["prompt_ids"], y) - seq(REF_T, e["prompt_ids"], y)) for y in e["responses"]]
+        acc += u.index(max(u)) == e["rewards"].index(max(e["rewards"]))
+        margin += max(u) - min(u)
+    assert float(m["acc"]) == acc and float(m["margin"]) == pytest.approx(margin, rel=1e-5)
+
+
+def test_loader_geometry_and_default_seed():
+    from xright.cli.common import base_parser
+    from xright.data import CyclingLoader
+
+    examples = [{"id": str(i), "prompt_ids": [1], "response_ids": [2]} for i in range(8)]
+    for rank, world in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match="bad loader geometry"):
+            CyclingLoader(examples, "sft", 2, PAD, rank=rank, world_size=world)
+    assert CyclingLoader(examples, "sft", 2, PAD).seed == base_parser("").get_default("seed") == 42
+
+
+def test_maxright_never_picks_a_zero_weight_objective():
+    from xright.schedules import Maxright
+
+    # b's score w·(L̃ − L*) is negative (below its optimum); a has weight 0 and must still not be picked
+    m = Maxright({"a": 0.0, "b": 1.0}, {"b": 2.0}, seed=0, refresh_every=0)
+    m.refresh({"a": 5.0, "b": 1.0})
+    assert m.plan(0) == {"b": 1.0}
