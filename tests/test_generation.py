@@ -18,8 +18,8 @@ from launch import ROOT, env, metrics, run_cli, train_records
 from xright.cli import batch_inference, common
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
-from xright.generation import (Sampling, cut_at_eos, encode_prompts, generate, gather_ordered, iter_dpo, kto,
-                               plan_batches, rank_batches, read_prompts, rs, csft, exo, post_process, win_rate)
+from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, gather_ordered, generate, kto,
+                               plan_batches, post_process, rank_batches, read_prompts, rs, win_rate)
 from xright.models import load_model, load_tokenizer
 
 GEN = ["--eval_task", "generate", "--max_samples", "18", "--max_new_tokens", "20", "--micro_batch_size", "4"]

@@ -191,7 +191,7 @@ def run_vllm(args) -> None:
 
 def run_rm(args, strategy, tokenizer) -> None:
     from xright.generation import (POST_PROCESSORS, Progress, normalize, post_process, read_answers, score,
-                                   tokenize_answers, write_records, _module)
+                                   tokenize_answers, write_records)
     from xright.models import load_for_inference
 
     spec = data_spec(args)

@@ -18,6 +18,7 @@ Under ``deepspeed --num_gpus N`` the scoring is sharded as in ``batch_inference 
 import argparse
 import json
 import os
+from dataclasses import replace
 
 from xright.cli import common
 
@@ -121,7 +122,6 @@ def plot(rows: list[dict], baseline: str, path: str) -> bool:
 def main(argv=None):
     args = parser().parse_args(argv)
     from xright.cli.batch_inference import data_spec
-    from xright.data import DataSpec
     from xright.generation import markdown_table, read_answers, score, tokenize_answers, win_rate
     from xright.models import load_for_inference, load_tokenizer
     from xright.strategy import Strategy, configure_inference
@@ -143,7 +143,7 @@ def main(argv=None):
                               input_template=args.input_template, apply_chat_template=args.apply_chat_template,
                               seed=args.seed)
     spec = data_spec(base)
-    answers = {n: read_answers(DataSpec(**{**spec.__dict__, "dataset": f})) for n, f in files.items()}
+    answers = {n: read_answers(replace(spec, dataset=f)) for n, f in files.items()}
     order = aligned(files, answers)
     flat = [r for n in files for r in answers[n]]
     examples, counts = tokenize_answers(flat, tokenizer, spec)
