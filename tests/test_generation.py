@@ -375,3 +375,19 @@ def test_a_saved_lora_adapter_loads_merged_on_its_seeded_base(tmp_path):
         want = policy.eval()(input_ids=x).logits
         torch.testing.assert_close(merged(input_ids=x).logits, want)
         assert not torch.allclose(load_model("tiny", seed=3, trainable=False)(input_ids=x).logits, want)
+
+
+def test_interactive_chat_exits_cleanly_on_ctrl_c():
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "xright.cli.interactive_chat", "--max_new_tokens", "4"], cwd=ROOT,
+                            env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while not seen.endswith("> "):  # the model is loaded and the chat waits for input
+        ch = proc.stdout.read(1)
+        assert ch, f"chat ended before its prompt: {seen!r} {proc.stderr.read()}"
+        seen += ch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert out == "\n"
