@@ -217,9 +217,11 @@ def test_simpo_trains_without_reference(tmp_path):
 
 def test_maxright_three_objectives_picks_by_rule_on_every_rank(tmp_path):
     out = str(tmp_path / "joint")
-    # chosen so that each objective leads at some step (sft's byte-level NLL starts near 5.5)
+    # chosen so that each objective leads at some step: the initial scores are dpo 0.693 (log 2), kto 0.5
+    # (1 − σ(0)) and sft 0.2 × (≈5.51 − 3.2) ≈ 0.46, so dpo leads, then kto once dpo's loss falls, then sft
+    # once kto's has fallen too
     weights = {"sft": 0.2, "dpo": 1.0, "kto": 1.0}
-    opts = {"sft": 3.0, "dpo": 0.0, "kto": 0.05}
+    opts = {"sft": 3.2, "dpo": 0.0, "kto": 0.0}
     flags = [f for n in weights for f in (f"--{n}_weight", str(weights[n]), f"--{n}_opt", str(opts[n]),
                                           f"--{n}_max_samples", "32")]
     run_cli("train_joint", ["--objectives", "sft,dpo,kto", "--schedule", "maxright", "--save_path", out, *COMMON,
