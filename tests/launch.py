@@ -23,8 +23,10 @@ def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", HF_HUB_OFFLINE="1",
              PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
+    # an in-process run in this pytest process leaves its rendezvous in os.environ (Strategy sets them for a
+    # world of one) and its store may still listen on MASTER_PORT: a child must pick its own
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
     return e
 
 
