@@ -57,6 +57,49 @@ def run_cli(module: str, args: list[str], nproc: int = 2, timeout: int = 600, ch
     return proc
 
 
+def run_many(runs: list[dict], workdir: str, nproc: int = 2, timeout: int = 900,
+             check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Several CLI runs in one launch (``tests/multirun.py``): ``runs`` = [{"module", "args", "env"?,
+    "check"?}]. Returns one CompletedProcess per run: its exit code as the CLI decides it, and its output
+    (rank 0's, then rank 1's). With ``check``, a run whose code is not 0 fails the caller (unless the run
+    says ``"check": False``)."""
+    os.makedirs(workdir, exist_ok=True)
+    plan = os.path.join(workdir, "plan.json")
+    with open(plan, "w") as f:
+        json.dump({"workdir": workdir, "runs": runs}, f)
+    script = os.path.join(ROOT, "tests", "multirun.py")
+    port = None
+    if nproc > 1:
+        port = free_port()
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", script, plan]
+    else:
+        cmd = [sys.executable, script, plan]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+    def read(path):
+        return open(path).read() if os.path.exists(path) else ""
+    codes = [json.loads(read(os.path.join(workdir, f"codes.rank{r}.json")) or "[]") for r in range(nproc)]
+    results = []
+    for i, run in enumerate(runs):
+        mine = [c[i] for c in codes if len(c) > i]
+        out = "".join(read(os.path.join(workdir, f"run{i}.rank{r}.out")) for r in range(nproc))
+        err = "".join(read(os.path.join(workdir, f"run{i}.rank{r}.err")) for r in range(nproc))
+        if len(mine) < nproc:  # the launch ended inside this run (a crash or a hang's timeout)
+            raise AssertionError(f"launch ended during run {i} ({run['module']} {' '.join(run['args'])}), "
+                                 f"launcher {proc.returncode}:\n{out[-4000:]}\n{err[-4000:]}\n{proc.stderr[-3000:]}")
+        code = next((c for c in mine if c != 0), 0)
+        if check and run.get("check", True) and code != 0:
+            raise AssertionError(f"run {i} ({run['module']} {' '.join(run['args'])}) exited {mine}:\n"
+                                 f"{out[-6000:]}\n{err[-6000:]}")
+        results.append(subprocess.CompletedProcess(run["args"], code, out, err))
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}) after its runs:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    if port is not None:
+        assert_no_shm_left(port)
+    return results
+
+
 def metrics(save_path: str) -> list[dict]:
     with open(os.path.join(save_path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -8,13 +8,12 @@ rule on every rank; bad records must stop a run with an error naming the file an
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from launch import metrics, run_cli, train_records
+from launch import metrics, run_many, train_records
 from xright import losses as L
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.data.synthetic import preference_records
@@ -48,9 +47,91 @@ def train_loss_drops(out, name, k=2):
     return first, last
 
 
-def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
-    out = str(tmp_path / "rm")
-    run_cli("train_rm", ["--save_path", out, *COMMON, "--max_samples", "64", "--max_steps", "16"])
+def bad_records(root):
+    """Three files with one bad record each: (module, args, the error's location)."""
+    def jsonl(name, rows):
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    good = {"prompt": "p", "completions": ["a", "b", "c"], "rewards": [1.0, 0.0, 0.5]}
+    k_mismatch = jsonl("k.jsonl", [good, {**good, "rewards": [1.0, 0.0]}])
+    small_group = jsonl("group.jsonl", [good, good, {**good, "completions": ["a"], "rewards": [1.0]}])
+    label = jsonl("label.jsonl", [{"prompt": "p", "completion": "c", "label": True},
+                                  {"prompt": "p", "completion": "d", "label": "yes"}])
+    return [("train_exo", ["--loss", "exo-rw", "--dataset", k_mismatch], "k.jsonl line 2: field 'rewards'"),
+            ("train_exo", ["--loss", "exo-rw", "--dataset", small_group], "group.jsonl line 3: field 'completions'"),
+            ("train_kto", ["--dataset", label], "label.jsonl line 2: field 'label'")]
+
+
+def scored_file(root):
+    data = root / "scored.jsonl"
+    with open(data, "w") as f:
+        for r in preference_records(16, seed=0):
+            f.write(json.dumps({"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], "no idea"],
+                                "rewards": [1.0, 0.0, -1.0]}) + "\n")
+    return str(data)
+
+
+# MAXRIGHT over three objectives, chosen so that each objective leads at some step: the initial scores are
+# dpo 0.693 (log 2), kto 0.5 (1 − σ(0)) and sft 0.2 × (≈5.51 − 3.2) ≈ 0.46, so dpo leads, then kto once dpo's
+# loss falls, then sft once kto's has fallen too
+WEIGHTS = {"sft": 0.2, "dpo": 1.0, "kto": 1.0}
+OPTS = {"sft": 3.2, "dpo": 0.0, "kto": 0.0}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (save_path, process) for every run of this file: the 2-rank ones in one launch, the one-process
+    ones in one process (``run_many``), each run a CLI's own ``main``."""
+    root = tmp_path_factory.mktemp("objectives")
+    binary, scored, bad = one_prompt_binary(root), scored_file(root), bad_records(root)
+    kto = [*FIXED, "--dataset", binary, "--beta", "0.1", "--desirable_loss_weight", "2"]
+    exo_rw = [*FIXED, "--zero_stage", "2", "--loss", "exo-rw", "--dataset", scored, "--beta", "0.1",
+              "--beta_r", "0.5"]  # ZeRO-2 (the pairwise run is ZeRO-3)
+    joint = [f for n in WEIGHTS for f in (f"--{n}_weight", str(WEIGHTS[n]), f"--{n}_opt", str(OPTS[n]),
+                                          f"--{n}_max_samples", "32")]
+    two = {
+        "rm": ("train_rm", [*COMMON, "--max_samples", "64", "--max_steps", "16"]),
+        # LoRA + bf16 + DeepSpeedCPUAdam (compiled on first use) under ZeRO-2
+        "rm-lora": ("train_rm", ["--zero_stage", "2", "--bf16", "--adam_offload", "--lora_rank", "4",
+                                 "--lora_alpha", "8", "--merge_lora", "--train_batch_size", "8",
+                                 "--micro_train_batch_size", "2", "--learning_rate", "1e-3", "--lr_scheduler",
+                                 "constant", "--max_samples", "64", "--max_steps", "8", "--eval_steps", "1000"]),
+        "kto": ("train_kto", kto),
+        "exo": ("train_exo", [*FIXED, "--loss", "exo-pref", "--beta", "0.1"]),
+        "exo-rw": ("train_exo", exo_rw),
+        # a reference model would be loaded from --ref_pretrain and fail: SimPO must load none
+        "simpo": ("train_dpo", [*FIXED, "--loss", "simpo", "--beta", "2.0", "--ref_pretrain",
+                                str(root / "no-such-model")]),
+        "joint": ("train_joint", ["--objectives", "sft,dpo,kto", "--schedule", "maxright", *COMMON,
+                                  "--max_steps", "8", "--max_eval_steps", "4", "--kto_beta", "0.1",
+                                  "--debug_log_picks", "--eps", "0", *joint]),
+    }
+    one = {
+        "kto1": ("train_kto", [*kto, "--micro_train_batch_size", "4"]),
+        "exo1": ("train_exo", [*FIXED, "--loss", "exo-pref", "--beta", "0.1"]),
+        "exo-rw1": ("train_exo", exo_rw),
+        **{f"bad{i}": (module, [*args, "--max_steps", "1"]) for i, (module, args, _) in enumerate(bad)},
+    }
+    done = {}
+    for nproc, plan in ((2, two), (1, one)):
+        outs = {name: str(root / name) for name in plan}
+        procs = run_many([{"module": m, "args": [*a, "--save_path", outs[n]]} for n, (m, a) in plan.items()],
+                         str(root / f"launch{nproc}"), nproc=nproc, check=False)
+        done.update({n: (outs[n], p) for n, p in zip(plan, procs)})
+
+    def get(name, ok=True):
+        out, proc = done[name]
+        assert not ok or proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n" \
+                                                 f"{proc.stderr[-4000:]}"
+        return out, proc
+    get.root, get.bad = root, bad
+    return get
+
+
+def test_reward_model_ranks_held_out_pairs_and_reloads(runs):
+    out, _ = runs("rm")
     rows = metrics(out)
     start, final = rows[0], [r for r in rows if r.get("final")][-1]
     assert final["eval/rm/loss"] < start["eval/rm/loss"] - 0.3
@@ -86,14 +167,10 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tmp_path):
     assert (model.config.mean, model.config.std) == (stats["mean"], stats["std"])
 
 
-def test_lora_reward_model_in_bf16_with_offloaded_adam_reloads_merged(tmp_path):
-    # LoRA + bf16 + DeepSpeedCPUAdam (compiled on first use) under ZeRO-2: the merged model must carry
-    # the trained value head, so its fp32 eval matches the run's bf16 one up to bf16 rounding
-    out = str(tmp_path / "rm")
-    run_cli("train_rm", ["--save_path", out, "--zero_stage", "2", "--bf16", "--adam_offload", "--lora_rank", "4",
-                         "--lora_alpha", "8", "--merge_lora", "--train_batch_size", "8", "--micro_train_batch_size",
-                         "2", "--learning_rate", "1e-3", "--lr_scheduler", "constant", "--max_samples", "64",
-                         "--max_steps", "8", "--eval_steps", "1000"])
+def test_lora_reward_model_in_bf16_with_offloaded_adam_reloads_merged(runs):
+    # LoRA + bf16 + DeepSpeedCPUAdam under ZeRO-2: the merged model must carry the trained value head, so
+    # its fp32 eval matches the run's bf16 one up to bf16 rounding
+    out, _ = runs("rm-lora")
     rows = metrics(out)
     start, final = rows[0], [r for r in rows if r.get("final")][-1]
     assert final["eval/rm/loss"] < start["eval/rm/loss"] - 0.3
@@ -145,14 +222,11 @@ def kto_eval(model_dir, data, examples_per_batch):
     return total / start
 
 
-def test_kto_trains_and_two_ranks_equal_one_process(tmp_path):
-    data = one_prompt_binary(tmp_path)
-    out, one = str(tmp_path / "kto"), str(tmp_path / "kto1")
-    flags = [*FIXED, "--dataset", data, "--beta", "0.1", "--desirable_loss_weight", "2"]
-    proc = run_cli("train_kto", ["--save_path", out, *flags])
+def test_kto_trains_and_two_ranks_equal_one_process(runs):
+    (out, proc), (one, _) = runs("kto"), runs("kto1")
+    data = str(runs.root / "binary")
     train_loss_drops(out, "kto")
     assert "outside [1, 4/3]" in proc.stdout  # 2·n_D / n_U = 2
-    run_cli("train_kto", ["--save_path", one, *flags, "--micro_train_batch_size", "4"], nproc=1)
     # z (logged as kl) is the mean over both ranks: were it rank-local, the losses would part after step 1
     steps_equal(out, one, "kto", ("loss", "kl", "reward"), evals=False)
     assert max(abs(r["train/kto/kl"]) for r in train_records(out)) > 1e-3
@@ -167,40 +241,27 @@ def test_kto_trains_and_two_ranks_equal_one_process(tmp_path):
     assert abs(kto_eval(out, data, [6]) - kto_eval(out, data, [4, 3])) > 1e-4
 
 
-def test_exo_pref_trains_and_two_ranks_equal_one_process(tmp_path):
-    out, one = str(tmp_path / "exo"), str(tmp_path / "exo1")
-    run_cli("train_exo", ["--save_path", out, *FIXED, "--loss", "exo-pref", "--beta", "0.1"])
+def test_exo_pref_trains_and_two_ranks_equal_one_process(runs):
+    (out, _), (one, _) = runs("exo"), runs("exo1")
     train_loss_drops(out, "exo-pref")
     # step 1: policy = reference, q = [½, ½]; the target is softmax([0, −10]): KL = log ½ − ½ Σ log p
     log_p = torch.log_softmax(torch.tensor([0.0, -10.0], dtype=torch.float64), 0)
     assert train_records(out)[0]["train/exo-pref/loss"] == pytest.approx(math.log(0.5) - 0.5 * float(log_p.sum()),
                                                                         rel=1e-5)
-    run_cli("train_exo", ["--save_path", one, *FIXED, "--loss", "exo-pref", "--beta", "0.1"], nproc=1)
     steps_equal(out, one, "exo-pref", ("loss", "margin", "logp"))
 
 
-def test_exo_rw_trains_on_three_completions(tmp_path):
-    data = tmp_path / "scored.jsonl"
-    with open(data, "w") as f:
-        for r in preference_records(16, seed=0):
-            f.write(json.dumps({"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], "no idea"],
-                                "rewards": [1.0, 0.0, -1.0]}) + "\n")
-    out, one = str(tmp_path / "exo_rw"), str(tmp_path / "exo_rw1")
-    flags = [*FIXED, "--zero_stage", "2", "--loss", "exo-rw", "--dataset", str(data), "--beta", "0.1", "--beta_r", "0.5"]
-    run_cli("train_exo", ["--save_path", out, *flags])  # ZeRO-2 (the pairwise run above is ZeRO-3)
+def test_exo_rw_trains_on_three_completions(runs):
+    (out, _), (one, _) = runs("exo-rw"), runs("exo-rw1")
     train_loss_drops(out, "exo-rw")
     # step 1: q uniform over 3; p = softmax([1, 0, −1] / 0.5): KL = −log 3 − mean log p
     log_p = torch.log_softmax(torch.tensor([2.0, 0.0, -2.0], dtype=torch.float64), 0)
     assert train_records(out)[0]["train/exo-rw/loss"] == pytest.approx(-math.log(3) - float(log_p.mean()), rel=1e-5)
-    run_cli("train_exo", ["--save_path", one, *flags], nproc=1)
     steps_equal(out, one, "exo-rw", ("loss", "margin", "logp"), evals=False)  # one file: no eval split
 
 
-def test_simpo_trains_without_reference(tmp_path):
-    out = str(tmp_path / "simpo")
-    # a reference model would be loaded from --ref_pretrain and fail: SimPO must load none
-    run_cli("train_dpo", ["--save_path", out, *FIXED, "--loss", "simpo", "--beta", "2.0",
-                          "--ref_pretrain", str(tmp_path / "no-such-model")])
+def test_simpo_trains_without_reference(runs):
+    out, _ = runs("simpo")
     train_loss_drops(out, "simpo")
     # step 1 in numbers: SimPO (β 2, γ 0.5) of the initial model on the step's 8 pairs (both ranks, 2 micro-steps)
     tok = load_tokenizer("tiny")
@@ -215,18 +276,9 @@ def test_simpo_trains_without_reference(tmp_path):
     assert train_records(out)[0]["train/simpo/loss"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
 
 
-def test_maxright_three_objectives_picks_by_rule_on_every_rank(tmp_path):
-    out = str(tmp_path / "joint")
-    # chosen so that each objective leads at some step: the initial scores are dpo 0.693 (log 2), kto 0.5
-    # (1 − σ(0)) and sft 0.2 × (≈5.51 − 3.2) ≈ 0.46, so dpo leads, then kto once dpo's loss falls, then sft
-    # once kto's has fallen too
-    weights = {"sft": 0.2, "dpo": 1.0, "kto": 1.0}
-    opts = {"sft": 3.2, "dpo": 0.0, "kto": 0.0}
-    flags = [f for n in weights for f in (f"--{n}_weight", str(weights[n]), f"--{n}_opt", str(opts[n]),
-                                          f"--{n}_max_samples", "32")]
-    run_cli("train_joint", ["--objectives", "sft,dpo,kto", "--schedule", "maxright", "--save_path", out, *COMMON,
-                            "--max_steps", "8", "--max_eval_steps", "4", "--kto_beta", "0.1",
-                            "--debug_log_picks", "--eps", "0", *flags])
+def test_maxright_three_objectives_picks_by_rule_on_every_rank(runs):
+    out, _ = runs("joint")
+    weights, opts = WEIGHTS, OPTS
     records = train_records(out)
     assert len(records) == 8
     for r in records:
@@ -242,28 +294,8 @@ def test_maxright_three_objectives_picks_by_rule_on_every_rank(tmp_path):
     assert {"eval/sft/loss", "eval/dpo/loss", "eval/kto/loss"} <= set(final)
 
 
-def test_bad_records_name_file_and_line(tmp_path):
-    def jsonl(name, rows):
-        path = tmp_path / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
-
-    good = {"prompt": "p", "completions": ["a", "b", "c"], "rewards": [1.0, 0.0, 0.5]}
-    k_mismatch = jsonl("k.jsonl", [good, {**good, "rewards": [1.0, 0.0]}])
-    small_group = jsonl("group.jsonl", [good, good, {**good, "completions": ["a"], "rewards": [1.0]}])
-    label = jsonl("label.jsonl", [{"prompt": "p", "completion": "c", "label": True},
-                                  {"prompt": "p", "completion": "d", "label": "yes"}])
-    runs = [("train_exo", ["--loss", "exo-rw", "--dataset", k_mismatch], "k.jsonl line 2: field 'rewards'"),
-            ("train_exo", ["--loss", "exo-rw", "--dataset", small_group], "group.jsonl line 3: field 'completions'"),
-            ("train_kto", ["--dataset", label], "label.jsonl line 2: field 'label'")]
-
-    def launch(job):
-        module, args, _ = job
-        return run_cli(module, [*args, "--save_path", str(tmp_path / module), "--max_steps", "1"], nproc=1,
-                       check=False)
-
-    with ThreadPoolExecutor(3) as pool:
-        procs = list(pool.map(launch, runs))
-    for (module, _, expect), proc in zip(runs, procs):
-        assert proc.returncode != 0, (module, proc.stdout[-2000:])
+def test_bad_records_name_file_and_line(runs):
+    for i, (module, _, expect) in enumerate(runs.bad):
+        _, proc = runs(f"bad{i}", ok=False)
+        assert proc.returncode == 2, (module, proc.stdout[-2000:])
         assert expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ every ``run_cli`` call, a non-finite stop 3 and a crash while checkpointing 9 (t
 """
 
 import pytest
+import torch
 
 from xright.cli import common
 from xright.trainer import NonFiniteLoss
@@ -47,5 +48,7 @@ def test_teardown_releases_deepspeed_groups_for_the_next_run(tmp_path):
 
     assert groups._WORLD_GROUP is None
     train_dpo.main([*small, "--zero_stage", "3", "--save_path", str(tmp_path / "b")])
+    assert torch.nn.functional.linear is not torch._C._nn.linear  # ZeRO-3's zero.Init swapped it in
     close_process_group()
+    assert torch.nn.functional.linear is torch._C._nn.linear  # and the teardown put torch's back
     assert (tmp_path / "b" / "config.json").exists()

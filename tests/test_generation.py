@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from launch import ROOT, env, metrics, run_cli, train_records
+from launch import ROOT, env, metrics, run_many, train_records
 from xright.cli import batch_inference, common
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
@@ -53,11 +53,10 @@ def inprocess(main, argv):
 
 # ---- generation -------------------------------------------------------------------------------------
 
-def test_two_ranks_zero3_greedy_file_equals_one_rank_zero0(tmp_path):
+def test_two_ranks_zero3_greedy_file_equals_one_rank_zero0(two_rank, tmp_path):
     # 18 prompts in micro-batches of 4 are 5 batches: rank 1 has 2 and must make a 3rd (discarded) call
     # so that ZeRO-3's collective parameter gathers stay in step
-    two = str(tmp_path / "two.jsonl")
-    run_cli("batch_inference", [*GEN, "--greedy_sampling", "--zero_stage", "3", "--output_path", two])
+    two = two_rank["greedy"]
     one = infer(tmp_path, "one.jsonl", *GEN, "--greedy_sampling", "--zero_stage", "0")
     with open(two) as f, open(tmp_path / "one.jsonl") as g:
         assert f.read() == g.read()
@@ -170,6 +169,22 @@ def rm_run(tmp_path_factory):
     return out, str(pairs)
 
 
+@pytest.fixture(scope="module")
+def two_rank(rm_run, tmp_path_factory):
+    """The file's 2-rank ZeRO-3 batch_inference runs, in one launch: greedy generation, and EXO labelling by
+    the reward model. name -> output file."""
+    rm, pairs = rm_run
+    root = tmp_path_factory.mktemp("two_rank")
+    out = {"greedy": str(root / "two.jsonl"), "exo": str(root / "exo2.jsonl")}
+    run_many([{"module": "batch_inference", "args": [*GEN, "--greedy_sampling", "--zero_stage", "3",
+                                                     "--output_path", out["greedy"]]},
+              {"module": "batch_inference", "args": ["--eval_task", "rm", "--pretrain", rm, "--dataset", pairs,
+                                                     "--zero_stage", "3", "--micro_batch_size", "6",
+                                                     "--post_processor", "exo", "--output_path", out["exo"]]}],
+             str(root / "launch"))
+    return out
+
+
 def test_rm_scores_equal_train_rm_evaluation(rm_run, tmp_path):
     rm, pairs = rm_run
     scored = infer(tmp_path, "scored.jsonl", "--eval_task", "rm", "--pretrain", rm, "--dataset", pairs,
@@ -188,11 +203,9 @@ def test_rm_scores_equal_train_rm_evaluation(rm_run, tmp_path):
                                                         abs=1e-5)
 
 
-def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, tmp_path):
+def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, two_rank, tmp_path):
     rm, pairs = rm_run
-    two = str(tmp_path / "exo2.jsonl")
-    run_cli("batch_inference", ["--eval_task", "rm", "--pretrain", rm, "--dataset", pairs, "--zero_stage", "3",
-                                "--micro_batch_size", "6", "--post_processor", "exo", "--output_path", two])
+    two = two_rank["exo"]
     one = infer(tmp_path, "exo1.jsonl", "--eval_task", "rm", "--pretrain", rm, "--dataset", pairs,
                 "--post_processor", "exo")
     two = read_jsonl(two)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch import metrics, run_cli, train_records
+from launch import metrics, run_many, train_records
 
 STEPS = 12
 # --train_batch_size as XRIGHT means it: one loader batch per rank per step on 2 ranks
@@ -50,25 +50,49 @@ def one_process_flags(flags):
     return out
 
 
-@pytest.fixture(scope="module")
-def alright_runs(tmp_path_factory):
-    """get(zero, nproc) -> save path of an ALRIGHT run, launched once per module."""
-    runs = {}
+SEQ = [a for a in JOINT if a not in ("--max_steps", str(STEPS))]
+PHASE = [a for a in JOINT if a != "--debug_log_picks"]
+ALRIGHT = ["--lambd", "0.5", "--debug_rank_seed"]
+MAXRIGHT = [*JOINT, "--lambd", "0.6", "--max_eval_steps", "5", "--sft_opt", "0.5", "--dpo_opt", "0.1"]
+TWO_RANK = {
+    "alright-z2": ("train_sft_dpo_alright", ["--zero_stage", "2", *JOINT, *ALRIGHT]),
+    "alright-z3": ("train_sft_dpo_alright", ["--zero_stage", "3", *JOINT, *ALRIGHT]),
+    "maxright-z2": ("train_sft_dpo_maxright", ["--zero_stage", "2", *MAXRIGHT]),
+    "maxright-z3": ("train_sft_dpo_maxright", ["--zero_stage", "3", *MAXRIGHT]),
+    "mix": ("train_sft_dpo_mix", ["--zero_stage", "3", *JOINT, "--lambd", "0.25"]),
+    "seq": ("joint", ["--schedule", "sequential", "--order", "dpo,sft", "--zero_stage", "2", *SEQ,
+                      "--rlhf_max_samples", "16", "--max_epochs", "2"]),
+    "train_sft_seq": ("train_sft_seq", ["--zero_stage", "3", *PHASE, "--rlhf_beta", "0.2"]),
+    "train_dpo_seq": ("train_dpo_seq", ["--zero_stage", "2", *PHASE, "--rlhf_beta", "0.2"]),
+}
 
-    def get(zero, nproc=2):
-        if (zero, nproc) not in runs:
-            out = str(tmp_path_factory.mktemp(f"alright_z{zero}_n{nproc}"))
-            flags = JOINT if nproc == 2 else one_process_flags(JOINT)
-            run_cli("train_sft_dpo_alright", ["--zero_stage", zero, "--save_path", out, *flags, "--lambd", "0.5",
-                                              "--debug_rank_seed"], nproc=nproc)
-            runs[zero, nproc] = out
-        return runs[zero, nproc]
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> save path: every 2-rank run of this file in one launch, the one-process ALRIGHT run alone."""
+    root = tmp_path_factory.mktemp("joint")
+    done = {}
+    one = {"alright-1": ("train_sft_dpo_alright", ["--zero_stage", "2", *one_process_flags(JOINT), *ALRIGHT])}
+    for nproc, plan in ((2, TWO_RANK), (1, one)):
+        outs = {name: str(root / name) for name in plan}
+        procs = run_many([{"module": m, "args": [*a, "--save_path", outs[n]]} for n, (m, a) in plan.items()],
+                         str(root / f"launch{nproc}"), nproc=nproc, check=False)
+        done.update({n: (outs[n], p) for n, p in zip(plan, procs)})
+
+    def get(name):
+        out, proc = done[name]
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        return out
     return get
 
 
+def alright_runs(runs, zero, nproc=2):
+    return runs(f"alright-z{zero}" if nproc == 2 else "alright-1")
+
+
 @pytest.mark.parametrize("zero", ["2", "3"])
-def test_alright_ranks_agree_even_when_seeded_differently(alright_runs, zero):
-    out = alright_runs(zero)
+def test_alright_ranks_agree_even_when_seeded_differently(runs, zero):
+    out = alright_runs(runs, zero)
     recs, r0, r1 = check_common(out)
     assert all(len(r["objectives"]) == 1 for r in recs)
     # rank 1's own schedule (seeded differently) would have picked otherwise at some step; rank 0's pick won
@@ -77,9 +101,9 @@ def test_alright_ranks_agree_even_when_seeded_differently(alright_runs, zero):
 
 
 @pytest.mark.parametrize("zero", ["2", "3"])
-def test_alright_two_ranks_equal_one_process(alright_runs, zero):
+def test_alright_two_ranks_equal_one_process(runs, zero):
     """The same picks, per-step losses and evaluations as one process on the same global batches (fp32)."""
-    two, one = alright_runs(zero), alright_runs("2", nproc=1)
+    two, one = alright_runs(runs, zero), alright_runs(runs, "2", nproc=1)
     a, b = train_records(two), train_records(one)
     assert [r["objectives"] for r in a] == [r["objectives"] for r in b]
     for k in ("sft", "dpo"):
@@ -92,10 +116,8 @@ def test_alright_two_ranks_equal_one_process(alright_runs, zero):
 
 
 @pytest.mark.parametrize("zero", ["2", "3"])
-def test_maxright_picks_follow_the_rule(tmp_path, zero):
-    out = str(tmp_path / "maxright")
-    run_cli("train_sft_dpo_maxright", ["--zero_stage", zero, "--save_path", out, *JOINT, "--lambd", "0.6",
-                                       "--max_eval_steps", "5", "--sft_opt", "0.5", "--dpo_opt", "0.1"])
+def test_maxright_picks_follow_the_rule(runs, zero):
+    out = runs(f"maxright-z{zero}")
     recs, _, _ = check_common(out)
     w, opt = {"sft": 0.4, "dpo": 0.6}, {"sft": 0.5, "dpo": 0.1}
     for r in recs:
@@ -110,28 +132,23 @@ def test_maxright_picks_follow_the_rule(tmp_path, zero):
             assert cur[f"stale/{k}"] == pytest.approx(prev[f"train/{k}/loss"])
 
 
-def test_mix_computes_both_every_step(tmp_path):
-    out = str(tmp_path / "mix")
-    run_cli("train_sft_dpo_mix", ["--zero_stage", "3", "--save_path", out, *JOINT, "--lambd", "0.25"])
+def test_mix_computes_both_every_step(runs):
+    out = runs("mix")
     recs, _, _ = check_common(out)
     assert all(r["objectives"] == ["dpo", "sft"] and r["weights"] == {"sft": 0.75, "dpo": 0.25} for r in recs)
 
 
-def test_sequential_schedule_in_one_run(tmp_path):
-    out = str(tmp_path / "seq")
-    args = [a for a in JOINT if a not in ("--max_steps", str(STEPS))]
-    run_cli("joint", ["--schedule", "sequential", "--order", "dpo,sft", "--zero_stage", "2", "--save_path", out,
-                      *args, "--rlhf_max_samples", "16", "--max_epochs", "2"])
+def test_sequential_schedule_in_one_run(runs):
+    out = runs("seq")
     recs = train_records(out)
     # 16 pairs / (2 × 2 ranks × accum 1) = 4 steps per DPO epoch; 8 SFT examples: 1 step per epoch
     assert [r["objectives"][0] for r in recs] == ["dpo"] * 8 + ["sft"] * 2
 
 
 @pytest.mark.parametrize("module,trained,zero", [("train_sft_seq", "sft", "3"), ("train_dpo_seq", "dpo", "2")])
-def test_seq_phase_trains_one_and_evaluates_both(tmp_path, module, trained, zero):
-    out = str(tmp_path / module)
-    args = [a for a in JOINT if a != "--debug_log_picks"]
-    run_cli(module, ["--zero_stage", zero, "--save_path", out, *args, "--rlhf_beta", "0.2"])
+def test_seq_phase_trains_one_and_evaluates_both(runs, module, trained, zero):
+    out = runs(module)
+    assert TWO_RANK[module][1][1] == zero
     recs = train_records(out)
     assert len(recs) == STEPS and all(r["objectives"] == [trained] for r in recs)
     assert all("eval/sft/loss" in r and "eval/dpo/loss" in r for r in metrics(out) if "eval/ideal_distance" in r)

@@ -15,7 +15,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from launch import metrics, run_cli, train_records
+from launch import metrics, run_many, train_records
 
 WORLD = 2
 TRAIN_BATCH = 2           # the README: "set to no. GPUS used"
@@ -78,19 +78,20 @@ def paper(tmp_path_factory):
              "--sft_dataset", alpaca, "--sft_max_samples", str(N_SFT), "--sft_max_len", "2048",
              "--sft_micro_train_batch_size", str(SFT_MICRO), "--lambd", "0.5", "--ref_pretrain", out["sft-pref-optim"],
              "--beta", "0.1", "--input_key", "instruction"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_DIR", str(root))
-        procs["sft-pref-optim"] = run_cli("train_sft_pref", [
+    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
+    plan = [  # in one launch, in order: the joint runs start from the SFT run's model
+        {"module": "train_sft_pref", "env": wandb, "args": [
             "--save_path", out["sft-pref-optim"], "--ckpt_path", str(root / "ckpt_sft"), *common,
             "--eval_steps", "-1", "--dataset", rm, "--max_samples", str(N_SFT_PREF), "--max_len", "2048",
-            "--eval_split", "dummy", "--rlhf_micro_train_batch_size", str(PREF_MICRO)])
-        procs["sft_dpo_alright"] = run_cli("train_sft_dpo_alright", [
-            "--save_path", out["sft_dpo_alright"], "--ckpt_path", str(root / "ckpt_alright"), *joint, *common])
-        procs["sft_dpo_maxright"] = run_cli("train_sft_dpo_maxright", [
+            "--eval_split", "dummy", "--rlhf_micro_train_batch_size", str(PREF_MICRO)]},
+        {"module": "train_sft_dpo_alright", "env": wandb, "args": [
+            "--save_path", out["sft_dpo_alright"], "--ckpt_path", str(root / "ckpt_alright"), *joint, *common]},
+        {"module": "train_sft_dpo_maxright", "env": wandb, "args": [
             "--save_path", out["sft_dpo_maxright"], "--ckpt_path", str(root / "ckpt_maxright"), *joint,
             "--sft_opt", "1.4980", "--dpo_opt", "0.0647", "--ref_pareto_sft", "", "--ref_pareto_dpo", "",
-            "--max_eval_steps", "2", *common])
+            "--max_eval_steps", "2", *common]},
+    ]
+    procs = dict(zip(out, run_many(plan, str(root / "launch"))))
     return root, out, procs
 
 

@@ -4,6 +4,7 @@ per-step losses and picks as an uninterrupted run (fp32 on CPU: bitwise)."""
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from launch import ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, run_cli, train_records
+from launch import ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, run_cli, run_many, train_records
 
 STEPS, SAVE = 16, 4
 BASE = ["--train_batch_size", "8", "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
@@ -70,18 +71,38 @@ def launch_and_kill(module, args, at_step, sig):
     return proc.returncode, log
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """The uninterrupted run of a (case, ZeRO stage), launched once for every test that compares with it."""
-    done = {}
+REFERENCES = [("maxright", "3"), ("dpo", "3"), ("sft", "2"), ("alright", "3"), ("maxright", "2")]
 
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One launch for every uninterrupted run of this file: the reference run of each (case, ZeRO stage)
+    the interrupted runs are compared with, and the non-finite-loss runs (fault injected by their env).
+    name -> (save path, process)."""
+    root = tmp_path_factory.mktemp("launched")
+    plan, names = [], []
+    for case, zero in REFERENCES:
+        names.append(f"ref-{case}-z{zero}")
+        module, args = args_for(case, zero, str(root / names[-1]))
+        plan.append({"module": module, "args": args})
+    for zero in ("2", "3"):  # rank 1's loss only: every rank must skip
+        names.append(f"skip-z{zero}")
+        module, args = args_for("sft", zero, str(root / names[-1]))
+        plan.append({"module": module, "args": [*args, "--skip_nonfinite"], "env": {"XRIGHT_DEBUG_NAN_AT_STEP": "6:1"}})
+    names.append("nan")
+    module, args = args_for("sft", "2", str(root / "nan"))
+    plan.append({"module": module, "args": args, "env": {"XRIGHT_DEBUG_NAN_AT_STEP": "6"}})
+    procs = run_many(plan, str(root / "launch"), check=False)
+    return {n: (str(root / n), p) for n, p in zip(names, procs)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(launched):
+    """The uninterrupted run's trajectory of a (case, ZeRO stage)."""
     def get(case, zero):
-        if (case, zero) not in done:
-            out = str(tmp_path_factory.mktemp(f"ref-{case}-z{zero}"))
-            module, args = args_for(case, zero, out)
-            run_cli(module, args)
-            done[case, zero] = trajectory(out)
-        return done[case, zero]
+        out, proc = launched[f"ref-{case}-z{zero}"]
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return trajectory(out)
     return get
 
 
@@ -136,11 +157,9 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, refe
     assert trajectory(str(tmp_path / "cut")) == expected
 
 
-def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
-    out = tmp_path / "nan"
-    module, args = args_for("sft", "2", str(out))
-    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6")
-    proc = run_cli(module, args, check=False)
+def test_nonfinite_loss_stops_with_checkpoint_intact(launched):
+    out, proc = launched["nan"]
+    out = pathlib.Path(out)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 3 and "non-finite sft loss (nan) at step 6" in text, text[-3000:]
     assert "builtin:sft:train:" in text  # the batch's example ids are named
@@ -151,11 +170,10 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("zero", ["2", "3"])
-def test_skip_nonfinite_discards_the_step_and_trains_on(tmp_path, monkeypatch, zero):
-    out = tmp_path / "skip"
-    module, args = args_for("sft", zero, str(out))
-    monkeypatch.setenv("XRIGHT_DEBUG_NAN_AT_STEP", "6:1")  # only rank 1's loss: every rank must skip
-    proc = run_cli(module, [*args, "--skip_nonfinite"])
+def test_skip_nonfinite_discards_the_step_and_trains_on(launched, zero):
+    out, proc = launched[f"skip-z{zero}"]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = pathlib.Path(out)
     assert "skipped 1 optimizer step(s)" in proc.stdout
     recs = {r["step"]: r for r in train_records(str(out))}
     assert sorted(recs) == list(range(1, STEPS + 1))
@@ -171,33 +189,38 @@ def test_skip_nonfinite_discards_the_step_and_trains_on(tmp_path, monkeypatch, z
 
 
 def test_skip_nonfinite_needs_a_zero_optimizer_that_checks(tmp_path):
-    proc = run_cli("train_sft", ["--zero_stage", "0", "--skip_nonfinite", "--save_path", str(tmp_path / "z0")],
-                   nproc=1, check=False)
-    assert proc.returncode == 2 and "--skip_nonfinite needs --zero_stage 1, 2 or 3" in proc.stderr
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2},
                               "bf16": {"enabled": True, "check_grad_overflow": False}}))
-    proc = run_cli("train_sft", ["--deepspeed", str(ds), "--skip_nonfinite", "--save_path", str(tmp_path / "b")],
-                   nproc=1, check=False)
-    assert proc.returncode == 2 and "contradicts bf16.check_grad_overflow = false" in proc.stderr
+    z0, bf16 = run_many([
+        {"module": "train_sft", "args": ["--zero_stage", "0", "--skip_nonfinite", "--save_path", str(tmp_path / "z0")]},
+        {"module": "train_sft", "args": ["--deepspeed", str(ds), "--skip_nonfinite", "--save_path", str(tmp_path / "b")]},
+    ], str(tmp_path / "launch"), nproc=1, check=False)
+    assert z0.returncode == 2 and "--skip_nonfinite needs --zero_stage 1, 2 or 3" in z0.stderr
+    assert bf16.returncode == 2 and "contradicts bf16.check_grad_overflow = false" in bf16.stderr
 
 
 def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):
     out = str(tmp_path / "one")
     args = ["--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), "--max_steps", "2", "--save_steps", "2",
             "--train_batch_size", "4", "--micro_train_batch_size", "2", "--zero_stage", "2"]
-    run_cli("train_sft", args, nproc=1)
-    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--lora_rank", "4"], nproc=1, check=False)
-    assert proc.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in proc.stderr
-    proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
-    assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
-    # another micro batch or other data would silently give the saved loader position another meaning
-    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--micro_train_batch_size", "1"], nproc=1, check=False)
-    assert proc.returncode == 2 and ("has batches={'sft': {'micro': 2, 'accumulation': 2}} but this run has "
-                                     "batches={'sft': {'micro': 1, 'accumulation': 4}}") in proc.stderr, proc.stderr
-    proc = run_cli("train_sft", [*args, "--load_checkpoint", "--max_samples", "40"], nproc=1, check=False)
+    # one process: the run, then three resumes that must be refused (each in its own fresh CLI main)
+    first, lora, micro, data = run_many([
+        {"module": "train_sft", "args": args},
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--lora_rank", "4"], "check": False},
+        # another micro batch or other data would silently give the saved loader position another meaning
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--micro_train_batch_size", "1"], "check": False},
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--max_samples", "40"], "check": False},
+    ], str(tmp_path / "launch"), nproc=1)
+    assert first.returncode == 0
+    assert lora.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in lora.stderr
+    assert micro.returncode == 2 and ("has batches={'sft': {'micro': 2, 'accumulation': 2}} but this run has "
+                                      "batches={'sft': {'micro': 1, 'accumulation': 4}}") in micro.stderr, micro.stderr
+    proc = data
     assert proc.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
                                               r"data=\{'sft': '40 examples, ids sha256 \w+'\}", proc.stderr), proc.stderr
+    proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
+    assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
 
 
 def test_prune_keeps_the_newest(tmp_path):

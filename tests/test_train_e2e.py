@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launch import SHARED_DATA, final_eval, metrics, run_cli, train_records
+from launch import SHARED_DATA, final_eval, metrics, run_many, train_records
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
 from xright.models import load_model, load_tokenizer
@@ -21,6 +21,11 @@ from xright.objectives import SFT, Pairwise, Reference
 
 COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learning_rate", "3e-3",
           "--lr_scheduler", "constant", "--max_samples", "32", "--max_epochs", "4", "--eval_steps", "1000"]
+
+
+HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
+HH_ARGS = ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64", "--micro_train_batch_size", "4",
+           "--train_batch_size", "8", "--zero_stage", "3"]
 
 
 def eval_loss(model_dir: str, kind: str, objective) -> float:
@@ -45,19 +50,39 @@ def first_last(save_path, name):
     return sum(losses[:4]) / 4, sum(losses[-4:]) / 4
 
 
+TWO_RANK = [("train_sft", z, lora) for z in ("2", "3") for lora in (False, True)] + \
+    [("train_dpo", z, lora) for z in ("2", "3") for lora in (False, True)]
+ONE_PROCESS = [("train_sft", "2", False), ("train_dpo", "2", False)]
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """get(module, zero, lora, nproc) -> (save_path, process): each configuration runs once per module, so
-    the tests that read the same run (reload, 2 ranks = 1 process) cost one launch."""
+    """get(module, zero, lora, nproc) -> (save_path, process). Every configuration of this file runs once, the
+    2-rank ones in one launch and the one-process ones in one process (``run_many``), so the tests that read
+    the same run (reload, 2 ranks = 1 process) share it and no run pays a launch of its own."""
     runs = {}
-
-    def get(module, zero, lora=False, nproc=2):
-        key = (module, zero, lora, nproc)
-        if key not in runs:
+    for nproc, configs in ((2, TWO_RANK), (1, ONE_PROCESS)):
+        plan, keys = [], []
+        for module, zero, lora in configs:
             out = str(tmp_path_factory.mktemp(f"{module}_z{zero}{'_lora' if lora else ''}_n{nproc}"))
             extra = ["--lora_rank", "8", "--lora_alpha", "16", "--merge_lora"] if lora else []
-            runs[key] = out, run_cli(module, ["--zero_stage", zero, "--save_path", out, *COMMON, *extra], nproc=nproc)
-        return runs[key]
+            plan.append({"module": module, "args": ["--zero_stage", zero, "--save_path", out, *COMMON, *extra]})
+            keys.append(((module, zero, lora, nproc), out))
+        if nproc == 2:  # the other runs of this file on 2 ranks join the launch
+            for key, module, args in (("sft_pref", "train_sft_pref", SFT_PREF), ("hh", "train_dpo", HH_ARGS)):
+                if key == "hh" and not os.path.exists(HH):
+                    continue
+                out = str(tmp_path_factory.mktemp(key))
+                plan.append({"module": module, "args": [*args, "--save_path", out]})
+                keys.append((key, out))
+        for (key, out), proc in zip(keys, run_many(plan, str(tmp_path_factory.mktemp(f"launch{nproc}")), nproc=nproc,
+                                                   check=False)):
+            runs[key] = out, proc
+
+    def get(module, zero=None, lora=False, nproc=2):
+        out, proc = runs[module if zero is None else (module, zero, lora, nproc)]
+        assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        return out, proc
     return get
 
 
@@ -90,11 +115,12 @@ def test_single_process_sft_matches_reload(launched):
     assert eval_loss(out, "sft", SFT()) == pytest.approx(final_eval(out)["eval/sft/loss"], rel=1e-4)
 
 
-def test_sft_pref_masks_prompt_and_trains(tmp_path):
-    out = str(tmp_path / "run")
-    # as XRIGHT: loader batches of 2 (--rlhf_micro_train_batch_size), 8 / (2 × 2 ranks) = 2 of them per step
-    run_cli("train_sft_pref", ["--zero_stage", "2", "--save_path", out, *COMMON, "--micro_train_batch_size", "2",
-                               "--rlhf_micro_train_batch_size", "2"])
+# as XRIGHT: loader batches of 2 (--rlhf_micro_train_batch_size), 8 / (2 × 2 ranks) = 2 of them per step
+SFT_PREF = ["--zero_stage", "2", *COMMON, "--micro_train_batch_size", "2", "--rlhf_micro_train_batch_size", "2"]
+
+
+def test_sft_pref_masks_prompt_and_trains(launched):
+    out, _ = launched("sft_pref")
     first, last = first_last(out, "sft")
     assert last < first - 0.05
     # the loss is the NLL of the chosen responses only: the initial model's value (step-0 eval) and the saved
@@ -151,15 +177,9 @@ def test_two_ranks_equal_one_process(launched, module, name):
             rel=2e-5)
 
 
-HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
-
-
 @pytest.mark.skipif(not os.path.exists(HH), reason="shared HH data absent")
-def test_dpo_on_hh_zero3(tmp_path):
-    out = str(tmp_path / "hh")
-    proc = run_cli("train_dpo", ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64",
-                                 "--micro_train_batch_size", "4", "--train_batch_size", "8", "--zero_stage", "3",
-                                 "--save_path", out])
+def test_dpo_on_hh_zero3(launched):
+    out, proc = launched("hh")
     # byte-level tokens: HH prompts over 512 bytes are dropped (OpenRLHF's policy), and the count printed
     m = re.search(r"dpo train: (\d+) examples \(\d+ truncated, (\d+) dropped", proc.stdout)
     kept, dropped = int(m.group(1)), int(m.group(2))

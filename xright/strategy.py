@@ -225,12 +225,7 @@ def close_process_group() -> list[str]:
     """
     import gc
 
-    for engine in _ENGINES:
-        try:
-            engine.destroy()
-        except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
-            pass
-    _ENGINES.clear()
+    release_engines()
     if dist.is_initialized():
         from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
 
@@ -240,6 +235,29 @@ def close_process_group() -> list[str]:
             dist.destroy_process_group()
     gc.collect()
     return comm_threads()
+
+
+def release_engines() -> None:
+    """Destroy every engine built in this process (their hooks and ZeRO state); the process group stays.
+
+    Also undoes DeepSpeed's one process-wide patch: building a model under ZeRO-3 (``zero.Init``)
+    replaces ``torch.nn.functional.linear`` with its memory-efficient autograd function, which
+    "will persist unless manually reset". Left in place, a later run in the same process (a notebook,
+    a sweep, ``tests/multirun.py``) computes its gradients in another order: losses off in the 7th digit.
+    """
+    import gc
+
+    for engine in _ENGINES:
+        try:
+            engine.destroy()
+        except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
+            pass
+    _ENGINES.clear()
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
+
+    if getattr(patcher, "linear_bk", None) is not None:
+        torch.nn.functional.linear = patcher.linear_bk
+    gc.collect()
 
 
 def comm_threads() -> list[str]:

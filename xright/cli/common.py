@@ -348,6 +348,11 @@ def main_guard(fn: Callable[[], None]) -> None:
     (``strategy.close_process_group``), after the exception and its frames are released, so that no
     communication thread outlives ``main`` to abort the process at exit and replace the code.
     """
+    shutdown(guarded(fn))
+
+
+def guarded(fn: Callable[[], None]) -> int:
+    """Run ``fn`` and return the exit code its outcome means (``main_guard``'s, without the exit)."""
     from xright.data import DataError
     from xright.models import ModelLoadError
     from xright.strategy import ConfigError
@@ -374,7 +379,7 @@ def main_guard(fn: Callable[[], None]) -> None:
 
         traceback.print_exc()
         code = EXIT_BUG
-    shutdown(code)
+    return code
 
 
 def shutdown(code: int) -> None:

@@ -152,12 +152,21 @@ def main(argv=None):
                                 f"{args.max_len}: raise it")
     model = strategy.prepare_reference(load_for_inference(args.reward_pretrain, task="reward", bf16=args.bf16,
                                                           flash_attn=args.flash_attn, vocab_size=len(tokenizer)))
-    local = score(model, examples, args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
+    # each distinct token sequence is scored once: the same answer in two files gets the same score (an exact
+    # tie), not two values that differ in the last bits because they were padded in different batches
+    distinct, where = [], {}
+    for e in examples:
+        key = (tuple(e["prompt_ids"]), tuple(e["response_ids"]))
+        if key not in where:
+            where[key] = len(distinct)
+            distinct.append({**e, "index": len(distinct)})
+    local = score(model, distinct, args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
                   world_size=strategy.world_size, synced=strategy.zero_stage == 3 and strategy.world_size > 1,
                   device=strategy.device)
-    scores = {}
+    by_key = {}
     for part in strategy.all_gather_object(local):
-        scores.update(part)
+        by_key.update(part)
+    scores = {e["index"]: by_key[where[(tuple(e["prompt_ids"]), tuple(e["response_ids"]))]] for e in examples}
     if strategy.is_rank0:
         by, i = {}, 0
         for n in files:  # (score, answer length in tokens) per prompt id, per file

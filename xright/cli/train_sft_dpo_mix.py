@@ -5,5 +5,10 @@
 
 from xright.cli import common, joint
 
+
+def main(argv=None):
+    return joint.main(argv, schedule="mix", description=__doc__)
+
+
 if __name__ == "__main__":
-    common.main_guard(lambda: joint.main(schedule="mix", description=__doc__))
+    common.main_guard(main)
