@@ -66,7 +66,7 @@ XRIGHT_CONFIGS = {
     "all-cached": ["--precompute_ref_log_probs", "--group_by_length", "--packing_samples"],
 }
 CONFIGS = ["trl", *XRIGHT_CONFIGS]
-MARK = "<!-- bench_speed -->"
+MARK, END = "<!-- bench_speed -->", "<!-- /bench_speed -->"
 
 
 # ---- setup ----------------------------------------------------------------------------------
@@ -273,13 +273,14 @@ def table(results: dict[str, list[dict]], configs: list[str]) -> list[str]:
 
 
 def write_results(path: str, section: str) -> None:
+    """Replace the text between MARK and END in ``path`` (append both if absent); the rest is kept."""
     old = open(path).read() if os.path.exists(path) else ""
-    if MARK in old:
+    if MARK in old and END in old.partition(MARK)[2]:
         head, _, rest = old.partition(MARK)
-        _, _, tail = rest.partition(MARK)
-        new = head + MARK + "\n" + section + "\n" + MARK + tail
+        _, _, tail = rest.partition(END)
+        new = head + MARK + "\n" + section + "\n" + END + tail
     else:
-        new = old.rstrip("\n") + "\n\n" + MARK + "\n" + section + "\n" + MARK + "\n"
+        new = old.rstrip("\n") + "\n\n" + MARK + "\n" + section + "\n" + END + "\n"
     with open(path, "w") as f:
         f.write(new)
 
