@@ -197,12 +197,13 @@ def report(args, data, results, rss, started, load_before, load_after, argv) -> 
 
 
 def write_section(path: str, section: str, mark: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (from its marker to the next one or the end)."""
+    """Replace this benchmark's section of RESULTS.md: from its marker to the next marker or top-level
+    heading (another benchmark's section), or the end."""
     text = open(path).read() if os.path.exists(path) else ""
     if mark in text:
         head, rest = text.split(mark, 1)
-        nxt = rest.find("\n<!-- ", 1)
-        text = head + section + (rest[nxt:] if nxt >= 0 else "\n")
+        ends = [i for i in (rest.find("\n<!-- ", 1), rest.find("\n# ", 1)) if i >= 0]
+        text = head + section + (rest[min(ends):] if ends else "\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
