@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from xright.data.loading import BUILTIN_TRAIN, DataSpec, _labels, blend, parse_probs, prompt_text, tokenize
-from xright.data.records import BadRecord, DataError, _get, _text, canonicalize, describe, iter_raw
+from xright.data.loading import BUILTIN_TRAIN, DataSpec, source_labels, blend, parse_probs, prompt_text, tokenize
+from xright.data.records import BadRecord, DataError, get_field, text_field, canonicalize, describe, iter_raw
 from xright.data import synthetic
 
 
@@ -45,7 +45,7 @@ def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
     sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
     probs = parse_probs(sources, spec.dataset_probs)
     parts = []
-    for source, label in zip(sources, _labels(sources)):
+    for source, label in zip(sources, source_labels(sources)):
         recs = []
         for where, loc, rid, obj, err in iter_raw(source, spec.train_split, spec, True, label):
             try:
@@ -73,7 +73,7 @@ def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> li
         pairs = synthetic.preference_records(min(BUILTIN_TRAIN, limit), spec.seed, split)
         recs = [{"id": r["id"], "prompt": r["prompt"], "raw_prompt": False} for r in pairs]
     else:
-        recs = _records(spec, lambda obj, rid: {"id": rid, "prompt": _text(_get(obj, spec.input_key), spec.input_key),
+        recs = _records(spec, lambda obj, rid: {"id": rid, "prompt": text_field(get_field(obj, spec.input_key), spec.input_key),
                                                 "raw_prompt": False}, limit)
     recs = recs[start:limit]
     if not recs:
@@ -90,7 +90,7 @@ def read_answers(spec: DataSpec) -> list[dict]:
     def make(obj, rid):
         answer = obj.get(spec.output_key)
         if isinstance(answer, str) and not answer.strip():  # an empty answer is still an answer to score
-            rec = {"id": rid, "prompt": _text(_get(obj, spec.input_key), spec.input_key), "response": answer,
+            rec = {"id": rid, "prompt": text_field(get_field(obj, spec.input_key), spec.input_key), "response": answer,
                    "raw_prompt": False}
         else:
             rec = canonicalize("sft", obj, rid, spec)[0][0]

@@ -446,7 +446,7 @@ def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
             "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
 
 
-def _labels(sources: list[str]) -> list[str]:
+def source_labels(sources: list[str]) -> list[str]:
     """Id prefixes: each source's basename, or the whole source string where two different sources
     share a basename, so that ids stay unique across a blend."""
     base = [os.path.basename(os.path.normpath(os.path.expanduser(s))) for s in sources]
@@ -457,7 +457,7 @@ def _labels(sources: list[str]) -> list[str]:
 def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, log):
     """(records per source (None: no such split), summed stats, each source's stats)."""
     parts, total, each = [], SourceStats(",".join(sources), split), []
-    for s, label in zip(sources, _labels(sources)):
+    for s, label in zip(sources, source_labels(sources)):
         got = read_source(s, split, spec, required=required, label=label)
         if got is None:
             if len(sources) > 1:

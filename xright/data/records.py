@@ -375,7 +375,8 @@ def iter_raw(source: str, split: str, spec, required: bool = True, label: str | 
 # ------------------------------------------------------------------------------ validation
 
 
-def _get(rec: dict, key: str):
+def get_field(rec: dict, key: str):
+    """``rec[key]``, or a BadRecord naming the field (and the closest key the record has)."""
     if key not in rec:
         keys = list(rec)
         close = difflib.get_close_matches(key, [str(k) for k in keys], n=1, cutoff=0.5)
@@ -384,7 +385,8 @@ def _get(rec: dict, key: str):
     return rec[key]
 
 
-def _text(value, name: str) -> str:
+def text_field(value, name: str) -> str:
+    """``value`` if it is a non-blank string, else a BadRecord naming field ``name``."""
     if value is None:
         raise BadRecord("is None (null)", name)
     if not isinstance(value, str):
@@ -435,10 +437,10 @@ class _EmptyResponse(Exception):
 
 def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple[str, str, str, bool, bool]:
     """(prompt, chosen, rejected, raw_prompt, differ_early) from a pairwise record."""
-    chosen = _text(_get(rec, spec.chosen_key), spec.chosen_key)
-    rejected = _text(_get(rec, spec.rejected_key), spec.rejected_key)
+    chosen = text_field(get_field(rec, spec.chosen_key), spec.chosen_key)
+    rejected = text_field(get_field(rec, spec.rejected_key), spec.rejected_key)
     explicit = spec.prompt_key is not None and spec.prompt_key in rec
-    prompt = _text(rec[spec.prompt_key], spec.prompt_key) if explicit else None
+    prompt = text_field(rec[spec.prompt_key], spec.prompt_key) if explicit else None
     if chosen == rejected and not allow_identical:
         raise _Identical()
     if explicit:
@@ -461,15 +463,15 @@ def _messages(value, key: str) -> list[dict]:
         for k in ("role", "content"):
             if k not in m:
                 raise BadRecord(f"missing; message has keys {list(m)}", f"{where}.{k}")
-        role = _text(m["role"], f"{where}.role")
+        role = text_field(m["role"], f"{where}.role")
         if not isinstance(m["content"], str):  # earlier turns may be empty strings, never non-strings
-            _text(m["content"], f"{where}.content")
+            text_field(m["content"], f"{where}.content")
         msgs.append({"role": role, "content": m["content"]})
     if len(msgs) < 2:
         raise BadRecord("needs at least one prompt message before the final assistant message", key)
     if msgs[-1]["role"] != "assistant":
         raise BadRecord(f"the last message must have role 'assistant', got {msgs[-1]['role']!r}", f"{key}[-1].role")
-    _text(msgs[-1]["content"], f"{key}[-1].content")
+    text_field(msgs[-1]["content"], f"{key}[-1].content")
     return msgs
 
 
@@ -477,7 +479,7 @@ def _prompt(rec: dict, spec, kind: str) -> str:
     if spec.prompt_key is None:
         raise BadRecord(f"prompt_key is None, which only suits HH-style pairwise records; {kind} records "
                         "need a prompt field")
-    return _text(_get(rec, spec.prompt_key), spec.prompt_key)
+    return text_field(get_field(rec, spec.prompt_key), spec.prompt_key)
 
 
 def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
@@ -496,18 +498,18 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
         if spec.messages_key in rec and spec.input_key not in rec:
             msgs = _messages(rec[spec.messages_key], spec.messages_key)
             return [{"id": rid, "prompt": msgs[:-1], "response": msgs[-1]["content"], "raw_prompt": False}], False
-        prompt = _text(_get(rec, spec.input_key), spec.input_key)
+        prompt = text_field(get_field(rec, spec.input_key), spec.input_key)
         if spec.pretrain_mode and spec.output_key not in rec:
             response = ""
         else:
-            response = _get(rec, spec.output_key)
-            response = _text(response, spec.output_key) if not spec.pretrain_mode or response != "" else ""
+            response = get_field(rec, spec.output_key)
+            response = text_field(response, spec.output_key) if not spec.pretrain_mode or response != "" else ""
         return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": False}], False
     if kind == "pairwise":
         prompt, chosen, rejected, raw, early = _pair(rec, spec)
         out = {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "raw_prompt": raw}
         if spec.margin_key:
-            out["margin"] = _number(_get(rec, spec.margin_key), spec.margin_key)
+            out["margin"] = _number(get_field(rec, spec.margin_key), spec.margin_key)
         return [out], early
     if kind == "binary":
         if has_pair and spec.completion_key not in rec and spec.label_key not in rec:
@@ -516,8 +518,8 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
                     {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
                      "raw_prompt": raw}], early
         prompt = _prompt(rec, spec, kind)
-        completion = _text(_get(rec, spec.completion_key), spec.completion_key)
-        label = _get(rec, spec.label_key)
+        completion = text_field(get_field(rec, spec.completion_key), spec.completion_key)
+        label = get_field(rec, spec.label_key)
         if not isinstance(label, bool):
             raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {_short(label)}",
                             spec.label_key)
@@ -527,14 +529,14 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
             prompt, chosen, rejected, raw, early = _pair(rec, spec)
             return [{"id": rid, "prompt": prompt, "completions": [chosen, rejected], "raw_prompt": raw}], early
         prompt = _prompt(rec, spec, kind)
-        comps = _get(rec, spec.completions_key)
+        comps = get_field(rec, spec.completions_key)
         if not isinstance(comps, list):
             raise BadRecord(f"must be a list of strings, got {type(comps).__name__} {_short(comps)}",
                             spec.completions_key)
         if len(comps) < 2:
             raise BadRecord(f"needs K >= 2 completions, got K={len(comps)}", spec.completions_key)
-        comps = [_text(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
-        rewards = _get(rec, spec.rewards_key)
+        comps = [text_field(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
+        rewards = get_field(rec, spec.rewards_key)
         if not isinstance(rewards, list):
             raise BadRecord(f"must be a list of numbers, got {type(rewards).__name__} {_short(rewards)}",
                             spec.rewards_key)
