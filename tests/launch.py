@@ -100,6 +100,33 @@ def run_many(runs: list[dict], workdir: str, nproc: int = 2, timeout: int = 900,
     return results
 
 
+class Launched:
+    """Named runs of a test file, launched together by :func:`launch_named`; ``runs(name)`` -> (save path,
+    process), failing the calling test (with the run's output) unless the run exited 0 or ``ok=False``."""
+
+    def __init__(self, done: dict):
+        self.done = done
+
+    def __call__(self, name: str, ok: bool = True):
+        out, proc = self.done[name]
+        assert not ok or proc.returncode == 0, \
+            f"{name} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        return out, proc
+
+
+def launch_named(root, plans: dict) -> Launched:
+    """``plans`` = {nproc: {name: (module, args) or (module, args, env)}}: one ``run_many`` launch per world
+    size, each run saving to ``root/name``. A failed run fails only the tests that read it."""
+    done = {}
+    for nproc, plan in plans.items():
+        outs = {name: os.path.join(str(root), name) for name in plan}
+        runs = [{"module": spec[0], "args": [*spec[1], "--save_path", outs[name]],
+                 "env": spec[2] if len(spec) > 2 else {}} for name, spec in plan.items()]
+        procs = run_many(runs, os.path.join(str(root), f"launch{nproc}"), nproc=nproc, check=False)
+        done.update({name: (outs[name], proc) for name, proc in zip(plan, procs)})
+    return Launched(done)
+
+
 def metrics(save_path: str) -> list[dict]:
     with open(os.path.join(save_path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

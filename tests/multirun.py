@@ -32,6 +32,7 @@ def main() -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     from xright.cli import common
+    from xright.strategy import close_process_group, release_engines
 
     rank = int(os.environ.get("RANK", "0"))
     codes = []
@@ -57,17 +58,10 @@ def main() -> None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        from xright.strategy import release_engines
-
         release_engines()
-        unset_hf_deepspeed_config()  # a run that failed may not have released its ZeRO-3 config
         with open(os.path.join(plan["workdir"], f"codes.rank{rank}.json"), "w") as f:
             json.dump(codes, f)
     # the end of a launch is every CLI's end: the same ordered teardown, then an exit finalisation cannot abort
-    from xright.strategy import close_process_group
-
     close_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from launch import metrics, run_many, train_records
+from launch import launch_named, metrics, train_records
 from xright import losses as L
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.data.synthetic import preference_records
@@ -114,20 +114,9 @@ def runs(tmp_path_factory):
         "exo-rw1": ("train_exo", exo_rw),
         **{f"bad{i}": (module, [*args, "--max_steps", "1"]) for i, (module, args, _) in enumerate(bad)},
     }
-    done = {}
-    for nproc, plan in ((2, two), (1, one)):
-        outs = {name: str(root / name) for name in plan}
-        procs = run_many([{"module": m, "args": [*a, "--save_path", outs[n]]} for n, (m, a) in plan.items()],
-                         str(root / f"launch{nproc}"), nproc=nproc, check=False)
-        done.update({n: (outs[n], p) for n, p in zip(plan, procs)})
-
-    def get(name, ok=True):
-        out, proc = done[name]
-        assert not ok or proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n" \
-                                                 f"{proc.stderr[-4000:]}"
-        return out, proc
-    get.root, get.bad = root, bad
-    return get
+    runs = launch_named(root, {2: two, 1: one})
+    runs.root, runs.bad = root, bad
+    return runs
 
 
 def test_reward_model_ranks_held_out_pairs_and_reloads(runs):

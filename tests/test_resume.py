@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from launch import ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, run_cli, run_many, train_records
+from launch import (ROOT, assert_no_shm_left, env, final_eval, launcher_cmd, metrics, launch_named, run_cli, run_many,
+                    train_records)
 
 STEPS, SAVE = 16, 4
 BASE = ["--train_batch_size", "8", "--learning_rate", "2e-3", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
@@ -80,29 +81,20 @@ def launched(tmp_path_factory):
     the interrupted runs are compared with, and the non-finite-loss runs (fault injected by their env).
     name -> (save path, process)."""
     root = tmp_path_factory.mktemp("launched")
-    plan, names = [], []
-    for case, zero in REFERENCES:
-        names.append(f"ref-{case}-z{zero}")
-        module, args = args_for(case, zero, str(root / names[-1]))
-        plan.append({"module": module, "args": args})
+    # args_for's --save_path (and the --ckpt_path inside it) is root/name: launch_named's own is the same
+    plan = {f"ref-{c}-z{z}": args_for(c, z, str(root / f"ref-{c}-z{z}")) for c, z in REFERENCES}
     for zero in ("2", "3"):  # rank 1's loss only: every rank must skip
-        names.append(f"skip-z{zero}")
-        module, args = args_for("sft", zero, str(root / names[-1]))
-        plan.append({"module": module, "args": [*args, "--skip_nonfinite"], "env": {"XRIGHT_DEBUG_NAN_AT_STEP": "6:1"}})
-    names.append("nan")
-    module, args = args_for("sft", "2", str(root / "nan"))
-    plan.append({"module": module, "args": args, "env": {"XRIGHT_DEBUG_NAN_AT_STEP": "6"}})
-    procs = run_many(plan, str(root / "launch"), check=False)
-    return {n: (str(root / n), p) for n, p in zip(names, procs)}
+        module, args = args_for("sft", zero, str(root / f"skip-z{zero}"))
+        plan[f"skip-z{zero}"] = (module, [*args, "--skip_nonfinite"], {"XRIGHT_DEBUG_NAN_AT_STEP": "6:1"})
+    plan["nan"] = (*args_for("sft", "2", str(root / "nan")), {"XRIGHT_DEBUG_NAN_AT_STEP": "6"})
+    return launch_named(root, {2: plan})
 
 
 @pytest.fixture(scope="module")
 def reference_run(launched):
     """The uninterrupted run's trajectory of a (case, ZeRO stage)."""
     def get(case, zero):
-        out, proc = launched[f"ref-{case}-z{zero}"]
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return trajectory(out)
+        return trajectory(launched(f"ref-{case}-z{zero}")[0])
     return get
 
 
@@ -158,7 +150,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, refe
 
 
 def test_nonfinite_loss_stops_with_checkpoint_intact(launched):
-    out, proc = launched["nan"]
+    out, proc = launched("nan", ok=False)
     out = pathlib.Path(out)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 3 and "non-finite sft loss (nan) at step 6" in text, text[-3000:]
@@ -171,8 +163,7 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(launched):
 
 @pytest.mark.parametrize("zero", ["2", "3"])
 def test_skip_nonfinite_discards_the_step_and_trains_on(launched, zero):
-    out, proc = launched[f"skip-z{zero}"]
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out, proc = launched(f"skip-z{zero}")
     out = pathlib.Path(out)
     assert "skipped 1 optimizer step(s)" in proc.stdout
     recs = {r["step"]: r for r in train_records(str(out))}
@@ -216,9 +207,8 @@ def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):
     assert lora.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in lora.stderr
     assert micro.returncode == 2 and ("has batches={'sft': {'micro': 2, 'accumulation': 2}} but this run has "
                                       "batches={'sft': {'micro': 1, 'accumulation': 4}}") in micro.stderr, micro.stderr
-    proc = data
-    assert proc.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
-                                              r"data=\{'sft': '40 examples, ids sha256 \w+'\}", proc.stderr), proc.stderr
+    assert data.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
+                                              r"data=\{'sft': '40 examples, ids sha256 \w+'\}", data.stderr), data.stderr
     proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
     assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launch import SHARED_DATA, final_eval, metrics, run_many, train_records
+from launch import SHARED_DATA, final_eval, launch_named, metrics, train_records
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
 from xright.models import load_model, load_tokenizer
@@ -60,30 +60,18 @@ def launched(tmp_path_factory):
     """get(module, zero, lora, nproc) -> (save_path, process). Every configuration of this file runs once, the
     2-rank ones in one launch and the one-process ones in one process (``run_many``), so the tests that read
     the same run (reload, 2 ranks = 1 process) share it and no run pays a launch of its own."""
-    runs = {}
-    for nproc, configs in ((2, TWO_RANK), (1, ONE_PROCESS)):
-        plan, keys = [], []
-        for module, zero, lora in configs:
-            out = str(tmp_path_factory.mktemp(f"{module}_z{zero}{'_lora' if lora else ''}_n{nproc}"))
-            extra = ["--lora_rank", "8", "--lora_alpha", "16", "--merge_lora"] if lora else []
-            plan.append({"module": module, "args": ["--zero_stage", zero, "--save_path", out, *COMMON, *extra]})
-            keys.append(((module, zero, lora, nproc), out))
-        if nproc == 2:  # the other runs of this file on 2 ranks join the launch
-            for key, module, args in (("sft_pref", "train_sft_pref", SFT_PREF), ("hh", "train_dpo", HH_ARGS)):
-                if key == "hh" and not os.path.exists(HH):
-                    continue
-                out = str(tmp_path_factory.mktemp(key))
-                plan.append({"module": module, "args": [*args, "--save_path", out]})
-                keys.append((key, out))
-        for (key, out), proc in zip(keys, run_many(plan, str(tmp_path_factory.mktemp(f"launch{nproc}")), nproc=nproc,
-                                                   check=False)):
-            runs[key] = out, proc
+    def name(module, zero, lora, nproc):
+        return f"{module}-z{zero}{'-lora' if lora else ''}-n{nproc}"
 
-    def get(module, zero=None, lora=False, nproc=2):
-        out, proc = runs[module if zero is None else (module, zero, lora, nproc)]
-        assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        return out, proc
-    return get
+    lora_flags = ["--lora_rank", "8", "--lora_alpha", "16", "--merge_lora"]
+    plans = {nproc: {name(m, z, lora, nproc): (m, ["--zero_stage", z, *COMMON, *(lora_flags if lora else [])])
+                     for m, z, lora in configs} for nproc, configs in ((2, TWO_RANK), (1, ONE_PROCESS))}
+    plans[2]["sft_pref"] = ("train_sft_pref", SFT_PREF)  # the other 2-rank runs of this file join the launch
+    if os.path.exists(HH):
+        plans[2]["hh"] = ("train_dpo", HH_ARGS)
+    launched = launch_named(tmp_path_factory.mktemp("e2e"), plans)
+    return lambda module, zero=None, lora=False, nproc=2: launched(module if zero is None else
+                                                                    name(module, zero, lora, nproc))
 
 
 @pytest.mark.parametrize("module,name,zero,lora", [

@@ -240,7 +240,8 @@ def close_process_group() -> list[str]:
 def release_engines() -> None:
     """Destroy every engine built in this process (their hooks and ZeRO state); the process group stays.
 
-    Also undoes DeepSpeed's one process-wide patch: building a model under ZeRO-3 (``zero.Init``)
+    Also undoes what would leak into a later run in the same process: transformers' global ZeRO-3
+    config, and DeepSpeed's one process-wide patch: building a model under ZeRO-3 (``zero.Init``)
     replaces ``torch.nn.functional.linear`` with its memory-efficient autograd function, which
     "will persist unless manually reset". Left in place, a later run in the same process (a notebook,
     a sweep, ``tests/multirun.py``) computes its gradients in another order: losses off in the 7th digit.
@@ -257,6 +258,9 @@ def release_engines() -> None:
 
     if getattr(patcher, "linear_bk", None) is not None:
         torch.nn.functional.linear = patcher.linear_bk
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # a run that failed before release_hf_config would leave ZeRO-3 model building on
     gc.collect()
 
 
