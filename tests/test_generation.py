@@ -188,7 +188,11 @@ def test_generation_stops_at_every_eos_id_of_the_generation_config(family):
     want = [[full[0][:i]], [full[1][:j]]]
     model.generation_config.eos_token_id = [255, a, b]  # a list (Llama-3-Instruct) ...
     assert eos_ids(Tok(258), model) == [258, 255, a, b]
+    steps = [0]
+    hook = model.register_forward_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
     assert generate_batch(model, prompts, s, eos_ids=eos_ids(Tok(258), model), pad_id=256, seed=0) == want
+    hook.remove()
+    assert steps[0] == max(i, j) + 1  # generation stopped there (not only the output cut)
     model.generation_config.eos_token_id = b  # ... or an int, beside the tokenizer's own eos
     assert eos_ids(Tok(a), model) == [a, b]
     assert generate_batch(model, prompts, s, eos_ids=eos_ids(Tok(a), model), pad_id=256, seed=0) == want
