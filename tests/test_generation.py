@@ -432,6 +432,70 @@ def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, two_rank, tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02, losses
 
 
+def prompt_file(path, name, n):
+    path.write_text("".join(json.dumps({"input": f"{name} question {k}"}) + "\n" for k in range(n)))
+    return str(path)
+
+
+def test_iter_slices_partition_one_blend_and_respect_max_samples(tmp_path):
+    a, b = prompt_file(tmp_path / "a.jsonl", "a", 30), prompt_file(tmp_path / "b.jsonl", "b", 30)
+    blend = [*GEN[:1], "generate", "--dataset", f"{a},{b}", "--dataset_probs", "0.5,0.5", "--max_new_tokens", "1",
+             "--rollout_batch_size", "10"]
+    order = read_prompts(batch_inference.data_spec(batch_inference.parser().parse_args([*blend, "--output_path", "x"])))
+    assert len(order) == 60
+    got = [r for it in range(3) for r in infer(tmp_path, f"i{it}.jsonl", *blend, "--iter", str(it))]
+    assert [r["id"] for r in got] == [r["id"] for r in order[:30]]  # three slices of one order: 30 distinct prompts
+    assert len({r["input"] for r in got}) == 30
+    # --max_samples bounds the blend the slices cut: 25 prompts are 10 + 10 + 5, and a 4th slice is an error
+    capped = [*blend, "--max_samples", "25"]
+    got = [r for it in range(3) for r in infer(tmp_path, f"c{it}.jsonl", *capped, "--iter", str(it))]
+    spec = batch_inference.data_spec(batch_inference.parser().parse_args([*capped, "--output_path", "x"]))
+    assert [r["id"] for r in got] == [r["id"] for r in read_prompts(spec)] and len(got) == 25
+    with pytest.raises(DataError, match=r"no prompts from index 30: the blend has 25 \(max_samples 25\)"):
+        infer(tmp_path, "c3.jsonl", *capped, "--iter", "3")
+
+
+def test_copies_of_an_oversampled_source_get_distinct_ids(rm_run, tmp_path):
+    from xright.cli.eval_winrate import aligned
+    from xright.generation import read_answers
+
+    rm, _ = rm_run
+    a, b = prompt_file(tmp_path / "a.jsonl", "a", 3), prompt_file(tmp_path / "b.jsonl", "b", 30)
+    # 33 prompts at 0.5/0.5: 17 from a's 3 records, so each of them comes 5 or 6 times
+    gen = infer(tmp_path, "g.jsonl", "--eval_task", "generate", "--dataset", f"{a},{b}", "--dataset_probs", "0.5,0.5",
+                "--max_new_tokens", "2", "--greedy_sampling")
+    ids = [r["id"] for r in gen]
+    assert len(ids) == 33 and len(set(ids)) == 33 and [r["prompt_id"] for r in gen] == ids
+    copies = sorted(i for i in ids if i.startswith("a.jsonl:1"))
+    assert copies[0] == "a.jsonl:1" and {c.split("~")[1] for c in copies[1:]} == {str(n) for n in range(2, len(copies) + 1)}
+    spec = DataSpec(kind="sft", dataset=str(tmp_path / "g.jsonl"), max_samples=10**8)
+    assert aligned({"g": "g.jsonl"}, {"g": read_answers(spec)}) == ids  # the judge takes the file
+    # scoring an oversampled answers file (2 answers per prompt): each copy of a prompt keeps its own group
+    for name, n in (("k2", 2), ("other", 4)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": f"{name}{p}#{k}", "prompt_id": f"{name}{p}", "input": f"q{p}",
+                                     "output": f"answer {k}"}) + "\n" for p in range(n) for k in range(2))
+    scored_ = infer(tmp_path, "s.jsonl", "--eval_task", "rm", "--pretrain", rm, "--dataset",
+                    f"{tmp_path / 'k2.jsonl'},{tmp_path / 'other.jsonl'}", "--dataset_probs", "0.6,0.4")
+    k2 = [r for r in scored_ if r["id"].startswith("k2")]
+    assert len(k2) == 7 and len({r["id"] for r in k2}) == 7  # 7 draws of 4 records: 3 of them twice
+    groups = {}
+    for r in k2:
+        groups.setdefault(r["prompt_id"], []).append(r["id"])
+    assert sorted(groups["k20"]) == ["k20#0", "k20#1"] and sorted(groups["k21"]) == ["k21#0", "k21#1"]
+    copies = {g: ids for g, ids in groups.items() if g not in ("k20", "k21")}  # the second pass: 3 answers
+    assert set(copies) <= {"k20~2", "k21~2"} and sum(len(ids) for ids in copies.values()) == 3
+    assert all(i.startswith(g[:-2] + "#") and i.endswith("~2") for g, ids in copies.items() for i in ids)
+
+
+def test_rm_with_no_answer_left_to_score_is_one_clear_error(tmp_path):
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"input": "a very long question " * 10, "output": "yes"}) + "\n")
+    with pytest.raises(common.UsageError, match=r"no answers to score: the prompts of all 1 are longer than --max_len 16"):
+        infer(tmp_path, "o.jsonl", "--eval_task", "rm", "--dataset", str(answers), "--max_len", "16")
+    assert score(None, [], 4, 0, rank=1, world_size=2, synced=True) == {}  # ZeRO-3, 2 ranks: no call, no error
+
+
 # ---- post-processors ------------------------------------------------------------------------------------
 
 def scored(prompt_id, prompt, outputs_rewards):
