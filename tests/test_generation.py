@@ -410,6 +410,22 @@ def test_rm_scores_equal_train_rm_evaluation(rm_run, tmp_path):
                                                         abs=1e-5)
 
 
+def test_lora_reward_model_normalises_with_the_statistics_train_rm_saved(rm_run, tmp_path):
+    from xright.cli import train_rm
+
+    _, pairs = rm_run
+    out = str(tmp_path / "lora_rm")
+    inprocess(train_rm.main, ["--save_path", out, "--max_samples", "16", "--max_steps", "2", "--micro_train_batch_size",
+                              "4", "--train_batch_size", "8", "--zero_stage", "0", "--lora_rank", "4", "--lora_alpha",
+                              "8", "--learning_rate", "1e-3", "--lr_scheduler", "constant"])
+    assert not os.path.exists(os.path.join(out, "config.json"))  # a LoRA save: no config to hold the statistics
+    stats = json.load(open(os.path.join(out, "reward_stats.json")))
+    raw = infer(tmp_path, "raw.jsonl", "--eval_task", "rm", "--pretrain", out, "--dataset", pairs)
+    norm = infer(tmp_path, "norm.jsonl", "--eval_task", "rm", "--pretrain", out, "--dataset", pairs, "--normalize_reward")
+    assert [n["reward"] for n in norm] == pytest.approx([(r["reward"] - stats["mean"]) / stats["std"] for r in raw],
+                                                        abs=1e-5)
+
+
 def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, two_rank, tmp_path):
     rm, pairs = rm_run
     two = two_rank["exo"]
