@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--best_of_n", type=int, default=1, help="completions per prompt")
     g.add_argument("--iter", type=int, default=None,
-                   help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size)")
+                   help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size) of the "
+                        "blend of --max_samples prompts (drawn once, so iterations never repeat a prompt)")
     g.add_argument("--rollout_batch_size", type=int, default=2048)
     g.add_argument("--enable_csft", action="store_true", default=False, help="append --csft_prompt to each prompt")
     g.add_argument("--csft_prompt", type=str, default="<rm_score>: 5.00")
@@ -80,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("reward labelling")
     g.add_argument("--post_processor", choices=sorted(POST_PROCESSORS), default=None)
     g.add_argument("--normalize_reward", action="store_true", default=False,
-                   help="(r − mean) / std with the reward model's saved statistics (train_rm writes them)")
+                   help="(r − mean) / std with the reward model's saved statistics (the reward_stats.json train_rm "
+                        "writes, else mean/std in its config.json)")
     g.add_argument("--reward_template", type=str, default=None, help="csft: default '{input} <rm_score>: {reward} '")
     g.add_argument("--kto_threshold", type=float, default=None,
                    help="kto: reward > threshold is desirable; default: above the prompt's median")
