@@ -623,18 +623,18 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
 
 # ---- interactive chat -----------------------------------------------------------------------------------
 
-def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof():
+def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof(capsys):
+    import io
+
     from xright.cli import interactive_chat
-    from xright.generation import generate_batch
     from xright.models import load_for_inference
 
     turns = ["what is 1+1?", "and 2+2?", "clear", "hi"]
-    proc = subprocess.run([sys.executable, "-m", "xright.cli.interactive_chat", "--greedy_sampling",
-                           "--max_new_tokens", "10"], input="".join(t + "\n" for t in turns), cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    body = proc.stdout.split("quits\n", 1)[1]
+    stdin = io.StringIO("".join(t + "\n" for t in turns))
+    assert common.guarded(lambda: interactive_chat.main(["--greedy_sampling", "--max_new_tokens", "10"], stdin=stdin)) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    body = out.out.split("quits\n", 1)[1]
     answers = body.split("> ")[1:]
     assert answers[-1] == "\n"  # EOF: a clean newline and exit
     assert answers[2] == "(history cleared)\n"
