@@ -127,7 +127,11 @@ def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_le
     ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     out = []
     for t, x in zip(texts, ids):
-        lead, x = (head, list(x)) if not (bos and t.startswith(bos)) else (list(x[:1]), list(x[1:]))  # the text's BOS
+        x = list(x)
+        if not (bos and t.startswith(bos)):
+            lead = head
+        else:  # the text's own BOS
+            lead, x = (x[:1], x[1:]) if x[:1] == [tokenizer.bos_token_id] else ([], x)
         if 0 < prompt_max_len < len(lead) + len(x):
             x = x[len(x) - max(prompt_max_len - len(lead), 0):]
         out.append(lead + x)
