@@ -6,7 +6,9 @@ Type a message and Enter. ``clear`` forgets the conversation, ``exit`` (or Ctrl-
 The conversation is rendered as the trainers render a prompt: with ``--apply_chat_template`` the
 tokenizer's chat template over all turns; otherwise each turn is ``--input_template`` with the user's
 text, followed by the model's answer and a newline. ``--ta_prompt FILE`` puts that file's text in front of
-the conversation (as XRIGHT). When the conversation outgrows ``--max_len`` the oldest turns are dropped.
+the conversation (as XRIGHT). When the conversation outgrows ``--max_len`` the oldest turns are dropped (a
+single message that is still too long keeps its BOS and its end). An answer ends at the tokenizer's eos or
+at any eos id of the model's generation config.
 """
 
 import argparse
