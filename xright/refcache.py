@@ -269,10 +269,13 @@ class CachedReference(Reference):
 
 
 def _release(ref: Reference) -> None:
-    """Drop a separate reference model (a DeepSpeed engine's hooks and buffers too) so its memory serves the run."""
+    """Drop a separate reference model (a DeepSpeed engine: its hooks, ZeRO state and parameters) so its memory
+    serves the run."""
     model, ref.model = ref.model, None
     if model is not None and hasattr(model, "destroy"):
-        model.destroy()
+        from xright.strategy import release_engine
+
+        release_engine(model)
     del model
     gc.collect()
 

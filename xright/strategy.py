@@ -248,12 +248,8 @@ def release_engines() -> None:
     """
     import gc
 
-    for engine in _ENGINES:
-        try:
-            engine.destroy()
-        except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
-            pass
-    _ENGINES.clear()
+    for engine in list(_ENGINES):
+        release_engine(engine, collect=False)
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
 
     if getattr(patcher, "linear_bk", None) is not None:
@@ -262,6 +258,38 @@ def release_engines() -> None:
 
     unset_hf_deepspeed_config()  # a run that failed before release_hf_config would leave ZeRO-3 model building on
     gc.collect()
+
+
+def release_engine(engine, collect: bool = True) -> None:
+    """Free one engine now: its hooks and ZeRO state, and its module with every parameter.
+
+    ``engine.destroy()`` (DeepSpeed 0.19.8) keeps ``engine.module``, DeepSpeed's ZeRO-3 forward stack keeps
+    the module, and this module's engine list keeps the engine: left so, a released reference held all its
+    (partitioned, possibly offloaded) parameters until the process ended.
+    """
+    import gc
+
+    try:
+        engine.destroy()
+    except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
+        pass
+    _ENGINES[:] = [e for e in _ENGINES if e is not engine]
+    module = engine.__dict__.pop("module", None)  # DeepSpeed stores the module both as attribute and as submodule
+    engine.__dict__.get("_modules", {}).pop("module", None)
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = parameter_offload.FWD_MODULE_STACK  # a ZeRO-3 engine pushes its module there and never pops it
+    stack[:] = [m for m in stack if m is not module]
+    # ZeRO-3's coordinator memoises which parameters to release per (coordinator, submodule, step) in one
+    # process-wide functools.lru_cache, keeping every engine's modules alive; a cleared cache only recomputes
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    memo = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(memo, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+    if collect:
+        gc.collect()
 
 
 def comm_threads() -> list[str]:

@@ -412,14 +412,27 @@ class UsageError(ValueError):
     pass
 
 
-def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
-        steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> dict:
     """Build everything from flags, train, save. Returns the final eval metrics.
 
     ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
     sizes are known; ``steps_per_epoch(tasks)`` defines a (joint) epoch (default: the first
     objective's optimizer steps per pass over its data).
+
+    However it ends, the engines it built are released (their ZeRO state, parameters and DeepSpeed's
+    process-wide patches), so that several runs in one process (a notebook, a sweep) behave as separate
+    launches; the process group stays up for the next run.
     """
+    try:
+        return _run(args, specs, make_schedule, **kwargs)
+    finally:
+        from xright.strategy import release_engines
+
+        release_engines()
+
+
+def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+         steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
     import numpy as np
     import torch
     from transformers import get_scheduler
