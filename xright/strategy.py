@@ -366,6 +366,13 @@ class Strategy:
         return _get(self.ds_config, "zero_optimization.stage")
 
     @property
+    def precision(self) -> str:
+        """The models' dtype under the resolved config, "bf16", "fp16" or "fp32": a --deepspeed file may enable
+        bf16 without the --bf16 flag."""
+        return "bf16" if _get(self.ds_config, "bf16.enabled") is True else \
+            "fp16" if _get(self.ds_config, "fp16.enabled") is True else "fp32"
+
+    @property
     def offload_optimizer(self) -> bool:
         return (_get(self.ds_config, "zero_optimization.offload_optimizer.device") or "none") != "none"
 
