@@ -248,8 +248,8 @@ def release_engines() -> None:
     """
     import gc
 
-    for engine in list(_ENGINES):
-        release_engine(engine, collect=False)
+    while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
+        release_engine(_ENGINES[0], collect=False)
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
 
     if getattr(patcher, "linear_bk", None) is not None:
