@@ -328,6 +328,7 @@ def test_logged_lr_is_the_rate_the_step_applied(setup):
     def step():
         applied.append(opt.param_groups[0]["lr"])
         plain_step()
+        opt.step()
         sched.step()
 
     engine.step, engine.get_lr = step, lambda: [g["lr"] for g in opt.param_groups]
@@ -335,9 +336,10 @@ def test_logged_lr_is_the_rate_the_step_applied(setup):
         trainer.fit()
     logged = [r["lr"] for r in trainer.logger.records if "lr" in r]
     assert logged == applied and len(logged) == 6
-    _, own = scheduler()  # the scheduler's own rates, one per step: 0 in the first step of the warmup
+    own_opt, own = scheduler()  # the scheduler's own rates, one per step: 0 in the first step of the warmup
     rates = []
     for _ in range(6):
         rates.append(own.get_last_lr()[0])
+        own_opt.step()
         own.step()
     assert logged == rates and logged[:3] == [0.0, 5e-4, 1e-3] and logged[-1] > 1e-4
