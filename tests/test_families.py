@@ -147,6 +147,8 @@ def test_family_packs_exactly_or_is_refused(family_dirs, family):
     except PackingRefused as e:
         msg = str(e)
         assert "\n" not in msg and model_type in msg and msg.startswith("--packing_samples")
+        if recurrent_state(model.config):  # refused from its config, before any forward
+            assert "carry state from one sequence of a packed row into the next" in msg
         RESULTS.setdefault(family, {})["packed"] = f"refused (max Δ {delta:.0e})"
         assert delta > 1e-5 or recurrent_state(model.config)  # the probe refuses what really differs
         return
