@@ -14,7 +14,7 @@ import torch
 
 from xright.data import collate
 from xright.logprobs import token_logps
-from xright.models import (VARLEN_SDPA, LoraSpec, PackingRefused, check_model, load_model, load_tokenizer,
+from xright.models import (VARLEN_SDPA, VARLEN_SDPA_CHECKED, LoraSpec, PackingRefused, check_model, load_model, load_tokenizer,
                            recurrent_state, tiny_tokenizer)
 from xright.objectives import KTO, SFT, Pairwise, Reference, RewardModel
 
@@ -137,6 +137,8 @@ def test_family_packs_exactly_or_is_refused(family_dirs, family):
     path = family_dirs[family]
     model = load_model(path, packing=True).eval()
     model_type = model.config.model_type
+    if not getattr(type(model), "_supports_attention_backend", False):  # xright's attention would never run:
+        assert model.config._attn_implementation in ("sdpa", "eager")  # the printed name is what runs
     exs = examples("pairwise", 6, seed=3)
     with torch.no_grad():
         padded, mask = token_logps(model, collate("pairwise", exs, PAD))
@@ -189,26 +191,36 @@ def test_mask_of_a_packed_row_is_transformers_block_diagonal_mask(family_dirs):
         packed, _ = token_logps(model, collate("sft", exs, PAD, packed=True))
     assert float(((packed - padded) * mask).abs().max()) < 1e-5
     assert "block-diagonal mask" in check_model(model, packing=True)
+    assert model.config._attn_implementation == VARLEN_SDPA  # it keeps the mask: it needs it
+    with torch.no_grad():
+        again, _ = token_logps(model, collate("sft", exs, PAD, packed=True))
+    assert float(((again - padded) * mask).abs().max()) < 1e-5
 
 
 def test_packed_row_runs_the_per_sequence_attention(family_dirs, monkeypatch):
-    """Which attention ran for a packed row (both give the same numbers): on a family with the
-    per-sequence SDPA, each layer's call gets the row's boundaries and torch's SDPA only ever sees one
-    sequence at a time (never the L×L product of the whole row)."""
+    """Which attention ran for a packed row (both give the same numbers): on a family whose every
+    attention call gets the row's boundaries, torch's SDPA only ever sees one sequence at a time (never
+    the L×L product of the whole row), and once the probe has seen that, no L×L mask is built either."""
     import transformers.integrations.sdpa_attention as sdpa
+    from transformers import AttentionInterface
 
     model = load_model(family_dirs["llama"], packing=True).eval()
     assert model.config._attn_implementation == VARLEN_SDPA
+    assert "per-sequence SDPA in 2 of 2 attention calls" in check_model(model, packing=True)
+    assert model.config._attn_implementation == VARLEN_SDPA_CHECKED
     batch = collate("pairwise", examples("pairwise", 4, seed=5), PAD, packed=True)
     lengths = batch["cu_seqlens"].diff().tolist()
-    seen = []
+    seen, masks = [], []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(sdpa.torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, *a, **kw: seen.append((q.shape[-2], k.shape[-2])) or real(q, k, *a, **kw))
+    attention = AttentionInterface._global_mapping[VARLEN_SDPA_CHECKED]
+    monkeypatch.setitem(AttentionInterface._global_mapping, VARLEN_SDPA_CHECKED,
+                        lambda m, q, k, v, mask, **kw: masks.append(mask) or attention(m, q, k, v, mask, **kw))
     with torch.no_grad():
         token_logps(model, batch)
     assert seen == [(n, n) for n in lengths] * model.config.num_hidden_layers
-    assert "per-sequence SDPA in 2 of 2 attention calls" in check_model(model, packing=True)
+    assert masks == [None] * model.config.num_hidden_layers
 
 
 def test_leak_across_sequences_is_refused_even_where_padded_and_packed_agree_within_noise(family_dirs):
