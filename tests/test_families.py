@@ -319,3 +319,29 @@ def test_cli_packing_logs_the_padded_step_0_eval_loss(family_dirs, tmp_path, cap
     assert "xright: attention: sdpa (qwen2)" in printed  # the choice, printed once per run
     assert "xright: attention: xright_varlen_sdpa (qwen2); packed rows exact" in printed
     assert os.path.exists(tmp_path / "packed" / "config.json")
+
+
+# ---- ZeRO-3 on 2 ranks: a hub-path model is partitioned by zero.Init while it loads, so every rank
+# probes the engine together (packed = padded under ZeRO-3: test_packing.py); one launch, two runs ------------------------------------------------
+
+Z3 = ["--zero_stage", "3", "--max_steps", "1", "--train_batch_size", "4", "--micro_train_batch_size", "1",
+      "--max_samples", "16", "--eval_steps", "1", "--no_precompute_ref_log_probs"]
+
+
+@pytest.fixture(scope="module")
+def zero3(family_dirs, tmp_path_factory):
+    from launch import launch_named
+
+    return launch_named(tmp_path_factory.mktemp("zero3"), {2: {
+        "packed": ("train_dpo", ["--pretrain", family_dirs["qwen2"], *Z3, "--packing_samples"]),
+        "bloom": ("train_dpo", ["--pretrain", family_dirs["bloom"], *Z3, "--packing_samples"])}})
+
+
+def test_zero3_ranks_probe_the_partitioned_policy_and_reference_together(zero3):
+    _, proc = zero3("packed")
+    assert "xright: attention: xright_varlen_sdpa (qwen2); packed rows exact" in proc.stdout
+    assert "xright: reference attention: xright_varlen_sdpa (qwen2); packed rows exact" in proc.stdout
+    _, refused = zero3("bloom", ok=False)
+    assert refused.returncode == 2
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("xright: error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1 and "bloom" in errors[0]  # the same one line on each rank
