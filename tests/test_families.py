@@ -14,8 +14,8 @@ import torch
 
 from xright.data import collate
 from xright.logprobs import token_logps
-from xright.models import (VARLEN_SDPA, VARLEN_SDPA_CHECKED, LoraSpec, PackingRefused, check_model, load_model, load_tokenizer,
-                           recurrent_state, tiny_tokenizer)
+from xright.models import (VARLEN_SDPA, VARLEN_SDPA_CHECKED, LoraSpec, PackingRefused, check_model, load_model,
+                           load_tokenizer, recurrent_state, tiny_tokenizer)
 from xright.objectives import KTO, SFT, Pairwise, Reference, RewardModel
 
 PAD, EOS = 256, 257
@@ -223,6 +223,34 @@ def test_packed_row_runs_the_per_sequence_attention(family_dirs, monkeypatch):
     assert masks == [None] * model.config.num_hidden_layers
 
 
+def test_flash_attention_2_packed_rows_are_probed_too(family_dirs, monkeypatch):
+    """--flash_attn: the probe runs transformers' flash-attention-2 path (here with test_packing.py's torch
+    stand-in for the CUDA kernel) and says the variable-length kernel read the boundaries."""
+    from test_packing import _reference_varlen_kernel
+    from transformers import AttentionInterface
+    from transformers import modeling_flash_attention_utils as fa
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    calls = []
+
+    def dense_kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, **kw):  # [B, T, heads, dim]
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal, scale=softmax_scale).transpose(1, 2)
+
+    monkeypatch.setattr(fa, "lazy_import_flash_attention", lambda *a, **k: (
+        (dense_kernel, _reference_varlen_kernel(calls), None, fa._pad_input, fa._unpad_input), (lambda **kw: {
+            "causal": kw["is_causal"], "softmax_scale": kw["softmax_scale"], "max_seqlen_q": kw.get("max_seqlen_q"),
+            "max_seqlen_k": kw.get("max_seqlen_k")}, None)))
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", flash_attention_forward)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "flash_attention_2", flash_attention_mask)
+    model = load_model(family_dirs["gpt_neox"])  # (the stand-in kernel has no grouped-query heads)
+    model.config._attn_implementation = "flash_attention_2"  # what load_model(flash_attn=True) asks for
+    line = check_model(model, packing=True)
+    assert "flash_attention_2 (gpt_neox); packed rows exact" in line and "variable-length kernel" in line
+    assert len(calls) == 3 * model.config.num_hidden_layers  # padded (unpadded by transformers), packed, changed
+
+
 def test_leak_across_sequences_is_refused_even_where_padded_and_packed_agree_within_noise(family_dirs):
     """bf16: the packed-vs-padded comparison alone cannot see Bloom's leak (bf16 rounding is as large);
     the changed-neighbour check still refuses it, and accepts an exact family in bf16."""
@@ -322,7 +350,7 @@ def test_cli_packing_logs_the_padded_step_0_eval_loss(family_dirs, tmp_path, cap
 
 
 # ---- ZeRO-3 on 2 ranks: a hub-path model is partitioned by zero.Init while it loads, so every rank
-# probes the engine together (packed = padded under ZeRO-3: test_packing.py); one launch, two runs ------------------------------------------------
+# probes the engine together (packed = padded under ZeRO-3: test_packing.py); one launch, two runs ----------
 
 Z3 = ["--zero_stage", "3", "--max_steps", "1", "--train_batch_size", "4", "--micro_train_batch_size", "1",
       "--max_samples", "16", "--eval_steps", "1", "--no_precompute_ref_log_probs"]

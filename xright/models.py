@@ -127,8 +127,9 @@ def register_varlen_attention() -> str:
     built, which for a packed row is the block-diagonal mask it derives from the position ids: the mask
     function is transformers' own, so a row whose boundaries do not reach the attention is still exact
     (:func:`check_model` reports which of the two ran, and moves a model whose every attention call got
-    the boundaries to ``VARLEN_SDPA_CHECKED``, which builds no mask for packed rows). Sliding windows (Mistral, some Qwen2 layers) are
-    not applied to packed rows: a sequence longer than the window is an error.
+    the boundaries to ``VARLEN_SDPA_CHECKED``, which builds no mask for packed rows). Sliding windows
+    (Mistral, some Qwen2 layers) are not applied to packed rows: a sequence longer than the window is an
+    error.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -250,8 +251,10 @@ def check_model(model, *, packing: bool) -> str:
     vocab = hf.get_input_embeddings().num_embeddings
     pad = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     g = torch.Generator().manual_seed(0)
-    tokens = lambda n: [(t + (t == pad)) % vocab for t in torch.randint(0, vocab, (n,), generator=g).tolist()]  # noqa: E731
-    seqs = [{"id": str(i), "prompt_ids": tokens(1), "response_ids": tokens(n - 1)} for i, n in enumerate(_PROBE_LENGTHS)]
+    tokens = lambda n: [(t + (t == pad)) % vocab  # noqa: E731
+                        for t in torch.randint(0, vocab, (n,), generator=g).tolist()]
+    seqs = [{"id": str(i), "prompt_ids": tokens(1), "response_ids": tokens(n - 1)}
+            for i, n in enumerate(_PROBE_LENGTHS)]
     changed = [dict(seqs[0], prompt_ids=tokens(1), response_ids=tokens(_PROBE_LENGTHS[0] - 1))] + seqs[1:]
     device = next(model.parameters()).device
     calls = []
@@ -283,6 +286,8 @@ def check_model(model, *, packing: bool) -> str:
     if calls and per_seq == len(calls):
         how = f"per-sequence SDPA in {per_seq} of {len(calls)} attention calls"
         config._attn_implementation = VARLEN_SDPA_CHECKED
+    elif config._attn_implementation.startswith("flash"):
+        how = "flash-attention's variable-length kernel"
     else:
         how = "transformers' block-diagonal mask from the position ids"
     return f"{line}; packed rows exact (max |Δ| log-prob {delta:.1e} vs padded, {how})"
