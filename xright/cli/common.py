@@ -439,7 +439,7 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
 
     from xright.data import CyclingLoader, load_data
     from xright.logging import MetricsLogger, wandb_settings
-    from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
+    from xright.models import LoraSpec, check_model, is_peft, load_model, load_tokenizer
     from xright.objectives import Reference
     from xright.strategy import Strategy, atomic_write_json
     from xright.trainer import TrainArgs, Task, Trainer
@@ -507,6 +507,8 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
         scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
         if args.lr_scheduler == "cosine_with_min_lr" else None)
     engine = strategy.prepare(model, optimizer, scheduler)
+    # after prepare: on the device, and under ZeRO-3 every rank probes the partitioned engine in lockstep
+    strategy.print("xright: " + check_model(engine, packing=args.packing_samples))
 
     reference = None
     ref_specs = [sp for sp in specs if sp.objective.needs_reference]
@@ -520,7 +522,9 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
                              vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
                              pad_token_id=tokenizer.pad_token_id)
-            return Reference(model=strategy.prepare_reference(ref))
+            ref = strategy.prepare_reference(ref)
+            strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
+            return Reference(model=ref)
 
         if _precompute_pays(args, ref_specs, tasks, total, strategy):
             from xright import refcache
