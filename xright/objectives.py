@@ -45,9 +45,8 @@ class Reference:
 
 @dataclass(frozen=True)
 class Flag:
-    """A hyperparameter flag an objective reads (``--NAME``). ``own``: each objective of a joint run has
-    its own (``--dpo_beta``, ``--kto_beta``); otherwise one flag serves every objective that reads it.
-    ``type`` None: the default's type (a bool default makes a switch)."""
+    """A hyperparameter flag (``--name``). ``own``: one per objective in a joint run (``--dpo_beta``), else one
+    for all objectives that read it. ``type`` None: the default's (a bool default makes a switch)."""
 
     name: str
     default: object = None
@@ -57,12 +56,13 @@ class Flag:
 
 
 REF_PRETRAIN = Flag("ref_pretrain", None, "reference model; default: --pretrain", type=str)
+BETA = Flag("beta", 0.1, "β, the objective's temperature (EXO: the policy's β_π; SimPO: its reward scale, ≈ 2)",
+            own=True)
 
 
 class Objective:
     kind: str = ""                # data kind: sft | pairwise | binary | scored
     needs_reference: bool = False
-    unit: str = "examples"        # what the loss is averaged over
     flags: tuple = ()             # the Flags build() reads
     defaults: dict = {}           # a loss's own defaults for its own flags (train_joint's --NAME_beta)
     # Mean over ranks, for an objective whose loss needs a collective (KTO's z): bind() takes it from the
@@ -75,8 +75,7 @@ class Objective:
 
     @classmethod
     def build(cls, loss: str, get: Callable[[str], object]) -> "Objective":
-        """The objective ``loss`` from its flags' values (``get(flag name)``)."""
-        return cls()
+        return cls()  # from its flags' values, get(flag name)
 
     def bind(self, strategy) -> None:
         """Take the collectives from the run's strategy (objectives import no deepspeed)."""
@@ -100,7 +99,7 @@ class Objective:
 class SFT(Objective):
     """Token-mean NLL of the responses; the prompt is masked (docs/DESIGN.md §1 ``sft``)."""
 
-    kind, unit = "sft", "tokens"
+    kind = "sft"
 
     def units(self, batch):
         return batch["loss_mask"][:, 1:].sum().float()
@@ -123,7 +122,7 @@ class PrefParams:
 
 
 PAIR_FLAGS = (
-    Flag("beta", PrefParams.beta, "β, the preference loss's temperature (SimPO: its reward scale, ≈ 2)", own=True),
+    BETA,
     Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
     Flag("ipo_average", PrefParams.ipo_average,
          "IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)"),
@@ -291,8 +290,7 @@ class KTO(Objective):
 
     kind, needs_reference, min_micro_batch = "binary", True, 2
     live_reference_prefixes = ("kl_",)  # (x_i, y_{i+1}) changes with every epoch's shuffle
-    flags = (Flag("beta", 0.1, "β", own=True), Flag("desirable_loss_weight", 1.0, "λ_D"),
-             Flag("undesirable_loss_weight", 1.0, "λ_U"), REF_PRETRAIN)
+    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"), REF_PRETRAIN)
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
@@ -356,8 +354,7 @@ class EXO(Objective):
     """
 
     needs_reference = True
-    flags = (Flag("beta", 0.1, "policy temperature β_π", own=True),
-             Flag("beta_r", 1.0, "reward temperature β_r of the *-rw target softmax(r/β_r)"),
+    flags = (BETA, Flag("beta_r", 1.0, "reward temperature β_r of the *-rw target softmax(r/β_r)"),
              Flag("exo_epsilon", None, "*-pref target [1−ε, ε]; default: the EXO reference code's log-weight −10 for "
                   "the rejected answer (p ≈ [1−4.5e-5, 4.5e-5]); TRL's exo_pair uses ε = 1e-3", type=float),
              REF_PRETRAIN)

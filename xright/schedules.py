@@ -14,6 +14,7 @@ Fine-Tuning and Preference Learning": `Alright` is their Algorithm 1 (ALRIGHT), 
 Algorithm 2 (MAXRIGHT). In the two-objective CLIs the weights come from `paper_weights`.
 """
 
+import inspect
 import math
 import random
 from dataclasses import dataclass, field
@@ -95,8 +96,9 @@ class Schedule:
 
     @classmethod
     def build(cls, inputs: ScheduleInputs) -> "Schedule":
-        """This schedule from the run's :class:`ScheduleInputs` (ValueError on inconsistent ones)."""
-        raise NotImplementedError
+        """This schedule from the run's inputs: each constructor parameter is the :class:`ScheduleInputs`
+        field of its name (ValueError on inconsistent ones)."""
+        return cls(**{k: getattr(inputs, k) for k in inspect.signature(cls).parameters})
 
     def reseed(self, seed: int) -> None:
         """Re-seed any randomness of the picks (debug: ranks seeded apart, rank 0's broadcast must win)."""
@@ -205,10 +207,6 @@ class Mix(Schedule):
         self.weights = _check_weights(weights)
         self.names = tuple(self.weights)
 
-    @classmethod
-    def build(cls, inputs):
-        return cls(inputs.weights)
-
     def plan(self, step):
         return {k: w for k, w in self.weights.items() if w > 0}
 
@@ -231,10 +229,6 @@ class Alright(Schedule):
         self.seed = _check_seed(seed)
         self.rng = random.Random(seed)
         self._total = sum(self.weights.values())
-
-    @classmethod
-    def build(cls, inputs):
-        return cls(inputs.weights, seed=inputs.seed)
 
     def reseed(self, seed):
         self.rng.seed(seed)
@@ -301,10 +295,6 @@ class Maxright(Schedule):
         self.refresh_every = refresh_every
         self.stale = {}
         self._last = {}
-
-    @classmethod
-    def build(cls, inputs):
-        return cls(inputs.weights, inputs.optima, seed=inputs.seed, refresh_every=inputs.refresh_every)
 
     def wants_refresh(self, step):
         if any(k not in self.stale for k in self.names):

@@ -173,12 +173,10 @@ def flag_prefix(name: str) -> str:
 
 def add_objective_flags(p: argparse.ArgumentParser, losses: list[str], *, default: str | None = None,
                         own: dict[str, str] | None = None, alias: str = "", aliased: tuple = ()) -> None:
-    """The flags the objectives ``losses`` read (``Flag``s of :data:`xright.objectives.OBJECTIVES`), each once.
-
-    ``default``: also ``--loss`` (choices ``losses``; with ipo among them, OpenRLHF's ``--ipo`` switch).
-    ``own`` (train_joint: objective name -> loss): the per-objective flags (β) become ``--NAME_beta`` with
-    the loss's default, one per objective. ``aliased`` flags also answer to ``--<alias><flag>`` (XRIGHT's
-    ``--rlhf_beta``)."""
+    """The ``Flag``s the objectives ``losses`` read (:data:`xright.objectives.OBJECTIVES`), each declared once.
+    ``default``: also ``--loss`` (choices ``losses``) and, with ipo among them, OpenRLHF's ``--ipo``. ``own``
+    (train_joint: name -> loss): own flags are ``--NAME_beta``, default the loss's. ``aliased`` flags also
+    answer to ``--<alias><flag>`` (XRIGHT's ``--rlhf_beta``)."""
     from xright.objectives import OBJECTIVES
 
     g = p.add_argument_group("objective")
@@ -469,6 +467,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     from xright.logging import MetricsLogger, wandb_settings
     from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
     from xright.objectives import Reference
+    from xright.schedules import Stopping
     from xright.strategy import Strategy, atomic_write_json
     from xright.trainer import TrainArgs, Task, Trainer
 
@@ -582,7 +581,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         total_steps=total, save_path=args.save_path,
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
         logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
-        pad_id=tokenizer.pad_token_id, **({"stopping": stopping} if stopping else {}),
+        pad_id=tokenizer.pad_token_id, stopping=stopping or Stopping(),
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)

@@ -34,7 +34,7 @@ def parser(description: str, schedule: str | None, **defaults):
     common.add_objective_flags(p, pairwise_losses(), default="dpo", alias="rlhf_",
                                aliased=("beta", "ipo", "label_smoothing"))
     g = train_joint.add_schedule_flags(p, schedule, default="alright", choices=set(SCHEDULES) - {"single"},
-                                       order=f"sft,{PREF}", first="the SFT")
+                                       order=f"sft,{PREF}")
     g.add_argument("--lambd", type=float, default=0.5, help="weight of the preference objective (1 − λ for SFT)")
     g.add_argument("--sft_opt", type=float, default=0.0, help="optimal SFT loss L*_sft (MAXRIGHT, ideal distance)")
     g.add_argument("--dpo_opt", type=float, default=0.0, help="optimal preference loss L*_dpo")
@@ -48,11 +48,9 @@ def parser(description: str, schedule: str | None, **defaults):
 def _front(args) -> dict:
     if not args.ref_pareto_sft and not args.ref_pareto_dpo:
         return {}
-    # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
-    split = lambda text: text.replace(",", " ").split()  # noqa: E731
-    try:
-        sft = [float(x) for x in split(args.ref_pareto_sft)]
-        pref = [float(x) for x in split(args.ref_pareto_dpo)]
+    try:  # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
+        sft, pref = ([float(x) for x in text.replace(",", " ").split()] for text in (args.ref_pareto_sft,
+                                                                                     args.ref_pareto_dpo))
     except ValueError as e:
         raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
                                 f"spaces: {e}") from e

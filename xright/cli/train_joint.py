@@ -48,7 +48,7 @@ def parse_objectives(text: str) -> dict[str, str]:
 
 
 def add_schedule_flags(p: argparse.ArgumentParser, schedule: str | None = None, *, default: str = "maxright",
-                       choices=None, order: str | None = None, first: str = "the first objective's"):
+                       choices=None, order: str | None = None):
     """The schedule flags of the joint CLIs (this one and the paper's presets, :mod:`xright.cli.joint`).
     ``schedule`` fixes the schedule (no ``--schedule`` flag). Returns the group, for a CLI's own flags."""
     g = p.add_argument_group("schedule")
@@ -63,7 +63,8 @@ def add_schedule_flags(p: argparse.ArgumentParser, schedule: str | None = None, 
                    help="train this objective only and evaluate all (train_sft_seq / train_dpo_seq)")
     g.add_argument("--order", type=str, default=order, help="sequential: phase order (default: the objectives' order)")
     g.add_argument("--steps_per_epoch", type=int, default=None,
-                   help=f"optimizer steps in a joint epoch (default: one pass over {first} data; sequential: all phases)")
+                   help="optimizer steps in a joint epoch (default: one pass over the first objective's data, "
+                        "SFT's in the paper's CLIs; sequential: all phases)")
     g.add_argument("--eps", type=float, default=0.0001,
                    help="stop when every eval loss is within eps of its optimum (if any optimum is set)")
     g.add_argument("--equal_length", action="store_true", default=False,
