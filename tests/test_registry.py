@@ -130,3 +130,13 @@ def test_bind_gives_the_strategy_collective_and_reseed_reaches_the_draw():
     b.reseed(0)
     fresh = Alright({"x": 1.0, "y": 1.0}, seed=0)
     assert [fresh.plan(i) for i in range(20)] == [b.plan(i) for i in range(20)]
+
+
+def test_train_joint_stops_at_the_optima_it_was_given(tmp_path):
+    # every eval loss is within --eps = 100 of its optimum at the first evaluation (step 0): no step is trained
+    out = tmp_path / "joint"
+    run(train_joint.main, [*SMALL, "--objectives", "sft,dpo", "--schedule", "mix", "--sft_opt", "0.5", "--eps", "100",
+                           "--save_path", str(out), "--ckpt_path", str(out / "ckpt")])
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert not [r for r in rows if "weights" in r] and "within --eps" in rows[-1]["stopped_early"]
