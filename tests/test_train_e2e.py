@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from launch import SHARED_DATA, final_eval, launch_named, metrics, train_records
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
-from xright.models import load_model, load_tokenizer
+from xright.models import load_for_inference, load_model, load_tokenizer
 from xright.objectives import SFT, Pairwise, Reference
 
 COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learning_rate", "3e-3",
@@ -28,10 +28,11 @@ HH_ARGS = ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64", "--micr
            "--train_batch_size", "8", "--zero_stage", "3"]
 
 
-def eval_loss(model_dir: str, kind: str, objective) -> float:
-    """The eval loss of a saved model on the built-in eval set, computed without DeepSpeed."""
+def eval_loss(model_dir: str, kind: str, objective, model=None) -> float:
+    """The eval loss of a saved model (or of ``model``, with ``model_dir``'s tokenizer) on the built-in eval
+    set, computed without DeepSpeed."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = (model or AutoModelForCausalLM.from_pretrained(model_dir)).eval()
     _, ev = load_data(DataSpec(kind=kind, max_samples=32, max_len=512 if kind == "pairwise" else 2048), tok,
                       log=lambda *a: None)
     ref = Reference(model=load_model("tiny", seed=42, trainable=False)) if objective.needs_reference else None
@@ -93,6 +94,24 @@ def test_two_ranks_train_save_reload(launched, module, name, zero, lora):
     objective = SFT() if name == "sft" else Pairwise("dpo")
     kind = "sft" if name == "sft" else "pairwise"
     assert eval_loss(model_dir, kind, objective) == pytest.approx(final, rel=1e-4, abs=1e-5)
+
+
+def test_lora_adapter_saved_by_a_run_loads_on_its_base(launched):
+    """The adapter directory a LoRA run saves (no base weights in it) loads on its base, as batch_inference,
+    interactive_chat and eval_winrate load it, and gives the trained model: the run's final eval loss and
+    the logits of the merged model the run wrote."""
+    out, _ = launched("train_sft", "3", True)
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    model = load_for_inference(out)
+    assert eval_loss(out, "sft", SFT(), model=model) == pytest.approx(final_eval(out)["eval/sft/loss"], rel=1e-4,
+                                                                      abs=1e-5)
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, merged, rtol=1e-4, atol=1e-5)
+        base = load_model("tiny", seed=42, trainable=False)(input_ids=ids).logits
+    assert (merged - base).abs().max() > 1e-2  # the adapter matters
 
 
 def test_single_process_sft_matches_reload(launched):
