@@ -2,9 +2,9 @@
 
 In this process: the compatibility flags' defaults and help, EXO's one forward, the RNG state a checkpoint
 carries, XRIGHT's zip pairing under ``--equal_length`` (a real one-process DeepSpeed run). One 2-rank launch
-for the rest: a step whose gradients alone are non-finite is discarded on every rank and the count survives a
-resume; and a launch whose ranks run the real CLI processes, so that each rank's exit code is the one the
-operating system sees (2 bad input, 3 non-finite, 143 SIGTERM) and the launcher passes it on.
+whose ranks run the real CLI processes, so that each rank's exit code is the one the operating system sees
+(2 bad input, 3 non-finite, 143 SIGTERM) and the launcher passes it on. (The other promises' runs join the
+shared launches of test_joint_cli, test_train_e2e and test_resume.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import ROOT, assert_no_shm_left, env, free_port, launch_named, metrics, train_records
+from launch import ROOT, assert_no_shm_left, env, free_port, train_records
 from xright import strategy as S
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.data.synthetic import preference_records
@@ -176,59 +176,6 @@ def test_equal_length_trains_on_xrights_zip_of_the_loaders(tmp_path):
             loader.load_state_dict({"epoch": epoch, "position": 0, "seed": 42})
             zipped[name] += [loader.next()["ids"] for _ in range(EQ_PER_EPOCH)]
     assert trained == [{p[0]: zipped[p[0]][s]} for s, p in enumerate(picks)]
-
-
-# ---- 2 ranks: a step whose gradients alone are non-finite; skipped_nonfinite across a resume ---------------
-
-# the whole data set (8 examples) is every step's batch, so each step's loss is the loss of the weights it starts
-# from: a discarded step leaves the run one step behind the clean one, on the same trajectory
-NAN_GRAD = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--max_samples", "8", "--max_steps", "6",
-            "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--lr_warmup_ratio", "0", "--eval_steps", "1000",
-            "--skip_nonfinite"]
-GRAD_AT = {"XRIGHT_DEBUG_NAN_GRAD_AT_STEP": "3:1"}  # rank 1's gradients only; every loss stays finite
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    root = tmp_path_factory.mktemp("promises")
-    ckpt = ["--ckpt_path", str(root / "grad-z2" / "ckpt")]
-    return launch_named(root, {2: {
-        "clean": ("train_sft", ["--zero_stage", "2", *NAN_GRAD]),
-        "grad-z2": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--save_steps", "4"], GRAD_AT),
-        "grad-z3": ("train_sft", ["--zero_stage", "3", *NAN_GRAD], GRAD_AT),
-        # resumes grad-z2's step-4 checkpoint (after the skipped step 3) into a save path of its own
-        "resumed": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--load_checkpoint"]),
-    }})
-
-
-@pytest.mark.parametrize("zero", ["2", "3"])
-def test_nonfinite_gradients_with_a_finite_loss_are_discarded_on_every_rank(launched, zero):
-    out, proc = launched(f"grad-z{zero}")
-    clean = {r["step"]: r for r in train_records(launched("clean")[0])}
-    recs = {r["step"]: r for r in train_records(out)}
-    assert sorted(recs) == list(range(1, 7))
-    assert recs[3]["skipped"] == "non-finite gradients at step 3 (the losses are finite)"
-    assert recs[3]["skipped_nonfinite"] == 1 and "train/sft/loss" not in recs[3]
-    # weights, optimizer state and LR schedule as after step 2, on both ranks (a rank that applied the step
-    # would have moved its ZeRO partition): steps 4-6 are the clean run's steps 3-5
-    for s in (1, 2):
-        assert recs[s]["train/sft/loss"] == pytest.approx(clean[s]["train/sft/loss"], rel=1e-6)
-    for s in (4, 5, 6):
-        assert recs[s]["train/sft/loss"] == pytest.approx(clean[s - 1]["train/sft/loss"], rel=1e-5)
-        assert recs[s]["lr"] == pytest.approx(clean[s - 1]["lr"], rel=1e-9)
-    assert clean[5]["train/sft/loss"] < clean[3]["train/sft/loss"] - 1e-3  # the steps do move the weights
-    assert recs[3]["lr"] == recs[2]["lr"] != recs[1]["lr"]
-    assert "skipped 1 optimizer step(s)" in proc.stdout
-
-
-def test_skipped_nonfinite_is_kept_across_resume(launched):
-    out, proc = launched("resumed")
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
-    first = {r["step"]: r for r in train_records(launched("grad-z2")[0])}
-    recs = {r["step"]: r for r in train_records(out)}
-    assert sorted(recs) == [5, 6]
-    assert [recs[s]["train/sft/loss"] for s in (5, 6)] == [first[s]["train/sft/loss"] for s in (5, 6)]
-    assert [r for r in metrics(out) if r.get("done")][-1]["skipped_nonfinite"] == 1
 
 
 # ---- every rank exits with its own code, and the launcher passes it on ---------------------------------
