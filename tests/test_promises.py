@@ -94,6 +94,8 @@ def test_compatibility_flags_keep_xright_defaults_and_say_so(module):
     assert "--aux_loss_coef" in compat  # every training CLI of XRIGHT has it
     if module.startswith("train_sft_dpo") or module.endswith("_seq"):  # XRIGHT's joint CLIs
         assert "--ideal_dist" in compat
+    if module == "train_rm":
+        assert "--value_head_prefix" in compat
     for flag in compat:
         name = flag.lstrip("-")
         assert name in COMPAT_DEFAULTS, f"{module}: {flag} is new as a compatibility flag: add XRIGHT's default here"
