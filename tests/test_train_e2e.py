@@ -84,14 +84,15 @@ def launched(tmp_path_factory):
         "clean": ("train_sft", ["--zero_stage", "2", *NAN_GRAD]),
         "grad-z2": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--save_steps", "4"], GRAD_AT),
         "grad-z3": ("train_sft", ["--zero_stage", "3", *NAN_GRAD], GRAD_AT),
+        "grad-stop": ("train_sft", ["--zero_stage", "2", *[a for a in NAN_GRAD if a != "--skip_nonfinite"]], GRAD_AT),
         # resumes grad-z2's step-4 checkpoint (after the skipped step 3) into a save path of its own
         "resumed": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--load_checkpoint"]),
     })
     if os.path.exists(HH):
         plans[2]["hh"] = ("train_dpo", HH_ARGS)
     launched = launch_named(root, plans)
-    return lambda module, zero=None, lora=False, nproc=2: launched(module if zero is None else
-                                                                    name(module, zero, lora, nproc))
+    return lambda module, zero=None, lora=False, nproc=2, ok=True: launched(
+        module if zero is None else name(module, zero, lora, nproc), ok=ok)
 
 
 @pytest.mark.parametrize("module,name,zero,lora", [
@@ -251,6 +252,13 @@ def test_nonfinite_gradients_with_a_finite_loss_are_discarded_on_every_rank(laun
     assert clean[5]["train/sft/loss"] < clean[3]["train/sft/loss"] - 1e-3  # the steps do move the weights
     assert recs[3]["lr"] == recs[2]["lr"] != recs[1]["lr"]
     assert "skipped 1 optimizer step(s)" in proc.stdout
+
+
+def test_nonfinite_gradients_stop_the_run_with_exit_code_3(launched):
+    out, proc = launched("grad-stop", ok=False)
+    assert proc.returncode == 3
+    assert "non-finite gradients at step 3 (the losses are finite); stopping" in proc.stderr, proc.stderr[-2000:]
+    assert max(r["step"] for r in train_records(out)) == 2 and not os.path.exists(os.path.join(out, "config.json"))
 
 
 def test_skipped_nonfinite_is_kept_across_resume(launched):
