@@ -41,8 +41,9 @@ def args_for(case, zero, out):
         extra = base + extra
     else:
         extra = BASE + extra
-    if case == "dpo" and zero == "3":  # resume under LoRA too (the reference is the adapter-less policy)
-        extra += ["--lora_rank", "4", "--lora_alpha", "8"]
+    if case == "dpo" and zero == "3":  # resume under LoRA too (the reference is the adapter-less policy), with
+        # dropout: a resume that did not restore the torch RNG would draw other dropout masks
+        extra += ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
     return module, ["--zero_stage", zero, "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), *extra]
 
 

@@ -78,9 +78,9 @@ class Trainer:
         self.skipped = 0  # optimizer steps discarded for a non-finite loss or gradient
         self._terminate = False
         self._last_eval: tuple[int, dict] = (-1, {})
-        # debug: "STEP" makes every rank's loss NaN at that step, "STEP:RANK" only that rank's
-        nan_at = os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", "0").split(":")
-        self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
+        # debug: "STEP" makes every rank's loss (or only its gradients) NaN at that step, "STEP:RANK" only that rank's
+        self._debug_nan_step = _debug_step("XRIGHT_DEBUG_NAN_AT_STEP", strategy.rank)
+        self._debug_nan_grad_step = _debug_step("XRIGHT_DEBUG_NAN_GRAD_AT_STEP", strategy.rank)
         self._last_ids: dict[str, list] = {}
         # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
         # loaders never lose a batch to a probe (docs/DESIGN.md §2.3); another seed gives another order
@@ -134,6 +134,8 @@ class Trainer:
                 if self._debug_nan_step == self.step + 1:
                     value = value * float("nan")  # debug: a non-finite loss at this step
                     metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
+                if self._debug_nan_grad_step == self.step + 1:
+                    value = value + torch.sqrt(value * 0)  # debug: + 0 in the loss, NaN (∞ · 0) in its gradients
                 loss = loss + w * value * (W / units[k])
                 for name, v in metrics.items():
                     sums[k][name] = sums[k].get(name, 0.0) + v.detach()
@@ -387,6 +389,11 @@ class Trainer:
         self.skipped += 1
         self.s.print(f"warning: skipped step: {what}")
         return {"skipped": what, "skipped_nonfinite": self.skipped}
+
+
+def _debug_step(variable: str, rank: int) -> int:
+    at = os.environ.get(variable, "0").split(":")
+    return int(at[0]) if len(at) == 1 or int(at[1]) == rank else 0
 
 
 def _poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
