@@ -1,13 +1,14 @@
 """The composition root: a CLI declares its flags (:mod:`xright.cli.flags`), its objectives as
 :class:`ObjectiveSpec` and its schedule; :func:`run` builds the run from them in named steps and trains it."""
 
-from __future__ import annotations
-
 import hashlib
 import math
 import os
 import random
 from typing import Callable
+
+import numpy as np
+import torch
 
 from xright.cli.batching import (ObjectiveSpec, batch_plan, check_resolved_batches, check_skip_nonfinite,
                                  ds_options, write_batches)
@@ -15,8 +16,7 @@ from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
 
 
-def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
-        steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> dict:
     """Build everything from flags, train, save. Returns the final eval metrics.
 
     ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
@@ -27,43 +27,45 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     process-wide patches), so that several runs in one process (a notebook, a sweep) behave as separate
     launches; the process group stays up for the next run.
     """
-    try:
-        strategy, batches = _configure(args, specs, task)
-        tokenizer, data, tasks = _data(args, specs, strategy, batches)
-        per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(tasks[specs[0].name].loader) // tasks[specs[0].name].grad_accum
-        total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
-        engine, signature = _policy(args, task, strategy, tokenizer, tasks, total)
-        reference = _reference(args, specs, strategy, engine, tokenizer, data, tasks, total)
-        schedule = make_schedule(total, per_epoch, tasks)
-        if args.debug_rank_seed:
-            schedule.reseed(args.seed + 1000 * strategy.rank)
-        trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, tokenizer,
-                                   signature, stopping, per_epoch, total)
-        try:
-            if args.load_checkpoint:
-                trainer.resume()
-            final = trainer.fit()
-            if final.get("terminated"):
-                raise Terminated(f"stopped by SIGTERM before the last step (exit code {EXIT_TERMINATED}); resume "
-                                 f"with --load_checkpoint")
-            write_batches(args, batches, tasks, strategy)
-            if final:
-                strategy.print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
-        finally:
-            logger.close()
-        _save(args, task, strategy, engine, tokenizer, extra_save_files(trainer) if extra_save_files else None)
-        return final
+    try:  # (the run's objects live in _run's frame: gone before release_engines collects them)
+        return _run(args, specs, make_schedule, **kwargs)
     finally:
         from xright.strategy import release_engines
 
         release_engines()
 
 
+def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+         steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
+    strategy, batches = _configure(args, specs, task)
+    tokenizer, data, tasks = _data(args, specs, strategy, batches)
+    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(tasks[specs[0].name].loader) // tasks[specs[0].name].grad_accum
+    total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
+    engine, signature = _policy(args, task, strategy, tokenizer, tasks, total)
+    reference = _reference(args, specs, strategy, engine, tokenizer, data, tasks, total)
+    schedule = make_schedule(total, per_epoch, tasks)
+    if args.debug_rank_seed:
+        schedule.reseed(args.seed + 1000 * strategy.rank)
+    trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, tokenizer,
+                               signature, stopping, per_epoch, total)
+    try:
+        if args.load_checkpoint:
+            trainer.resume()
+        final = trainer.fit()
+        if final.get("terminated"):
+            raise Terminated(f"stopped by SIGTERM before the last step (exit code {EXIT_TERMINATED}); resume "
+                             f"with --load_checkpoint")
+        write_batches(args, batches, tasks, strategy)
+        if final:
+            strategy.print("final " + " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    finally:
+        logger.close()
+    _save(args, task, strategy, engine, tokenizer, extra_save_files(trainer) if extra_save_files else None)
+    return final
+
+
 def _configure(args, specs: list[ObjectiveSpec], task: str):
     """Checks that need no model or data, the seeds, the batch plan and the DeepSpeed config."""
-    import numpy as np
-    import torch
-
     from xright.strategy import Strategy
 
     for sp in specs:
@@ -74,7 +76,12 @@ def _configure(args, specs: list[ObjectiveSpec], task: str):
     if args.packing_samples and task == "reward":
         raise UsageError("--packing_samples is not supported for reward models (their score is read at each "
                          "row's last token of a padded batch); drop it, or use --group_by_length")
-    _check_writable(args.save_path)
+    try:
+        os.makedirs(args.save_path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--save_path {args.save_path!r} cannot be created: {e.strerror}") from e
+    if not os.access(args.save_path, os.W_OK):
+        raise UsageError(f"--save_path {args.save_path!r} is not writable")
     strategy = Strategy(seed=args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -221,13 +228,11 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
 
 def _save(args, task: str, strategy, engine, tokenizer, extra_files) -> None:
     """The final HF model (and, with --merge_lora, the adapter merged into its base)."""
-    from xright.models import is_peft
+    from xright.models import is_peft, merge_saved_adapter
 
     strategy.save_hf(engine, tokenizer, args.save_path, extra_files=extra_files)
     strategy.release_hf_config()
     if args.merge_lora and is_peft(engine.module) and strategy.is_rank0:
-        from xright.models import merge_saved_adapter
-
         merge_saved_adapter(args.pretrain, args.save_path, os.path.join(args.save_path, "merged"), tokenizer,
                             seed=args.seed, task=task)  # the tiny base is built from the run's seed
     strategy.barrier()
@@ -250,12 +255,3 @@ def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
                            "examples; --precompute_ref_log_probs forces the pass)")
             return False
     return True
-
-
-def _check_writable(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--save_path {path!r} cannot be created: {e.strerror}") from e
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--save_path {path!r} is not writable")
