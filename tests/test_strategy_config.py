@@ -148,7 +148,7 @@ def test_deepspeed_file_batch_sizes_are_what_the_loop_trains(tmp_path, in_proces
 
 
 def test_deepspeed_file_accumulation_is_honoured_or_refused(tmp_path, monkeypatch):
-    from xright.cli import batching, train_sft
+    from xright.cli import batching, common, train_sft
 
     def parsed(argv):
         seen = {}
@@ -206,7 +206,7 @@ def test_zero0_bf16_run_trains(tmp_path, in_process):
 
 def test_batch_meanings_follow_each_toolkit(monkeypatch):
     """XRIGHT's CLIs count --train_batch_size in loader batches, OpenRLHF-style ones in examples."""
-    from xright.cli import batching, joint, train_sft, train_sft_pref
+    from xright.cli import batching, common, joint, train_sft, train_sft_pref
 
     def parsed(main, argv):
         seen = {}
