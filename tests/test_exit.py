@@ -8,7 +8,7 @@ every ``run_cli`` call, a non-finite stop 3 and a crash while checkpointing 9 (t
 import pytest
 import torch
 
-from xright.cli import common
+from xright.cli import lifecycle
 from xright.trainer import NonFiniteLoss
 
 
@@ -19,12 +19,12 @@ def _raise(exc):
 
 
 @pytest.mark.parametrize("exc,code", [
-    (common.UsageError("bad flag"), 2), (NonFiniteLoss("nan at step 3"), 3),
-    (common.Terminated("stopped by SIGTERM"), 143), (KeyboardInterrupt(), 130), (RuntimeError("a bug"), 1),
+    (lifecycle.UsageError("bad flag"), 2), (NonFiniteLoss("nan at step 3"), 3),
+    (lifecycle.Terminated("stopped by SIGTERM"), 143), (KeyboardInterrupt(), 130), (RuntimeError("a bug"), 1),
     (SystemExit(0), 0), (SystemExit(2), 2)])
 def test_main_guard_exit_codes(capsys, exc, code):
     with pytest.raises(SystemExit) as e:
-        common.main_guard(_raise(exc))
+        lifecycle.main_guard(_raise(exc))
     assert e.value.code == code
     err = capsys.readouterr().err
     if code == 1:

@@ -312,11 +312,11 @@ CLI = ["--max_steps", "1", "--train_batch_size", "4", "--micro_train_batch_size"
 
 def run_sft(argv):
     """train_sft in this process, as a launch would end it: the exit code, engines and groups released."""
-    from xright.cli import common, train_sft
+    from xright.cli import lifecycle, train_sft
     from xright.strategy import close_process_group
 
     try:
-        return common.guarded(lambda: train_sft.main(argv))
+        return lifecycle.guarded(lambda: train_sft.main(argv))
     finally:
         close_process_group()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import ROOT, env, metrics, run_many, train_records
-from xright.cli import batch_inference, common
+from xright.cli import batch_inference, lifecycle
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
 from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, eos_ids, gather_ordered, generate,
@@ -132,7 +132,7 @@ def test_vllm_missing_is_one_clear_line(tmp_path, capsys):
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm installed")
     with pytest.raises(SystemExit) as exit_:
-        common.main_guard(lambda: batch_inference.main(["--eval_task", "generate_vllm", "--output_path",
+        lifecycle.main_guard(lambda: batch_inference.main(["--eval_task", "generate_vllm", "--output_path",
                                                         str(tmp_path / "o")]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -339,7 +339,7 @@ def test_interactive_chat_streams_stops_at_every_eos_keeps_bos_and_exits(tmp_pat
     monkeypatch.setattr(sys, "stdout", out)
     long = " ".join(f"w{k % 60}" for k in range(40))
     stdin = io.StringIO(f"w1 w2\n{long}\nexit\nw3\n")
-    assert common.guarded(lambda: interactive_chat.main(argv, stdin=stdin)) == 0
+    assert lifecycle.guarded(lambda: interactive_chat.main(argv, stdin=stdin)) == 0
     assert stdin.read() == "w3\n"  # `exit` ended the session: the next line is never read
     turns = out.text.split("quits\n", 1)[1].split("> ")
     assert len(turns) == 4 and turns[0] == "" and turns[3] == ""
@@ -507,7 +507,7 @@ def test_copies_of_an_oversampled_source_get_distinct_ids(rm_run, tmp_path):
 def test_rm_with_no_answer_left_to_score_is_one_clear_error(tmp_path):
     answers = tmp_path / "a.jsonl"
     answers.write_text(json.dumps({"input": "a very long question " * 10, "output": "yes"}) + "\n")
-    with pytest.raises(common.UsageError, match=r"no answers to score: the prompts of all 1 are longer than --max_len 16"):
+    with pytest.raises(lifecycle.UsageError, match=r"no answers to score: the prompts of all 1 are longer than --max_len 16"):
         infer(tmp_path, "o.jsonl", "--eval_task", "rm", "--dataset", str(answers), "--max_len", "16")
     assert score(None, [], 4, 0, rank=1, world_size=2, synced=True) == {}  # ZeRO-3, 2 ranks: no call, no error
 
@@ -616,7 +616,7 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
     res = json.load(open(os.path.join(out, "winrate.json")))
     assert res["rows"][0]["name"] == "tiny" and res["rows"][0]["n"] == 64
     assert len(read_jsonl(os.path.join(out, "answers_tiny.jsonl"))) == 64
-    with pytest.raises(common.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
+    with pytest.raises(lifecycle.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
         inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
                                       "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])
 
@@ -631,7 +631,7 @@ def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof(capsys
 
     turns = ["what is 1+1?", "and 2+2?", "clear", "hi"]
     stdin = io.StringIO("".join(t + "\n" for t in turns))
-    assert common.guarded(lambda: interactive_chat.main(["--greedy_sampling", "--max_new_tokens", "10"], stdin=stdin)) == 0
+    assert lifecycle.guarded(lambda: interactive_chat.main(["--greedy_sampling", "--max_new_tokens", "10"], stdin=stdin)) == 0
     out = capsys.readouterr()
     assert "Traceback" not in out.err
     body = out.out.split("quits\n", 1)[1]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xright import strategy as S
-from xright.cli import common, joint, train_dpo, train_joint
+from xright.cli import flags, joint, lifecycle, train_dpo, train_joint
 from xright.objectives import KTO, OBJECTIVES, EXO, Flag, PairLoss, Pairwise
 from xright.schedules import SCHEDULES, Alright, Schedule
 
@@ -62,7 +62,7 @@ def run(main, argv):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert common.guarded(lambda: main(argv)) == 0
+        assert lifecycle.guarded(lambda: main(argv)) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -89,16 +89,16 @@ def test_toy_loss_and_schedule_through_the_clis(registered, tmp_path):
 def test_the_toy_loss_is_a_choice_only_once_registered(registered, monkeypatch):
     assert "toy" in train_joint.parse_objectives("sft,toy")
     monkeypatch.delitem(OBJECTIVES, "toy")
-    with pytest.raises(common.UsageError, match="unknown loss 'toy'"):
+    with pytest.raises(lifecycle.UsageError, match="unknown loss 'toy'"):
         train_joint.parse_objectives("sft,toy")
 
 
 def test_joint_objectives_read_their_own_and_the_shared_flags():
     objectives = {"a": "simpo", "b": "kto", "c-d": "exo-rw", "e": "dpo"}
-    args = common.parse(train_joint.parser(objectives), [
+    args = flags.parse(train_joint.parser(objectives), [
         "--objectives", "a:simpo,b:kto,c-d:exo-rw,e:dpo", "--e_beta", "0.3", "--label_smoothing", "0.2",
         "--desirable_loss_weight", "1.5", "--beta_r", "2.0"])
-    a, b, c, e = (common.build_objective(args, loss, name) for name, loss in objectives.items())
+    a, b, c, e = (flags.build_objective(args, loss, name) for name, loss in objectives.items())
     assert isinstance(a, Pairwise) and (a.loss, a.params.beta, a.params.label_smoothing) == ("simpo", 2.0, 0.2)
     assert isinstance(b, KTO) and (b.beta, b.desirable_weight) == (0.1, 1.5)
     assert isinstance(c, EXO) and (c.loss, c.beta, c.beta_r) == ("exo-rw", 0.1, 2.0)
@@ -107,12 +107,12 @@ def test_joint_objectives_read_their_own_and_the_shared_flags():
 
 
 def test_paper_cli_aliases_and_ipo_switch_reach_the_objective():
-    args = common.parse(joint.parser("", "alright"), ["--rlhf_beta", "0.25", "--rlhf_label_smoothing", "0.1",
+    args = flags.parse(joint.parser("", "alright"), ["--rlhf_beta", "0.25", "--rlhf_label_smoothing", "0.1",
                                                       "--rlhf_ipo"])
-    objective = common.build_objective(args)
+    objective = flags.build_objective(args)
     assert (objective.loss, objective.params.beta, objective.params.label_smoothing) == ("ipo", 0.25, 0.1)
-    with pytest.raises(common.UsageError, match="hh: beta_r must be > 0"):
-        common.build_objective(common.parse(train_joint.parser({"hh": "exo-rw"}),
+    with pytest.raises(lifecycle.UsageError, match="hh: beta_r must be > 0"):
+        flags.build_objective(flags.parse(train_joint.parser({"hh": "exo-rw"}),
                                             ["--objectives", "hh:exo-rw", "--beta_r", "0"]), "exo-rw", "hh")
 
 

@@ -221,7 +221,7 @@ def close_process_group() -> list[str]:
 
     Returns the names of gloo threads still alive. Under ZeRO-3 there are some: DeepSpeed's
     partitioned parameters stay reachable from native autograd state after ``engine.destroy``, so
-    the groups cannot be freed, and the caller must not let finalisation run (``common.shutdown``).
+    the groups cannot be freed, and the caller must not let finalisation run (``lifecycle.shutdown``).
     """
     import gc
 

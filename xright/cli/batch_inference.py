@@ -24,7 +24,7 @@ import json
 import os
 import time
 
-from xright.cli import common
+from xright.cli import flags, lifecycle
 
 TASKS = ("generate", "generate_vllm", "rm", "generate_alpaca_eval")
 
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", type=str, default=None,
                    help="policy (generate) or reward model (rm): hub id, HF dir or xright LoRA adapter dir; "
                         "default: built-in tiny model")
-    p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {common.COMPAT}")
+    p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {flags.COMPAT}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default=None, help="default: built-in preference prompts")
     g.add_argument("--dataset_probs", type=str, default="1.0")
@@ -100,11 +100,11 @@ def data_spec(args):
 
 def check(args) -> None:
     if args.best_of_n < 1 or args.micro_batch_size < 1 or args.max_new_tokens < 1:
-        raise common.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
+        raise lifecycle.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
     if args.post_processor and args.eval_task != "rm":
-        raise common.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
+        raise lifecycle.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
     if args.eval_task == "generate_alpaca_eval" and args.best_of_n != 1:
-        raise common.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
+        raise lifecycle.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
     if args.greedy_sampling and args.best_of_n > 1 and os.environ.get("RANK", "0") == "0":
         print(f"warning: --greedy_sampling with --best_of_n {args.best_of_n}: the {args.best_of_n} completions of a "
               "prompt are identical", flush=True)
@@ -172,7 +172,7 @@ def run_generate(args, strategy, tokenizer) -> None:
 
 def run_vllm(args) -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise common.UsageError("--eval_task generate_vllm needs vLLM, which is not installed: "
+        raise lifecycle.UsageError("--eval_task generate_vllm needs vLLM, which is not installed: "
                                 "pip install 'xright[vllm]' (CUDA GPU only), or use --eval_task generate")
     from vllm import LLM, SamplingParams
 
@@ -203,7 +203,7 @@ def run_rm(args, strategy, tokenizer) -> None:
     answers = read_answers(spec)
     examples, counts = tokenize_answers(answers, tokenizer, spec)
     if not examples:
-        raise common.UsageError(f"rm: no answers to score: the prompts of all {len(answers)} are longer than "
+        raise lifecycle.UsageError(f"rm: no answers to score: the prompts of all {len(answers)} are longer than "
                                 f"--max_len {args.max_len}")
     if counts["dropped_prompt"] or counts["truncated"]:
         strategy.print(f"rm: {counts['truncated']} answers cut to --max_len {args.max_len}, "
@@ -277,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -14,7 +14,7 @@ at any eos id of the model's generation config.
 import argparse
 import sys
 
-from xright.cli import common
+from xright.cli import lifecycle
 
 CLEAR, EXIT = "clear", ("exit", "quit")
 
@@ -84,14 +84,14 @@ def main(argv=None, stdin=None):
     from xright.models import load_for_inference, load_tokenizer
 
     if args.input_template and "{}" not in args.input_template:
-        raise common.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
+        raise lifecycle.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
     preamble = ""
     if args.ta_prompt:
         try:
             with open(args.ta_prompt) as f:
                 preamble = f.read()
         except OSError as e:
-            raise common.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
+            raise lifecycle.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
     tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
                                trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,4 +140,4 @@ def main(argv=None, stdin=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

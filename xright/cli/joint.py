@@ -11,7 +11,9 @@ w_sft = 1 − λ (Fernando et al. 2024).
 
 from __future__ import annotations
 
-from xright.cli import common, train_joint
+import sys
+
+from xright.cli import common, flags, lifecycle, train_joint
 from xright.objectives import SFT, pairwise_losses
 from xright.schedules import SCHEDULES, Stopping, paper_weights
 
@@ -23,22 +25,22 @@ def parser(description: str, schedule: str | None, **defaults):
     # XRIGHT's joint CLIs have no --micro_train_batch_size: their DeepSpeed micro batch is 1 (loader batch)
     defaults = {"learning_rate": 1e-5, "max_epochs": 1, "wandb_project": "xright_maxright",
                 "ckpt_path": "./ckpt/checkpoints_dpo", "micro_train_batch_size": 1, **defaults}
-    p = common.base_parser(description, batch_meaning="xright", **defaults)
-    common.add_data_flags(p, "sft_", max_len=2048)
-    common.add_data_flags(p, "rlhf_", max_len=512, keys=False)
+    p = flags.base_parser(description, batch_meaning="xright", **defaults)
+    flags.add_data_flags(p, "sft_", max_len=2048)
+    flags.add_data_flags(p, "rlhf_", max_len=512, keys=False)
     p.add_argument("--sft_tokenizer_chat_template", dest="tokenizer_chat_template", type=str, default=None)
     p.add_argument("--sft_micro_train_batch_size", type=int, default=8, help="SFT examples per rank per loader batch")
     p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8,
                    help="preference pairs per rank per loader batch")
     # XRIGHT's seq CLIs also spell the preference flags --rlhf_beta, --rlhf_ipo, --rlhf_label_smoothing
-    common.add_objective_flags(p, pairwise_losses(), default="dpo", alias="rlhf_",
+    flags.add_objective_flags(p, pairwise_losses(), default="dpo", alias="rlhf_",
                                aliased=("beta", "ipo", "label_smoothing"))
     g = train_joint.add_schedule_flags(p, schedule, default="alright", choices=set(SCHEDULES) - {"single"},
                                        order=f"sft,{PREF}")
     g.add_argument("--lambd", type=float, default=0.5, help="weight of the preference objective (1 − λ for SFT)")
     g.add_argument("--sft_opt", type=float, default=0.0, help="optimal SFT loss L*_sft (MAXRIGHT, ideal distance)")
     g.add_argument("--dpo_opt", type=float, default=0.0, help="optimal preference loss L*_dpo")
-    g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {common.COMPAT}")
+    g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {flags.COMPAT}")
     g.add_argument("--ref_pareto_sft", type=str, default="",
                    help="SFT losses of a reference front, separated by spaces or commas")
     g.add_argument("--ref_pareto_dpo", type=str, default="", help="matching preference losses; dominating a point stops")
@@ -52,26 +54,26 @@ def _front(args) -> dict:
         sft, pref = ([float(x) for x in text.replace(",", " ").split()] for text in (args.ref_pareto_sft,
                                                                                      args.ref_pareto_dpo))
     except ValueError as e:
-        raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
+        raise lifecycle.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
                                 f"spaces: {e}") from e
     if len(sft) != len(pref):
-        raise common.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
+        raise lifecycle.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
     return {"sft": sft, PREF: pref}
 
 
 def main(argv=None, schedule: str | None = None, description: str = __doc__, **defaults):
     p = parser(description, schedule, **defaults)
-    args = common.parse(p, argv)
+    args = flags.parse(p, argv)
     if not 0.0 <= args.lambd <= 1.0:
-        raise common.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
+        raise lifecycle.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
     specs = [
-        common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
+        common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", "sft_", name="sft"),
                              args.sft_micro_train_batch_size, args.sft_opt),
-        common.ObjectiveSpec(PREF, common.build_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+        common.ObjectiveSpec(PREF, flags.build_objective(args), flags.data_spec(args, "pairwise", "rlhf_", name=PREF),
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     if args.train_only and args.train_only not in ("sft", PREF):
-        raise common.UsageError(f"--train_only must be sft or {PREF}")
+        raise lifecycle.UsageError(f"--train_only must be sft or {PREF}")
     weights = paper_weights(args.lambd, sft="sft", pref=PREF)
     common.run(args, specs, lambda total, per_epoch, tasks: train_joint.make_schedule(args, weights, tasks),
                steps_per_epoch=train_joint.epoch_steps(args, "sft"),
@@ -80,11 +82,11 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
 
 def seq_main(argv, only: str, description: str):
     """XRIGHT's train_sft_seq / train_dpo_seq: train ``only``, evaluate both, with their defaults."""
-    argv = common.sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else argv
     return main(["--train_only", only, *argv], schedule="sequential", description=description,
                 learning_rate=5e-6, max_epochs=2, lr_scheduler="cosine_with_min_lr", wandb_project="xright_sft_seq",
                 ckpt_path="./ckpt/checkpoints_sft")
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from xright.cli import common
+from xright.cli import common, flags, lifecycle
 from xright.objectives import OBJECTIVES
 from xright.schedules import SCHEDULES, ScheduleInputs, Single, Stopping
 
@@ -33,17 +33,17 @@ def parse_objectives(text: str) -> dict[str, str]:
         name, _, loss = entry.partition(":")
         loss = loss or name
         if loss == "rm":
-            raise common.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
+            raise lifecycle.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
                                     "objectives share; train it on its own with xright.cli.train_rm")
         if loss not in losses:
-            raise common.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
+            raise lifecycle.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-            raise common.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
+            raise lifecycle.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
         if name in out:
-            raise common.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
+            raise lifecycle.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
         out[name] = loss
     if not out:
-        raise common.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
+        raise lifecycle.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
     return out
 
 
@@ -74,19 +74,19 @@ def add_schedule_flags(p: argparse.ArgumentParser, schedule: str | None = None, 
 
 
 def parser(objectives: dict[str, str]) -> argparse.ArgumentParser:
-    p = common.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="xright_joint",
+    p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="xright_joint",
                            ckpt_path="./ckpt/checkpoints_joint")
     p.add_argument("--objectives", type=str, required=True, help="comma-separated NAME or NAME:LOSS; LOSS in "
                    + ", ".join(OBJECTIVES))
     for i, (name, loss) in enumerate(objectives.items()):
-        pre = common.flag_prefix(name)
-        common.add_data_flags(p, pre, max_len=2048 if loss == "sft" else 512, keys=i == 0)
+        pre = flags.flag_prefix(name)
+        flags.add_data_flags(p, pre, max_len=2048 if loss == "sft" else 512, keys=i == 0)
         g = p.add_argument_group(f"objective {name} ({loss})")
         g.add_argument(f"--{pre}micro_train_batch_size", type=int, default=None, help="default --micro_train_batch_size")
         g.add_argument(f"--{pre}weight", type=float, default=1.0, help="schedule weight w")
         g.add_argument(f"--{pre}opt", type=float, default=0.0, help="optimal loss L* (MAXRIGHT, stopping)")
     # every objective's shared hyperparameters, as before: a script may pass them whatever it trains
-    common.add_objective_flags(p, list(OBJECTIVES), own=objectives)
+    flags.add_objective_flags(p, list(OBJECTIVES), own=objectives)
     add_schedule_flags(p)
     return p
 
@@ -100,7 +100,7 @@ def make_schedule(args, weights: dict[str, float], tasks: dict):
     try:
         return (Single if args.train_only else SCHEDULES[args.schedule]).build(inputs)
     except ValueError as e:
-        raise common.UsageError(str(e)) from None
+        raise lifecycle.UsageError(str(e)) from None
 
 
 def epoch_steps(args, first: str):
@@ -126,26 +126,26 @@ def main(argv=None):
     pre.add_argument("--objectives", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     objectives = parse_objectives(known.objectives) if known.objectives else {}
-    args = common.parse(parser(objectives), argv)
+    args = flags.parse(parser(objectives), argv)
     names = list(objectives)
     if args.train_only and args.train_only not in names:
-        raise common.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
+        raise lifecycle.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
     specs = []
     for name, loss in objectives.items():
-        pre = common.flag_prefix(name)
-        objective = common.build_objective(args, loss, name)
+        pre = flags.flag_prefix(name)
+        objective = flags.build_objective(args, loss, name)
         micro = getattr(args, pre + "micro_train_batch_size") or args.micro_train_batch_size
-        specs.append(common.ObjectiveSpec(name, objective, common.data_spec(args, objective.kind, pre, name=name),
+        specs.append(common.ObjectiveSpec(name, objective, flags.data_spec(args, objective.kind, pre, name=name),
                                           micro, getattr(args, pre + "opt")))
 
     def schedule(total, per_epoch, tasks):  # the data is loaded by now
         for sp in specs:
             sp.objective.check_data(tasks[sp.name].loader.examples)
-        return make_schedule(args, {n: getattr(args, common.flag_prefix(n) + "weight") for n in names}, tasks)
+        return make_schedule(args, {n: getattr(args, flags.flag_prefix(n) + "weight") for n in names}, tasks)
 
     common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]),
                stopping=Stopping(args.eps, at_optimum=any(sp.optimum for sp in specs)))
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

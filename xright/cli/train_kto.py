@@ -8,22 +8,22 @@ given, name the prompt and completion fields.
     deepspeed --module xright.cli.train_kto --pretrain tiny --beta 0.1 --save_path ./ckpt/kto
 """
 
-from xright.cli import common
+from xright.cli import common, flags, lifecycle
 from xright.schedules import Single
 
 
 def main(argv=None):
-    p = common.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="openrlhf_train_dpo",
+    p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="openrlhf_train_dpo",
                            ckpt_path="./ckpt/checkpoints_kto")
-    common.add_data_flags(p, max_len=2048, kind="binary")
-    common.add_objective_flags(p, ["kto"])
+    flags.add_data_flags(p, max_len=2048, kind="binary")
+    flags.add_objective_flags(p, ["kto"])
     p.set_defaults(beta=0.01)  # OpenRLHF's train_kto default
-    args = common.parse(p, argv)
+    args = flags.parse(p, argv)
     for flag, key in (("input_key", "prompt_key"), ("output_key", "completion_key")):
         if flag in args.explicit:
             setattr(args, key, getattr(args, flag))
-    objective = common.build_objective(args, "kto")
-    spec = common.ObjectiveSpec("kto", objective, common.data_spec(args, "binary", name="kto"),
+    objective = flags.build_objective(args, "kto")
+    spec = common.ObjectiveSpec("kto", objective, flags.data_spec(args, "binary", name="kto"),
                                 args.micro_train_batch_size)
 
     def schedule(total, per_epoch, tasks):  # the data is loaded by now: check the class balance
@@ -34,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)
