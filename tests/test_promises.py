@@ -87,10 +87,10 @@ def help_entries(module: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("module", TRAIN_CLIS)
 def test_compatibility_flags_keep_xright_defaults_and_say_so(module):
-    from xright.cli import common
+    from xright.cli import flags
 
     entries = help_entries(module)
-    compat = {f for f, text in entries.items() if " ".join(common.COMPAT.split()) in text}
+    compat = {f for f, text in entries.items() if " ".join(flags.COMPAT.split()) in text}
     assert "--aux_loss_coef" in compat  # every training CLI of XRIGHT has it
     if module.startswith("train_sft_dpo") or module.endswith("_seq"):  # XRIGHT's joint CLIs
         assert "--ideal_dist" in compat
