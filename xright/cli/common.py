@@ -106,6 +106,9 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
     g.add_argument("--packing_samples", action="store_true", default=False,
                    help="padding-free micro-batches: each micro-batch's sequences in one row (same examples, "
                         "same loss), with a per-sequence attention (flash-attention-2 with --flash_attn)")
+    g.add_argument("--logprob_chunk_size", type=int, default=None, metavar="N",
+                   help="tokens per chunk of the output head for log-probs (the [tokens, vocab] logits never exist "
+                        "whole); default: as many as fit 2^24 logits; 0: the full logits")
     g.add_argument("--group_by_length", action="store_true", default=False,
                    help="micro-batches of similar lengths, in a shuffled order (less padding; resumable exactly)")
 
@@ -424,6 +427,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     import torch
     from transformers import get_scheduler
 
+    from xright import logprobs
     from xright.data import CyclingLoader, load_data
     from xright.logging import MetricsLogger, wandb_settings
     from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
@@ -439,8 +443,11 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     if args.packing_samples and task == "reward":
         raise UsageError("--packing_samples is not supported for reward models (their score is read at each "
                          "row's last token of a padded batch); drop it, or use --group_by_length")
+    if args.logprob_chunk_size is not None and args.logprob_chunk_size < 0:
+        raise UsageError(f"--logprob_chunk_size {args.logprob_chunk_size}: must be >= 0 (0: the full logits)")
     _check_writable(args.save_path)
     strategy = Strategy(seed=args.seed)
+    logprobs.CHUNK_SIZE, logprobs.say = args.logprob_chunk_size, strategy.print
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
