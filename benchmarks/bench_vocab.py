@@ -12,10 +12,10 @@ wide). Jobs, each one process (``python -m xright.cli...``) under ``/usr/bin/tim
 * ``train_sft`` micro-batch 8 (global 8), max_len 1,024, padded.
 
 Synthetic records long enough to fill max_len (DPO: a 200-byte prompt, 320-byte responses, cut at 512 tokens;
-SFT: a 300-byte input and a 760-byte output, cut at 1,024). Each job runs full then chunked, then (for the
-timings) chunked then full again; peak RSS is the larger of the two runs of a configuration (it does not drift),
-the time per step is the mean of the last step (``elapsed`` of the metrics) of both runs: the first step
-includes one-time work. The section goes into ``--results`` (``benchmarks/RESULTS.md``) between its markers.
+SFT: a 300-byte input and a 760-byte output, cut at 1,024). Each job runs full and chunked (``--repeats`` times,
+the order alternated), then a "floor" run: chunked on ~10-token records, i.e. what the run holds besides its
+activations and logits. The time per step is the last step's (``elapsed`` of the metrics; the first step includes
+one-time work). The section goes into ``--results`` (``benchmarks/RESULTS.md``) between its markers.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def build(v: int, root: str) -> str:
     return out
 
 
-def write_data(root: str) -> dict:
+def write_data(root: str, scale: float = 1.0, tag: str = "") -> dict:
     rng = random.Random(0)
-    text = lambda n: "".join(rng.choice("abcdefghij klmnopqrstuvwxyz.") for _ in range(n))  # noqa: E731
-    paths = {"dpo": os.path.join(root, "pairs.jsonl"), "sft": os.path.join(root, "sft.jsonl")}
+    text = lambda n: "".join(rng.choice("abcdefghij klmnopqrstuvwxyz.") for _ in range(max(1, int(n * scale))))  # noqa
+    paths = {"dpo": os.path.join(root, f"pairs{tag}.jsonl"), "sft": os.path.join(root, f"sft{tag}.jsonl")}
     with open(paths["dpo"], "w") as f:
         for _ in range(64):
             f.write(json.dumps({"prompt": text(200), "chosen": text(320), "rejected": text(320)}) + "\n")
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[512, 32000, 128256])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each of full / chunked (order alternated)")
     ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
     args = ap.parse_args(argv)
@@ -107,20 +108,24 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_data(tmp)
+        data, short = write_data(tmp), write_data(tmp, 0.02, "-short")
         for v in args.vocab:
             model = build(v, tmp)
             for job in args.jobs:
                 module, flags = JOBS[job]
-                d = data["dpo" if module == "train_dpo" else "sft"]
+                kind = "dpo" if module == "train_dpo" else "sft"
                 runs = {"full": [], "chunked": []}
-                for order in (("full", "chunked"), ("chunked", "full")):
-                    for which in order:
+                for i in range(args.repeats):
+                    for which in ("full", "chunked") if i % 2 == 0 else ("chunked", "full"):
                         chunk = ["--logprob_chunk_size", "0"] if which == "full" else []
-                        runs[which].append(one_run(model, d, module, flags, chunk, args.steps, args.threads, tmp))
+                        runs[which].append(one_run(model, data[kind], module, flags, chunk, args.steps, args.threads,
+                                                   tmp))
                         r = runs[which][-1]
                         print(f"V={v} {job} {which}: {r['rss']:.0f} MB, last step {r['step']:.2f} s, "
                               f"losses {r['loss']}", flush=True)
+                # the floor: the same run on ~10-token records (imports, data, weights, gradients, optimizer states)
+                runs["floor"] = [one_run(model, short[kind], module, flags, [], args.steps, args.threads, tmp)]
+                print(f"V={v} {job} floor: {runs['floor'][0]['rss']:.0f} MB", flush=True)
                 rows.append((v, job, runs))
     section = report(args, rows, started, load_before, os.getloadavg(), argv)
     print(section)
@@ -138,16 +143,19 @@ def report(args, rows, started, load_before, load_after, argv) -> str:
              f"after: the times are noisy, the memory is not), torch {torch.__version__}, {args.threads} thread(s), "
              f"one process, ZeRO-2, fp32, {args.steps} optimizer steps per run. Model: 2-layer Llama, hidden 256, "
              "untied head, vocabulary V. Full = `--logprob_chunk_size 0`, chunked = the default. Peak RSS: "
-             "`/usr/bin/time -v` of the whole run (max of its two runs); step: the last step's seconds, mean of two "
-             "runs (full, chunked, chunked, full); losses: every step's training loss of the first run of each.", "",
-             "| V | job | peak RSS full (MB) | peak RSS chunked (MB) | step full (s) | step chunked (s) | "
-             "chunked ÷ full time | losses equal |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"`/usr/bin/time -v` of the whole run (max over its {args.repeats} run(s)); floor: the chunked run on "
+             "~10-token records (imports, data, weights, gradients, ZeRO-2 and Adam states, the reference: no "
+             f"activations, no logits); step: the last step's seconds, mean of {args.repeats} run(s) (full and "
+             "chunked alternated); losses: every step's training loss, full vs chunked.", "",
+             "| V | job | peak RSS full (MB) | peak RSS chunked (MB) | floor (MB) | step full (s) | step chunked (s) | "
+             "chunked ÷ full time | losses equal |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v, job, runs in rows:
         rss = {k: max(r["rss"] for r in rs) for k, rs in runs.items()}
-        step = {k: sum(r["step"] for r in rs) / len(rs) for k, rs in runs.items()}
+        step = {k: sum(r["step"] for r in rs) / len(rs) for k, rs in runs.items() if k != "floor"}
         a, b = runs["full"][0]["loss"], runs["chunked"][0]["loss"]
         same = len(a) == len(b) and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b))
-        lines.append(f"| {v:,} | {job} | {rss['full']:,.0f} | **{rss['chunked']:,.0f}** | {step['full']:.2f} | "
+        lines.append(f"| {v:,} | {job} | {rss['full']:,.0f} | **{rss['chunked']:,.0f}** | {rss['floor']:,.0f} | "
+                     f"{step['full']:.2f} | "
                      f"{step['chunked']:.2f} | {step['chunked'] / step['full']:.2f}× | "
                      f"{'yes' if same else 'NO'} ({', '.join(f'{x:.4f}' for x in b)}) |")
     lines.append("")
