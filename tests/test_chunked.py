@@ -267,3 +267,15 @@ def test_target_logps_by_hand(cap, scale, bias):
     got_grads = torch.autograd.grad((got.double() * g).sum(), [h, *lin.parameters()])
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_a_micro_batch_without_response_tokens_gives_zero_gradients():
+    """The head still gets a (zero) gradient, as from the full path: under ZeRO-3 every rank reduces it."""
+    policy = load_model("tiny", seed=1)
+    batch = collate("sft", rand_examples("sft", 3), PAD)
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    lp = sequence_logps(policy, batch, chunk_size=4)[0]
+    lp.sum().backward()
+    head = output_head(policy).module.weight
+    assert lp.tolist() == [0.0, 0.0, 0.0]
+    assert head.grad is not None and head.grad.shape == head.shape and (head.grad == 0).all()

@@ -87,10 +87,6 @@ class _TargetLogps(torch.autograd.Function):
         weight = head.module.weight
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = grad_b = None
-        if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if need_b:
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         for s in range(0, targets.numel(), chunk):
             h, t, g = hidden[s:s + chunk], targets[s:s + chunk], grad_out[s:s + chunk].float()
             z = head.logits(h)
@@ -107,11 +103,19 @@ class _TargetLogps(torch.autograd.Function):
             del z, gz
             if need_h:
                 grad_h[s:s + chunk] = ga @ weight
-            if need_w:
-                grad_w += (ga.t() @ h).float()
+            if need_w:  # in fp32 across chunks, without a [V, H] temporary in fp32
+                if grad_w is None:
+                    grad_w = (ga.t() @ h).float()
+                elif ga.dtype == grad_w.dtype:
+                    grad_w.addmm_(ga.t(), h)
+                else:
+                    grad_w.add_(ga.t() @ h)
             if need_b:
-                grad_b += ga.float().sum(0)
+                grad_b = ga.float().sum(0) if grad_b is None else grad_b.add_(ga.float().sum(0))
             del ga
+        if targets.numel() == 0:  # no response token: zero gradients, as the full path gives
+            grad_w = torch.zeros_like(weight) if need_w else None
+            grad_b = torch.zeros_like(head.module.bias) if need_b else None
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(weight.dtype), None, None, None)
 
@@ -137,7 +141,6 @@ def _call_as(module: torch.nn.Module, forward: Callable, *args):
             del module.forward
         else:
             module.forward = saved
-
 
 
 def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
