@@ -41,6 +41,7 @@ CASES = {
     "empty after filtering": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "output": "y"})),
                                          "--max_len", "4", "--truncation", "drop"], ["sft.jsonl", "no usable sft records"]),
     "save_path not writable": (lambda t: ["--save_path", "/proc/xright-run"], ["--save_path", "/proc/xright-run"]),
+    "negative chunk size": (lambda t: ["--logprob_chunk_size", "-1"], ["--logprob_chunk_size -1: must be >= 0"]),
 }
 
 

@@ -66,6 +66,7 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
 
 def _configure(args, specs: list[ObjectiveSpec], task: str):
     """Checks that need no model or data, the seeds, the batch plan and the DeepSpeed config."""
+    from xright import logprobs
     from xright.strategy import Strategy
 
     for sp in specs:
@@ -76,6 +77,8 @@ def _configure(args, specs: list[ObjectiveSpec], task: str):
     if args.packing_samples and task == "reward":
         raise UsageError("--packing_samples is not supported for reward models (their score is read at each "
                          "row's last token of a padded batch); drop it, or use --group_by_length")
+    if args.logprob_chunk_size is not None and args.logprob_chunk_size < 0:
+        raise UsageError(f"--logprob_chunk_size {args.logprob_chunk_size}: must be >= 0 (0: the full logits)")
     try:
         os.makedirs(args.save_path, exist_ok=True)
     except OSError as e:
@@ -83,6 +86,7 @@ def _configure(args, specs: list[ObjectiveSpec], task: str):
     if not os.access(args.save_path, os.W_OK):
         raise UsageError(f"--save_path {args.save_path!r} is not writable")
     strategy = Strategy(seed=args.seed)
+    logprobs.CHUNK_SIZE, logprobs.say = args.logprob_chunk_size, strategy.print
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -93,6 +93,9 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
     g.add_argument("--packing_samples", action="store_true", default=False,
                    help="padding-free micro-batches: each micro-batch's sequences in one row (same examples, "
                         "same loss), with a per-sequence attention (flash-attention-2 with --flash_attn)")
+    g.add_argument("--logprob_chunk_size", type=int, default=None, metavar="N",
+                   help="tokens per chunk of the output head for log-probs (the [tokens, vocab] logits never exist "
+                        "whole); default: as many as fit 2^24 logits; 0: the full logits")
     g.add_argument("--group_by_length", action="store_true", default=False,
                    help="micro-batches of similar lengths, in a shuffled order (less padding; resumable exactly)")
 
