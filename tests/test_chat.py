@@ -77,7 +77,7 @@ def write(path, records):
 
 
 def spec(kind, path, **kw):
-    return DataSpec(kind=kind, dataset=path, eval_split="", max_len=1024, **kw)
+    return DataSpec(**{"kind": kind, "dataset": path, "eval_split": "", "max_len": 1024, **kw})
 
 
 class Log(list):
@@ -207,10 +207,8 @@ def test_each_layout_trains_exactly_the_answer_and_its_end_of_turn(tmp_path, lay
     tok = family_tokenizer(CHATML)
     kind, rec = LAYOUTS[layout]
     train, _ = load_data(spec(kind, write(tmp_path / "d.jsonl", [rec, rec])), tok, log=Log())
-    extra = {"kto": {"label": True}}.get(layout, {})
     batch = collate(kind, [train[0], train[1]], tok.pad_token_id)
-    rows = 4 if kind in ("pairwise", "scored") else 2
-    assert batch["input_ids"].shape[0] == rows and not extra or True
+    assert batch["input_ids"].shape[0] == (4 if kind in ("pairwise", "scored") else 2)
     assert masked_in(tok, batch, 0) == "4<|im_end|>\n"
     prompt = decode(tok, batch["input_ids"][0][batch["attention_mask"][0].bool() & ~batch["loss_mask"][0]])
     assert prompt == SYS + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -379,3 +377,169 @@ def test_reference_table_key_changes_with_the_template_text():
     sp = [ObjectiveSpec("dpo", argparse.Namespace(needs_reference=True), DataSpec(kind="pairwise"), 2)]
     key = lambda tok: refcache.fingerprint_key(refcache.fingerprint(args, sp, tok))  # noqa: E731
     assert key(a) == key(family_tokenizer(CHATML)) and key(a) != key(b)
+
+
+# ------------------------------------------------------------------------------ the CLIs, in this process
+
+
+def chat_layouts(tmp_path, n=32):
+    """The built-in preference pairs as three files: UltraFeedback layout, TRL layout, and the same pre-rendered
+    with the tiny tokenizer's template to plain prompt/chosen/rejected text."""
+    from xright.data.synthetic import preference_records
+
+    tok = tiny_tokenizer()
+    uf, trl, plain = [], [], []
+    for r in preference_records(n, seed=3):
+        user = [{"role": "user", "content": r["prompt"]}]
+        answers = {k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}
+        uf.append({"prompt": r["prompt"], **{k: user + a for k, a in answers.items()}})
+        trl.append({"prompt": user, **answers})
+        p = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        plain.append({"prompt": p, **{k: tok.apply_chat_template(user + a, tokenize=False)[len(p):]
+                                      for k, a in answers.items()}})
+    return {name: write(tmp_path / f"{name}.jsonl", recs) for name, recs in
+            (("uf", uf), ("trl", trl), ("plain", plain))}
+
+
+def run_main(module, args):
+    """A CLI's main in this process, as tests/multirun.py runs it: (exit code, its metrics)."""
+    import importlib
+
+    from xright.cli import common
+    from xright.strategy import release_engines
+
+    cli = importlib.import_module(f"xright.cli.{module}")
+    try:
+        code = common.guarded(lambda: cli.main(args))
+    finally:
+        release_engines()
+    save = args[args.index("--save_path") + 1]
+    path = os.path.join(save, "metrics.jsonl")
+    return code, [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+SMALL = ["--zero_stage", "0", "--train_batch_size", "4", "--micro_train_batch_size", "2", "--max_steps", "2",
+         "--eval_fraction", "0.25", "--eval_steps", "1000", "--learning_rate", "1e-3", "--lr_scheduler", "constant"]
+
+
+def test_dpo_on_ultrafeedback_and_trl_layouts_equals_the_pre_rendered_text(tmp_path):
+    files = chat_layouts(tmp_path)
+    got = {}
+    for name, extra in (("uf", []), ("trl", []), ("plain", ["--input_template", ""])):
+        code, rows = run_main("train_dpo", [*SMALL, "--dataset", files[name], *extra,
+                                            "--save_path", str(tmp_path / name)])
+        assert code == 0, name
+        got[name] = rows
+    ev = lambda rows: [(r["step"], r["eval/dpo/logp_chosen"], r["eval/dpo/logp_rejected"])  # noqa: E731
+                       for r in rows if "eval/dpo/logp_chosen" in r]
+    train = lambda rows: [r["train/dpo/loss"] for r in rows if "train/dpo/loss" in r]  # noqa: E731
+    assert ev(got["plain"])[0][0] == 0 and ev(got["plain"])[0][1] < 0
+    for name in ("uf", "trl"):
+        assert ev(got[name]) == ev(got["plain"]), name  # the same tokens: the same numbers, exactly
+        assert train(got[name]) == train(got["plain"]), name
+
+
+def test_kto_and_exo_on_conversational_records_equal_the_pre_rendered_text(tmp_path):
+    from xright.data.synthetic import preference_records
+
+    tok = tiny_tokenizer()
+
+    def render(prompt, answer):
+        p = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        msgs = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+        return p, tok.apply_chat_template(prompt + msgs, tokenize=False)[len(p):]
+
+    data = {"kto": ([], []), "exo": ([], [])}
+    for i, r in enumerate(preference_records(16, seed=4)):
+        user = [{"role": "system", "content": "Answer."}, {"role": "user", "content": r["prompt"]}]
+        completion = [{"role": "assistant", "content": r["chosen" if i % 2 else "rejected"]}]
+        data["kto"][0].append({"prompt": user, "completion": completion, "label": bool(i % 2)})
+        p, c = render(user, completion)
+        data["kto"][1].append({"prompt": p, "completion": c, "label": bool(i % 2)})
+        comps = [r["chosen"], [{"role": "assistant", "content": r["rejected"]}], [{"role": "assistant", "content": "?"}]]
+        data["exo"][0].append({"prompt": user, "completions": comps, "rewards": [1.0, 0.0, -1.0]})
+        data["exo"][1].append({"prompt": p, "completions": [render(user, x)[1] for x in comps],
+                               "rewards": [1.0, 0.0, -1.0]})
+    for module, name, extra in (("train_kto", "kto", []), ("train_exo", "exo-rw", ["--loss", "exo-rw"])):
+        got = []
+        for j, recs in enumerate(data[name.split("-")[0]]):
+            path = write(tmp_path / f"{name}{j}.jsonl", recs)
+            code, rows = run_main(module, [*SMALL, "--dataset", path, *extra, *(["--input_template", ""] if j else []),
+                                           "--save_path", str(tmp_path / f"{name}{j}")])
+            assert code == 0, name
+            got.append([(r["step"], r.get(f"eval/{name}/loss"), r.get(f"train/{name}/loss"), r.get("tokens"))
+                        for r in rows if f"eval/{name}/loss" in r or f"train/{name}/loss" in r])
+        assert len(got[0]) == 4 and got[0] == got[1], name  # eval at 0, steps 1 and 2, final eval: the same numbers
+
+
+BAD_CLI = {
+    "message without role": ({"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"}, "'prompt[0].role'"),
+    "message without content": ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "'prompt[0].content'"),
+    "answer not ending with the assistant": (
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"},
+                                                                  {"role": "user", "content": "more"}],
+         "rejected": "b"}, "'chosen[1].role'"),
+    "different prompts": ({"chosen": convo("q1", "a"), "rejected": convo("q2", "b")}, "different prompts"),
+    "empty assistant message": ({"chosen": convo("q", ""), "rejected": convo("q", "b")}, "'chosen[1].content': is empty"),
+    "no generation prompt": (None, "field 'chosen': the chat template has no generation prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_bad_conversational_input_exits_2_before_training(tmp_path, capsys, case):
+    rec, needle = BAD_CLI[case]
+    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    path = write(tmp_path / "bad.jsonl", [good, rec or good, good, good])
+    extra = []
+    if rec is None:
+        extra = ["--tokenizer_chat_template", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"]
+    from xright.cli import common, train_dpo
+
+    capsys.readouterr()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: train_dpo.main([*SMALL, "--dataset", path, *extra, "--save_path", str(out)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    line = [x for x in err.splitlines() if x.startswith("xright: error: ")]
+    assert len(line) == 1 and "Traceback" not in err, err
+    want_line = 1 if rec is None else 2  # a template fault shows at the first record
+    assert line[0].startswith(f"xright: error: {path} line {want_line}: field ") and needle in line[0], line[0]
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ real data: HH as conversations
+
+
+def hh_messages(dialogue):
+    """'\\n\\nHuman: … \\n\\nAssistant: …' -> messages."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant):", dialogue)
+    return [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+            for role, text in zip(parts[1::2], parts[2::2])]
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="shared HH data absent")
+def test_hh_pairs_as_conversations_in_both_layouts(tmp_path):
+    with gzip.open(HH, "rt") as f:
+        pairs = [json.loads(line) for _, line in zip(range(300), f)]
+    uf, trl = [], []
+    for p in pairs:
+        c, r = hh_messages(p["chosen"]), hh_messages(p["rejected"])
+        uf.append({"chosen": c, "rejected": r})
+        if c[:-1] == r[:-1]:  # TRL needs one prompt: pairs that differ before their last turn stay out
+            trl.append({"prompt": c[:-1], "chosen": c[-1:], "rejected": r[-1:]})
+    tok = tiny_tokenizer()
+    kw = dict(skip_bad_records=True, max_len=4096)
+    log = Log()
+    a, _ = load_data(spec("pairwise", write(tmp_path / "uf.jsonl", uf), **kw), tok, log=log)
+    b, _ = load_data(spec("pairwise", write(tmp_path / "trl.jsonl", trl), **kw), tok, log=Log())
+    by_prompt = {tuple(e["prompt_ids"]): e["responses"] for e in b}
+    same = [e for e in a if by_prompt.get(tuple(e["prompt_ids"])) == e["responses"]]
+    assert len(b) >= 250 and len(same) == len(b), (len(a), len(b), len(same))
+    e = same[0]
+    assert decode(tok, e["prompt_ids"]).startswith("User: ") and decode(tok, e["prompt_ids"]).endswith("Assistant: ")
+    assert all(decode(tok, r).endswith("\n<|endoftext|>") for r in e["responses"])
+    print(f"HH as conversations: {len(a)} UltraFeedback-layout pairs, {len(b)} TRL-layout pairs, {len(same)} "
+          f"identical examples; {' | '.join(x for x in log if 'skipped' in x)}")

@@ -37,6 +37,8 @@ import os
 
 from .records import BadRecord
 
+SENTINEL = "xright-answer-5f3a"
+
 
 def template_text(value: str) -> str:
     """``--tokenizer_chat_template``: the Jinja text itself, or the path of a file holding it."""
@@ -102,12 +104,14 @@ class ChatRenderer:
                     "conversation (the tokenizer merges across the end of the generation prompt)")
         return None
 
-    def _check_generation_prompt(self, prompt: list[dict], p_text: str, w_text: str, first: dict, field) -> None:
-        content = first["content"].strip()
-        at = w_text.find(content, len(p_text)) if content else -1
-        if at < 0 or not w_text[len(p_text):at].strip():
+    def _check_generation_prompt(self, prompt: list[dict], p_text: str, field) -> None:
+        """A template that ignores add_generation_prompt must put nothing but whitespace between the prompt and
+        the answer's text (Mistral's ``[/INST]`` is its own cue); found with a sentinel answer."""
+        if self.render(prompt, False, field) != p_text:
             return
-        if self.render(prompt, False, field) == p_text:
+        w_text = self.render(prompt + [{"role": "assistant", "content": SENTINEL}], False, field)
+        at = w_text.find(SENTINEL, len(p_text)) if w_text.startswith(p_text) else -1
+        if at > 0 and w_text[len(p_text):at].strip():
             raise BadRecord(f"the chat template has no generation prompt (add_generation_prompt changes nothing) and "
                             f"renders {w_text[len(p_text):at]!r} before the assistant's answer, which would be trained "
                             "as part of the answer; use a template that supports add_generation_prompt", field)
@@ -123,12 +127,12 @@ class ChatRenderer:
         p_text = self.render(prompt, True, fields[0])
         w_texts = [self.render(prompt + a, False, f) for a, f in zip(answers, fields)]
         p, *ws = self.ids([p_text, *w_texts])
+        self._check_generation_prompt(prompt, p_text, fields[0])
         outs, masks = [], []
         for a, f, w_text, w in zip(answers, fields, w_texts, ws):
             fault = self._prefix_fault(p_text, p, w_text, w)
             if fault:
                 raise BadRecord(fault, f)
-            self._check_generation_prompt(prompt, p_text, w_text, a[0], f)
             if mask_roles and any(m["role"] != "assistant" for m in a):
                 ids, mask = self._turns(prompt, a, p, w, f)
             else:
