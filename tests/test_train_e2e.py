@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch import SHARED_DATA, final_eval, launch_named, metrics, train_records
+from test_chat import chat_layouts
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
 from xright.models import load_model, load_tokenizer
@@ -26,6 +27,11 @@ COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learnin
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
 HH_ARGS = ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64", "--micro_train_batch_size", "4",
            "--train_batch_size", "8", "--zero_stage", "3"]
+
+
+CHAT_ARGS = ["--zero_stage", "3", "--train_batch_size", "8", "--micro_train_batch_size", "2", "--max_samples", "32",
+             "--max_steps", "3", "--eval_fraction", "0.25", "--eval_steps", "1000", "--learning_rate", "1e-3",
+             "--lr_scheduler", "constant"]
 
 
 def eval_loss(model_dir: str, kind: str, objective) -> float:
@@ -69,7 +75,12 @@ def launched(tmp_path_factory):
     plans[2]["sft_pref"] = ("train_sft_pref", SFT_PREF)  # the other 2-rank runs of this file join the launch
     if os.path.exists(HH):
         plans[2]["hh"] = ("train_dpo", HH_ARGS)
-    launched = launch_named(tmp_path_factory.mktemp("e2e"), plans)
+    root = tmp_path_factory.mktemp("e2e")
+    chat = chat_layouts(root)  # conversational DPO (tests/test_chat.py) under ZeRO-3 on 2 ranks
+    for layout in ("uf", "plain"):
+        plans[2][f"chat-{layout}"] = ("train_dpo", [*CHAT_ARGS, "--dataset", chat[layout],
+                                                    *(["--input_template", ""] if layout == "plain" else [])])
+    launched = launch_named(root, plans)
     return lambda module, zero=None, lora=False, nproc=2: launched(module if zero is None else
                                                                     name(module, zero, lora, nproc))
 
@@ -191,3 +202,13 @@ def test_dpo_on_hh_zero3(launched):
         batch = collate("pairwise", train[:16], tok.pad_token_id)
         pi, ref = (split_choices(sequence_logps(m, batch)[0], 2) for m in (final, model))
     assert float(((pi[:, 0] - pi[:, 1]) - (ref[:, 0] - ref[:, 1])).mean()) > 0
+
+
+def test_conversational_dpo_zero3_two_ranks_equals_the_pre_rendered_text(launched):
+    """UltraFeedback-layout records (whole conversations) through the chat template train exactly as the same
+    pairs pre-rendered to plain text: every logged number of the two 2-rank ZeRO-3 runs agrees."""
+    (uf, _), (plain, _) = launched("chat-uf"), launched("chat-plain")
+    a, b = metrics(uf), metrics(plain)
+    assert [r["step"] for r in a if "eval/dpo/logp_chosen" in r] == [0, 3]
+    keys = lambda r: {k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}  # noqa: E731
+    assert [keys(r) for r in a] == [keys(r) for r in b]
