@@ -241,9 +241,12 @@ def test_ultrafeedback_and_trl_layouts_give_the_same_examples(tmp_path):
     uf = {"prompt": "q", "chosen": [sys, *convo("q", "yes")], "rejected": [sys, *convo("q", "no")]}
     trl = {"prompt": [sys, {"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "yes"}],
            "rejected": [{"role": "assistant", "content": "no"}]}
+    both = {**trl, "chosen": uf["chosen"], "rejected": uf["rejected"]}  # prompt messages and whole conversations
     a, _ = load_data(spec("pairwise", write(tmp_path / "uf.jsonl", [uf])), tok, log=Log())
     b, _ = load_data(spec("pairwise", write(tmp_path / "trl.jsonl", [trl])), tok, log=Log())
+    c, _ = load_data(spec("pairwise", write(tmp_path / "both.jsonl", [both])), tok, log=Log())
     assert (a[0]["prompt_ids"], a[0]["responses"]) == (b[0]["prompt_ids"], b[0]["responses"])
+    assert (c[0]["prompt_ids"], c[0]["responses"]) == (b[0]["prompt_ids"], b[0]["responses"])
     assert [decode(tok, r) for r in a[0]["responses"]] == ["yes<|eot_id|>", "no<|eot_id|>"]
 
 
