@@ -546,3 +546,16 @@ def test_hh_pairs_as_conversations_in_both_layouts(tmp_path):
     assert all(decode(tok, r).endswith("\n<|endoftext|>") for r in e["responses"])
     print(f"HH as conversations: {len(a)} UltraFeedback-layout pairs, {len(b)} TRL-layout pairs, {len(same)} "
           f"identical examples; {' | '.join(x for x in log if 'skipped' in x)}")
+
+
+def test_reward_model_rows_end_with_the_end_of_turn(tmp_path):
+    """The reward model scores each row's last real token: the template's end of turn, or eos where it has none."""
+    for family, last in (("llama3", "<|eot_id|>"), ("qwen2.5", "\n"), (None, "<|endoftext|>")):
+        tok = family_tokenizer(family) if family else tiny_tokenizer()
+        train, _ = load_data(spec("pairwise", write(tmp_path / "p.jsonl", [LAYOUTS["trl"][1]] * 2)), tok, log=Log())
+        batch = collate("pairwise", list(train), tok.pad_token_id)
+        ends = batch["attention_mask"].sum(1) - 1
+        assert [decode(tok, [int(batch["input_ids"][b, e])]) for b, e in enumerate(ends)] == [last] * 4, family
+        if family == "qwen2.5":  # ChatML's turn ends '<|im_end|>\n'
+            assert all(int(batch["input_ids"][b, e - 1]) == tok.convert_tokens_to_ids("<|im_end|>")
+                       for b, e in enumerate(ends))

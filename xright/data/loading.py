@@ -9,7 +9,8 @@ Tokenisation
     its file and line), no special tokens added by the tokenizer, each answer ending with the template's end
     of turn (eos appended only where the template renders no special token after the answer). SFT answers
     with several turns (``multiturn``) train only their assistant turns: the example then carries
-    ``"response_mask"`` (1 = trained) over ``response_ids``.
+    ``"response_mask"`` (1 = trained) over ``response_ids``. A template fault is found while tokenising
+    and stops the run even with ``skip_bad_records`` (it is usually the template's, not the record's).
 
     Plain text: the prompt text is ``input_template.format(prompt)`` when ``input_template`` is set; else
     the raw prompt. HH-style dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
