@@ -559,3 +559,19 @@ def test_reward_model_rows_end_with_the_end_of_turn(tmp_path):
         if family == "qwen2.5":  # ChatML's turn ends '<|im_end|>\n'
             assert all(int(batch["input_ids"][b, e - 1]) == tok.convert_tokens_to_ids("<|im_end|>")
                        for b, e in enumerate(ends))
+
+
+def test_csv_and_parquet_hold_conversations(tmp_path):
+    import pandas as pd
+
+    rec = LAYOUTS["ultrafeedback"][1]
+    want, _ = load_data(spec("pairwise", write(tmp_path / "a.jsonl", [rec])), tiny_tokenizer(), log=Log())
+    pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in rec.items()},
+                  {"prompt": "[{not json", "chosen": "[{also text", "rejected": "b"}]).to_csv(tmp_path / "a.csv",
+                                                                                          index=False)
+    pd.DataFrame([rec]).to_parquet(tmp_path / "a.parquet")
+    for name in ("a.csv", "a.parquet"):
+        got, _ = load_data(spec("pairwise", str(tmp_path / name)), tiny_tokenizer(), log=Log())
+        assert (got[0]["prompt_ids"], got[0]["responses"]) == (want[0]["prompt_ids"], want[0]["responses"]), name
+    assert len(got) == 1 and len(load_data(spec("pairwise", str(tmp_path / "a.csv")), tiny_tokenizer(),
+                                           log=Log())[0]) == 2  # the text row stays text

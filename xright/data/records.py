@@ -50,7 +50,8 @@ Canonical records (what this module returns; the tokeniser consumes them)
 
 CSV cells are text, so fields are converted by the schema: the label field from
 ``true``/``false`` (any case), margin from a number, list fields (completions, rewards, messages)
-from JSON arrays. Everything else stays a string.
+from JSON arrays; a prompt/chosen/rejected/completion/input cell that parses as a JSON array of objects
+is messages. Everything else stays a string.
 
 Scored records must all have the same K (a micro-batch stacks K completions per prompt): a record
 whose K differs from the first record's is a bad record of its file and line; across the sources
@@ -279,10 +280,20 @@ def _iter_csv(path: str, spec, base: str):
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise DataError(f"{path}: cannot read csv: {e}") from e
     lists = {spec.completions_key, spec.rewards_key, spec.messages_key}
+    # text fields that may hold messages: a cell that parses as a JSON list of objects is messages, else text
+    chat = {spec.prompt_key, spec.chosen_key, spec.rejected_key, spec.completion_key, spec.input_key} - lists
     for n, row in enumerate(df.to_dict("records"), 1):
         loc, err = f"row {n}", None
         for k, v in list(row.items()):
             if not isinstance(v, str):
+                continue
+            if k in chat and v.lstrip().startswith("[{"):
+                try:
+                    parsed = json.loads(v)
+                except json.JSONDecodeError:
+                    parsed = None
+                if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed):
+                    row[k] = parsed
                 continue
             if k == spec.label_key and v.strip().lower() in ("true", "false"):
                 row[k] = v.strip().lower() == "true"
