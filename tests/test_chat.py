@@ -433,6 +433,14 @@ def test_dpo_on_ultrafeedback_and_trl_layouts_equals_the_pre_rendered_text(tmp_p
                                             "--save_path", str(tmp_path / name)])
         assert code == 0, name
         got[name] = rows
+    rm = {}  # and the reward model on the same pairs
+    for name, extra in (("uf", []), ("trl", ["--prompt_key", "prompt"]),
+                        ("plain", ["--prompt_key", "prompt", "--input_template", ""])):
+        code, rows = run_main("train_rm", [*SMALL, "--dataset", files[name], *extra,
+                                           "--save_path", str(tmp_path / f"rm-{name}")])
+        assert code == 0, name
+        rm[name] = [{k: v for k, v in r.items() if k.startswith(("train/", "eval/"))} for r in rows]
+    assert rm["uf"] == rm["trl"] == rm["plain"] and "eval/rm/loss" in rm["trl"][0]
     ev = lambda rows: [(r["step"], r["eval/dpo/logp_chosen"], r["eval/dpo/logp_rejected"])  # noqa: E731
                        for r in rows if "eval/dpo/logp_chosen" in r]
     train = lambda rows: [r["train/dpo/loss"] for r in rows if "train/dpo/loss" in r]  # noqa: E731
@@ -575,3 +583,11 @@ def test_csv_and_parquet_hold_conversations(tmp_path):
         assert (got[0]["prompt_ids"], got[0]["responses"]) == (want[0]["prompt_ids"], want[0]["responses"]), name
     assert len(got) == 1 and len(load_data(spec("pairwise", str(tmp_path / "a.csv")), tiny_tokenizer(),
                                            log=Log())[0]) == 2  # the text row stays text
+
+
+def test_completions_without_prompt_key_say_which_flag(tmp_path):
+    path = write(tmp_path / "rm.jsonl", [LAYOUTS["trl"][1]])
+    with pytest.raises(DataError, match=r"rm.jsonl line 1: field 'chosen': .*prompt_key is None .* --prompt_key prompt"):
+        load_data(spec("pairwise", path, prompt_key=None), tiny_tokenizer(), log=Log())
+    path = write(tmp_path / "uf.jsonl", [LAYOUTS["ultrafeedback"][1]])  # whole conversations need no prompt field
+    assert len(load_data(spec("pairwise", path, prompt_key=None), tiny_tokenizer(), log=Log())[0]) == 1

@@ -562,6 +562,9 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
              for v, name in answers]
     whole = [m for m, _ in lists if isinstance(m, list) and m[0]["role"] != "assistant"]
     if not whole:  # completions only: the string prompt is the user's turn
+        if key is None:
+            raise BadRecord("the answers are assistant messages only and need the record's prompt, but prompt_key "
+                            "is None (train_rm's default, as OpenRLHF): pass --prompt_key prompt", answers[0][1])
         prompt = [{"role": "user", "content": _prompt(rec, spec, "conversational")}]
         return prompt, [m if isinstance(m, list) else [{"role": "assistant", "content": text_field(m, name)}]
                         for m, name in lists]
