@@ -308,6 +308,7 @@ class Trainer:
             info = sched.info()
             if self._pick_log is not None:
                 self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
+            lr = self.engine.get_lr()[0]  # the rate this step applies: engine.step() moves the scheduler on
             sums, units, tokens = self.train_step(plan)
             tokens_since += tokens  # on the device: no host sync outside logging steps
             self.step += 1
@@ -328,7 +329,7 @@ class Trainer:
             if log_now:
                 tok = float(s.all_reduce(tokens_since))  # every step since the last record, all ranks
                 now = time.perf_counter()
-                record.update({"lr": self.engine.get_lr()[0], "tokens": tok,
+                record.update({"lr": lr, "tokens": tok,
                                "tokens_per_sec": tok / max(now - t_since, 1e-9), "elapsed": now - start})
                 tokens_since, t_since = torch.zeros((), device=s.device), now
                 bar.set_postfix({**{k.split("/")[1]: round(v, 4) for k, v in record.items()

@@ -415,14 +415,27 @@ class UsageError(ValueError):
     pass
 
 
-def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
-        steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> dict:
     """Build everything from flags, train, save. Returns the final eval metrics.
 
     ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
     sizes are known; ``steps_per_epoch(tasks)`` defines a (joint) epoch (default: the first
     objective's optimizer steps per pass over its data).
+
+    However it ends, the engines it built are released (their ZeRO state, parameters and DeepSpeed's
+    process-wide patches), so that several runs in one process (a notebook, a sweep) behave as separate
+    launches; the process group stays up for the next run.
     """
+    try:
+        return _run(args, specs, make_schedule, **kwargs)
+    finally:
+        from xright.strategy import release_engines
+
+        release_engines()
+
+
+def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+         steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
     import numpy as np
     import torch
     from transformers import get_scheduler
@@ -474,7 +487,8 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
     total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
 
     lora = LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, args.target_modules)
-    model = load_model(args.pretrain, task=task, bf16=args.bf16, flash_attn=args.flash_attn, lora=lora,
+    bf16 = strategy.precision == "bf16"  # the resolved config's (a --deepspeed file may say so), not the flag's
+    model = load_model(args.pretrain, task=task, bf16=bf16, flash_attn=args.flash_attn, lora=lora,
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
                        load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
@@ -505,7 +519,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         def live_reference():
             if is_peft(engine.module) and not ref_path:
                 return Reference(lora_policy=engine)
-            ref = load_model(ref_path or args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
+            ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn,
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
                              vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
                              pad_token_id=tokenizer.pad_token_id)
@@ -517,7 +531,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
             reference = refcache.cached_reference(
                 live_reference, strategy, [ex for sp in ref_specs for ex in data[sp.name] if ex],
                 tuple(sorted({p for sp in ref_specs for p in sp.objective.live_reference_prefixes})),
-                refcache.fingerprint(args, specs, tokenizer),
+                refcache.fingerprint(args, specs, tokenizer, strategy.precision),
                 args.ref_cache_dir or os.path.join(args.ckpt_path, "ref_cache"),
                 min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id, packed=args.packing_samples)
         else:
