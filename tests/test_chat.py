@@ -378,7 +378,7 @@ def test_reference_table_key_changes_with_the_template_text():
     args = argparse.Namespace(pretrain="tiny", ref_pretrain=None, seed=42, bf16=False, flash_attn=False, lora_rank=0,
                               load_in_4bit=False)
     sp = [ObjectiveSpec("dpo", argparse.Namespace(needs_reference=True), DataSpec(kind="pairwise"), 2)]
-    key = lambda tok: refcache.fingerprint_key(refcache.fingerprint(args, sp, tok))  # noqa: E731
+    key = lambda tok: refcache.fingerprint_key(refcache.fingerprint(args, sp, tok, "fp32"))  # noqa: E731
     assert key(a) == key(family_tokenizer(CHATML)) and key(a) != key(b)
 
 
