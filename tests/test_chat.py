@@ -591,3 +591,16 @@ def test_completions_without_prompt_key_say_which_flag(tmp_path):
         load_data(spec("pairwise", path, prompt_key=None), tiny_tokenizer(), log=Log())
     path = write(tmp_path / "uf.jsonl", [LAYOUTS["ultrafeedback"][1]])  # whole conversations need no prompt field
     assert len(load_data(spec("pairwise", path, prompt_key=None), tiny_tokenizer(), log=Log())[0]) == 1
+
+
+def test_conversational_pairs_feed_kto_exo_and_sft_from_chosen(tmp_path):
+    tok = family_tokenizer(CHATML)
+    path = write(tmp_path / "uf.jsonl", [LAYOUTS["ultrafeedback"][1]] * 2)
+    pair, _ = load_data(spec("pairwise", path), tok, log=Log())
+    unpaired, _ = load_data(spec("binary", path), tok, log=Log())
+    assert sorted((e["label"], decode(tok, e["response_ids"])) for e in unpaired) == \
+        [(False, "5<|im_end|>\n")] * 2 + [(True, "4<|im_end|>\n")] * 2
+    scored, _ = load_data(spec("scored", path), tok, log=Log())
+    assert scored[0]["responses"] == pair[0]["responses"] and scored[0]["prompt_ids"] == pair[0]["prompt_ids"]
+    sft, _ = load_data(spec("sft", path, sft_from_chosen=True), tok, log=Log())
+    assert (sft[0]["prompt_ids"], sft[0]["response_ids"]) == (pair[0]["prompt_ids"], pair[0]["responses"][0])
