@@ -604,3 +604,22 @@ def test_conversational_pairs_feed_kto_exo_and_sft_from_chosen(tmp_path):
     assert scored[0]["responses"] == pair[0]["responses"] and scored[0]["prompt_ids"] == pair[0]["prompt_ids"]
     sft, _ = load_data(spec("sft", path, sft_from_chosen=True), tok, log=Log())
     assert (sft[0]["prompt_ids"], sft[0]["response_ids"]) == (pair[0]["prompt_ids"], pair[0]["responses"][0])
+
+
+def test_generation_prompts_from_every_layout():
+    from xright.data.records import generation_prompt
+
+    s = DataSpec(kind="sft")
+    user = [{"role": "user", "content": "q"}]
+    hh = {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}
+    cases = [({"input": "q"}, ("q", False)), ({"input": user}, (user, False)),
+             ({"input": "\n\nHuman: q\n\nAssistant:"}, ("\n\nHuman: q\n\nAssistant:", True)),
+             ({"messages": convo("q", "a")}, (user, False)), (hh, ("\n\nHuman: q\n\nAssistant:", True)),
+             (LAYOUTS["ultrafeedback"][1], (LAYOUTS["trl"][1]["prompt"], False)),
+             ({**LAYOUTS["trl"][1], "prompt": user}, (user, False))]
+    for rec, want in cases:
+        assert generation_prompt(rec, s) == want, rec
+    with pytest.raises(BadRecord, match="the prompt's last message is the assistant's"):
+        generation_prompt({"input": convo("q", "a")}, s)
+    with pytest.raises(BadRecord, match="missing"):
+        generation_prompt({"text": "q"}, s)

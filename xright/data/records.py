@@ -596,6 +596,28 @@ def _prompt(rec: dict, spec, kind: str) -> str:
     return text_field(get_field(rec, spec.prompt_key), spec.prompt_key)
 
 
+def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
+    """(prompt, raw_prompt) of a raw record for generation. The ``input_key`` field: messages (ending with
+    a non-assistant turn), or text (an HH-style dialogue ending with ``"\n\nAssistant:"`` is raw: no
+    template); else a ``messages_key`` conversation without its final assistant answer; else a pairwise
+    record's prompt (HH dialogues: their shared prefix; conversations: their common prefix)."""
+    if spec.input_key in rec or not ({spec.messages_key, spec.chosen_key, spec.rejected_key} & set(rec)):
+        value = get_field(rec, spec.input_key)
+        if isinstance(value, list):
+            return _chat_prompt(value, spec.input_key), False
+        text = text_field(value, spec.input_key)
+        return text, text.endswith(HH_MARK)
+    if spec.messages_key in rec:
+        msgs = _message_list(rec[spec.messages_key], spec.messages_key)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise BadRecord("holds no prompt: every message is the assistant's", spec.messages_key)
+        return msgs, False
+    prompt, _, _, raw, _ = _pair(rec, spec, allow_identical=True)
+    return prompt, raw
+
+
 def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
     """Validated canonical records from one raw record, and whether it is an HH pair that differs early.
 
