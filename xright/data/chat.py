@@ -50,7 +50,8 @@ def template_text(value: str) -> str:
 
 
 def _short(text: str, n: int = 40) -> str:
-    return repr(text if len(text) <= n else "…" + text[-n:])
+    """The end of a rendered text (where a boundary fault shows)."""
+    return repr(text) if len(text) <= n else "…" + repr(text[-n:])
 
 
 class ChatRenderer:
@@ -94,8 +95,8 @@ class ChatRenderer:
     def _prefix_fault(self, p_text: str, p: list[int], w_text: str, w: list[int]) -> str | None:
         if not w_text.startswith(p_text):
             n = next((i for i, (a, b) in enumerate(zip(p_text, w_text)) if a != b), min(len(p_text), len(w_text)))
-            return (f"the chat template renders the prompt (with the generation prompt) as …{_short(p_text[:n + 20])} but "
-                    f"the conversation as …{_short(w_text[:n + 20])}: the prompt is not a prefix of the "
+            return (f"the chat template renders the prompt (with the generation prompt) as {_short(p_text[:n + 20])} but "
+                    f"the conversation as {_short(w_text[:n + 20])}: the prompt is not a prefix of the "
                     "conversation, so the answer's boundary is undefined")
         if w[:len(p)] != p:
             n = next((i for i, (a, b) in enumerate(zip(p, w)) if a != b), min(len(p), len(w)))
@@ -157,7 +158,7 @@ class ChatRenderer:
             e_text = self.render(msgs[:i + 1], False, field)
             s, e = self.ids([s_text, e_text])
             if whole[:len(s)] != s:
-                raise BadRecord(f"the chat template's generation prompt for assistant turn {i} (…"
+                raise BadRecord(f"the chat template's generation prompt for assistant turn {i} ("
                                 f"{_short(s_text)}) is not a token prefix of the whole conversation", field)
             end = len(s)
             while end < min(len(e), len(whole)) and e[end] == whole[end]:
