@@ -348,11 +348,10 @@ def main():
     args.batch_meaning = "examples"  # the recorded commands count --train_batch_size in examples (OpenRLHF)
     for k, v in vars(mine).items():
         setattr(args, k, v)
-    args.ref_pareto, args.stop_at_optimum = {}, False
     specs = [
         common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
                              args.sft_micro_train_batch_size, args.sft_opt),
-        common.ObjectiveSpec(PREF, joint.pair_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+        common.ObjectiveSpec(PREF, common.build_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())

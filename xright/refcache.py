@@ -19,7 +19,7 @@ tokens: a second run (or a resumed one) loads it in seconds, and any change reco
 
 :class:`CachedReference` is a :class:`~xright.objectives.Reference`: ``sequence_logps(batch)``
 returns the same summed log-probs and lengths, rows K-major, looked up by ``batch["ids"]``.
-Objectives cannot tell the difference and the trainer does not change (DESIGN.md §3).
+Objectives cannot tell the difference and the trainer does not change (docs/DESIGN.md §3).
 
 KTO's KL rows (prefix ``kl_``) pair prompt i with completion i+1 of the same micro-batch, which
 changes every epoch, so they cannot be tabled: an objective lists such prefixes in

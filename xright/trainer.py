@@ -21,6 +21,7 @@ import torch
 from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
+from xright.schedules import Stopping
 
 PROBE_SEED = 1_000_003  # offset of the probe loaders' seed from the training loaders'
 
@@ -44,14 +45,10 @@ class TrainArgs:
     eval_steps: int = -1
     logging_steps: int = 1
     eval_at_start: bool = True
-    # early stopping as in the paper's code: eval loss within eps of its optimum, or a point of
-    # the reference Pareto front dominated
-    eps: float = 0.0
-    stop_at_optimum: bool = False
-    ref_pareto: dict = field(default_factory=dict)
+    stopping: Stopping = field(default_factory=Stopping)  # the joint runs' early stopping
     debug_log_picks: bool = False
     pad_id: int = 0
-    # resumable checkpoints (DESIGN.md §2 invariant 5)
+    # resumable checkpoints (docs/DESIGN.md §2 invariant 5)
     save_steps: int = -1
     ckpt_path: str = "./ckpt/checkpoints"
     max_ckpt_num: int = 3
@@ -86,7 +83,7 @@ class Trainer:
         self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
         self._last_ids: dict[str, list] = {}
         # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
-        # loaders never lose a batch to a probe (DESIGN.md §2.3); another seed gives another order
+        # loaders never lose a batch to a probe (docs/DESIGN.md §2.3); another seed gives another order
         self.probe_loaders = {k: copy.copy(t.loader) for k, t in tasks.items()}  # same examples and layout
         for k, p in self.probe_loaders.items():
             p.load_state_dict({"epoch": 0, "position": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
@@ -260,16 +257,7 @@ class Trainer:
         losses = {k: ev.get(f"eval/{k}/loss") for k in self.tasks}
         if any(v is None for v in losses.values()):
             return None
-        if self.args.stop_at_optimum and all(abs(losses[k] - self.tasks[k].optimum) <= self.args.eps
-                                             for k in losses):
-            return "every eval loss within --eps of its optimum"
-        front = self.args.ref_pareto
-        if front:
-            n = len(next(iter(front.values())))
-            for i in range(n):
-                if all(losses[k] <= front[k][i] for k in front):
-                    return f"dominates reference Pareto point {i}: " + ", ".join(f"{k}={front[k][i]:.4f}" for k in front)
-        return None
+        return self.args.stopping.reason(losses, {k: t.optimum for k, t in self.tasks.items()})
 
     def _log_eval(self) -> str | None:
         ev = self.evaluate()

@@ -1,7 +1,7 @@
 """Flags shared by every CLI, and the one function that turns parsed flags into a run.
 
 Flag names, meanings and defaults follow the scripts users already have (XRIGHT, a fork of
-OpenRLHF 0.3.6): see ``shared/compat/cli-flags.md``. A CLI declares its objectives as
+OpenRLHF 0.3.6): see ``docs/flags.md``. A CLI declares its objectives as
 :class:`ObjectiveSpec` and its schedule; :func:`run` does the rest.
 """
 
@@ -168,17 +168,56 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
                         "files, tokenizer and data flags are unchanged (one process builds, the others wait)")
 
 
-def add_pref_flags(p: argparse.ArgumentParser, rlhf_aliases: bool = False) -> None:
-    """``--beta``, ``--ipo``, ``--label_smoothing`` (also as ``--rlhf_*`` in the joint CLIs, as XRIGHT's seq CLIs)."""
-    names = lambda flag: [f"--{flag}", f"--rlhf_{flag}"] if rlhf_aliases else [f"--{flag}"]  # noqa: E731
-    g = p.add_argument_group("preference loss")
-    g.add_argument(*names("beta"), dest="beta", type=float, default=0.1)
-    g.add_argument(*names("ipo"), dest="ipo", action="store_true", default=False, help="same as --loss ipo")
-    g.add_argument(*names("label_smoothing"), dest="label_smoothing", type=float, default=0.0,
-                   help="conservative DPO ε")
-    g.add_argument("--ipo_average", action="store_true", default=False,
-                   help="IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)")
-    g.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
+def flag_prefix(name: str) -> str:
+    """The prefix of an objective's own flags in train_joint: 'exo-rw' -> 'exo_rw_'."""
+    return name.replace("-", "_") + "_"
+
+
+def add_objective_flags(p: argparse.ArgumentParser, losses: list[str], *, default: str | None = None,
+                        own: dict[str, str] | None = None, alias: str = "", aliased: tuple = ()) -> None:
+    """The ``Flag``s the objectives ``losses`` read (:data:`xright.objectives.OBJECTIVES`), each declared once.
+    ``default``: also ``--loss`` (choices ``losses``) and, with ipo among them, OpenRLHF's ``--ipo``. ``own``
+    (train_joint: name -> loss): own flags are ``--NAME_beta``, default the loss's. ``aliased`` flags also
+    answer to ``--<alias><flag>`` (XRIGHT's ``--rlhf_beta``)."""
+    from xright.objectives import OBJECTIVES
+
+    g = p.add_argument_group("objective")
+    names = lambda flag: [f"--{flag}", *([f"--{alias}{flag}"] if flag in aliased else [])]  # noqa: E731
+    if default is not None:
+        g.add_argument("--loss", choices=sorted(losses), default=default)
+        if "ipo" in losses:
+            g.add_argument(*names("ipo"), dest="ipo", action="store_true", default=False, help="same as --loss ipo")
+    declared = set()
+
+    def add(dest, flag, default):
+        if dest not in declared:
+            declared.add(dest)
+            kind = {"action": "store_true"} if isinstance(flag.default, bool) else {"type": flag.type or type(default)}
+            g.add_argument(*names(dest), dest=dest, default=default, help=flag.help, **kind)
+
+    for name, loss in (own or {}).items():
+        entry = OBJECTIVES[loss]
+        for f in entry.flags:
+            if f.own:
+                add(flag_prefix(name) + f.name, f, entry.defaults.get(f.name, f.default))
+    for loss in losses:
+        for f in OBJECTIVES[loss].flags:
+            if not (own and f.own):
+                add(f.name, f, f.default)
+
+
+def build_objective(args, loss: str | None = None, name: str | None = None):
+    """The objective ``loss`` (default: ``--loss``, or ipo with ``--ipo``) built once from its flags; the
+    flags an objective owns are read as ``--NAME_<flag>`` when ``name`` is given (train_joint)."""
+    from xright.objectives import OBJECTIVES
+
+    loss = loss or ("ipo" if args.ipo else args.loss)
+    entry = OBJECTIVES[loss]
+    own = {f.name for f in entry.flags if f.own} if name else set()
+    try:
+        return entry.build(loss, lambda f: getattr(args, (flag_prefix(name) if f in own else "") + f))
+    except ValueError as e:
+        raise UsageError(f"{name}: {e}" if name else str(e)) from None
 
 
 def parse(p: argparse.ArgumentParser, argv=None):
@@ -435,15 +474,16 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> 
 
 
 def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
-         steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None) -> dict:
+         steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
     import numpy as np
     import torch
     from transformers import get_scheduler
 
     from xright.data import CyclingLoader, load_data
     from xright.logging import MetricsLogger, wandb_settings
-    from xright.models import LoraSpec, is_peft, load_model, load_tokenizer
+    from xright.models import LoraSpec, check_model, is_peft, load_model, load_tokenizer
     from xright.objectives import Reference
+    from xright.schedules import Stopping
     from xright.strategy import Strategy, atomic_write_json
     from xright.trainer import TrainArgs, Task, Trainer
 
@@ -476,7 +516,7 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
                                       seed=args.seed, packed=args.packing_samples,
                                       group_by_length=args.group_by_length) for sp in specs}
     for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
-        sp.objective.reduce_mean = lambda t: strategy.all_reduce(t, op="mean")
+        sp.objective.bind(strategy)
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
     for name, t in tasks.items():  # (too small eval sets are reported by the Trainer, which skips them)
@@ -510,6 +550,8 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
         scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
         if args.lr_scheduler == "cosine_with_min_lr" else None)
     engine = strategy.prepare(model, optimizer, scheduler)
+    # after prepare: on the device, and under ZeRO-3 every rank probes the partitioned engine in lockstep
+    strategy.print("xright: " + check_model(engine, packing=args.packing_samples))
 
     reference = None
     ref_specs = [sp for sp in specs if sp.objective.needs_reference]
@@ -523,7 +565,9 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
                              trust_remote_code=args.trust_remote_code, seed=args.seed,
                              vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
                              pad_token_id=tokenizer.pad_token_id)
-            return Reference(model=strategy.prepare_reference(ref))
+            ref = strategy.prepare_reference(ref)
+            strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
+            return Reference(model=ref)
 
         if _precompute_pays(args, ref_specs, tasks, total, strategy):
             from xright import refcache
@@ -538,8 +582,8 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
             reference = live_reference()
 
     schedule = make_schedule(total, per_epoch, tasks)
-    if args.debug_rank_seed and hasattr(schedule, "rng"):
-        schedule.rng.seed(args.seed + 1000 * strategy.rank)
+    if args.debug_rank_seed:
+        schedule.reseed(args.seed + 1000 * strategy.rank)
     strategy.write_config(args.save_path)
     if strategy.is_rank0:
         atomic_write_json(os.path.join(args.save_path, "xright_args.json"), safe_config(args))
@@ -558,8 +602,7 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str
         total_steps=total, save_path=args.save_path,
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
         logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
-        pad_id=tokenizer.pad_token_id, eps=getattr(args, "eps", 0.0),
-        stop_at_optimum=getattr(args, "stop_at_optimum", False), ref_pareto=getattr(args, "ref_pareto", {}) or {},
+        pad_id=tokenizer.pad_token_id, stopping=stopping or Stopping(),
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)

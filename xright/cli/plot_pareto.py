@@ -22,7 +22,7 @@ How runs are recognised, from ``xright_args.json``:
 
 The ideal point (L*_sft, L*_dpo) is ``--sft_opt/--dpo_opt``; else the ``--sft_opt/--dpo_opt`` the
 joint runs were given (if they agree); else the best final losses of the single-objective runs.
-The ideal distance in the table is recomputed from that point (DESIGN.md §1), so every row uses the
+The ideal distance in the table is recomputed from that point (docs/DESIGN.md §1), so every row uses the
 same one. Wall time is the training loop's (the ``done`` record), without process start-up.
 """
 
