@@ -80,7 +80,7 @@ def spec(kind="pairwise", **kw):
 
 
 def strip_ids(records):
-    return [{k: v for k, v in r.items() if k not in ("id", "source")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("id", "source", "where")} for r in records]
 
 
 def rid(e):
@@ -340,9 +340,10 @@ def test_chat_messages_and_chat_template(tmp_path, tok):
                           {"role": "assistant", "content": "hello"}]}]
     train, _ = load_data(spec("sft", dataset=write(tmp_path / "c.jsonl", recs)), tok, log=Log())
     assert tok.decode(train[0]["prompt_ids"]) == "System: be brief\nUser: hi\nAssistant: "
-    assert tok.decode(train[0]["response_ids"]) == "hello" + EOS
+    assert tok.decode(train[0]["response_ids"]) == "hello\n" + EOS  # the rest of the rendered conversation
     train, _ = load_data(spec(dataset=write(tmp_path / "p.jsonl", pairs(1)), apply_chat_template=True), tok, log=Log())
     assert tok.decode(train[0]["prompt_ids"]) == "User: p0\nAssistant: "
+    assert [tok.decode(r) for r in train[0]["responses"]] == ["good 0\n" + EOS, "bad 0\n" + EOS]
     train, _ = load_data(spec(dataset=write(tmp_path / "q.jsonl", pairs(1)), input_template=None), tok, log=Log())
     assert tok.decode(train[0]["prompt_ids"]) == "p0"
 
@@ -505,7 +506,7 @@ BAD = [
     ("reward not finite", "scored", [b'{"prompt": "a", "completions": ["x", "y"], "rewards": [1, NaN]}'], {}, 1,
      "'rewards[1]'"),
     ("bad message", "sft", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], {},
-     1, "'messages[-1].role'"),
+     1, "'messages[1].role'"),
     ("margin", "pairwise", [{"prompt": "a", "chosen": "b", "rejected": "c", "m": "big"}], {"margin_key": "m"}, 1,
      "'m'"),
 ]

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch import SHARED_DATA, final_eval, launch_named, metrics, train_records
+from test_chat import chat_layouts
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
 from xright.models import load_for_inference, load_model, load_tokenizer
@@ -27,6 +28,11 @@ COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learnin
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-test.jsonl.gz")
 HH_ARGS = ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64", "--micro_train_batch_size", "4",
            "--train_batch_size", "8", "--zero_stage", "3"]
+
+
+CHAT_ARGS = ["--zero_stage", "3", "--train_batch_size", "8", "--micro_train_batch_size", "2", "--max_samples", "32",
+             "--max_steps", "3", "--eval_fraction", "0.25", "--eval_steps", "1000", "--learning_rate", "1e-3",
+             "--lr_scheduler", "constant"]
 
 
 def eval_loss(model_dir: str, kind: str, objective, model=None) -> float:
@@ -90,6 +96,10 @@ def launched(tmp_path_factory):
     })
     if os.path.exists(HH):
         plans[2]["hh"] = ("train_dpo", HH_ARGS)
+    chat = chat_layouts(root)  # conversational DPO (tests/test_chat.py) under ZeRO-3 on 2 ranks
+    for layout in ("uf", "plain"):
+        plans[2][f"chat-{layout}"] = ("train_dpo", [*CHAT_ARGS, "--dataset", chat[layout],
+                                                    *(["--input_template", ""] if layout == "plain" else [])])
     launched = launch_named(root, plans)
     return lambda module, zero=None, lora=False, nproc=2, ok=True: launched(
         module if zero is None else name(module, zero, lora, nproc), ok=ok)
@@ -269,3 +279,13 @@ def test_skipped_nonfinite_is_kept_across_resume(launched):
     assert sorted(recs) == [5, 6]
     assert [recs[s]["train/sft/loss"] for s in (5, 6)] == [first[s]["train/sft/loss"] for s in (5, 6)]
     assert [r for r in metrics(out) if r.get("done")][-1]["skipped_nonfinite"] == 1
+
+
+def test_conversational_dpo_zero3_two_ranks_equals_the_pre_rendered_text(launched):
+    """UltraFeedback-layout records (whole conversations) through the chat template train exactly as the same
+    pairs pre-rendered to plain text: every logged number of the two 2-rank ZeRO-3 runs agrees."""
+    (uf, _), (plain, _) = launched("chat-uf"), launched("chat-plain")
+    a, b = metrics(uf), metrics(plain)
+    assert [r["step"] for r in a if "eval/dpo/logp_chosen" in r] == [0, 3]
+    keys = lambda r: {k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}  # noqa: E731
+    assert [keys(r) for r in a] == [keys(r) for r in b]

@@ -99,8 +99,10 @@ def load_tokenizer(pretrain: str | None, *, use_fast: bool = True, trust_remote_
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    if chat_template:
-        tok.chat_template = chat_template
+    if chat_template:  # Jinja text or a file holding it
+        from xright.data.chat import template_text
+
+        tok.chat_template = template_text(chat_template)
     return tok
 
 

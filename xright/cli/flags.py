@@ -149,7 +149,9 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
     g.add_argument("--margin_key", type=str, default=None)
     g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ")
     g.add_argument("--apply_chat_template", action="store_true", default=False)
-    g.add_argument("--tokenizer_chat_template", type=str, default=None)
+    g.add_argument("--tokenizer_chat_template", type=str, default=None, help="Jinja text or a file holding it")
+    g.add_argument("--multiturn", action="store_true", default=False,
+                   help="SFT on messages: train every assistant turn (default: the last assistant message)")
     g.add_argument("--pretrain_mode", action="store_true", default=False, help="SFT without prompt masking")
     g.add_argument("--data_cache_dir", type=str, default=None,
                    help="tokenise once into memory-mapped Arrow tables under this directory, reused while the "
@@ -243,7 +245,8 @@ def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
         prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
         completion_key=args.completion_key, label_key=args.label_key, completions_key=args.completions_key,
         rewards_key=args.rewards_key, margin_key=args.margin_key, input_template=args.input_template,
-        apply_chat_template=args.apply_chat_template, pretrain_mode=args.pretrain_mode,
+        apply_chat_template=args.apply_chat_template, multiturn=getattr(args, "multiturn", False),
+        pretrain_mode=args.pretrain_mode,
         skip_bad_records=args.skip_bad_records, seed=args.seed, name=name,
         cache_dir=getattr(args, "data_cache_dir", None), **extra)
 

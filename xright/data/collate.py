@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int, masks: list | None = None) -> dict:
     """Right-padded input_ids / attention_mask / loss_mask for (prompt_ids, response_ids) pairs.
 
     ``loss_mask[b, t]`` is True when token t is a response token (the model predicts it from
-    position t-1; the log-prob code does the shift).
+    position t-1; the log-prob code does the shift) that ``masks[b]`` (a 0/1 list over the response,
+    multi-turn SFT) does not exclude.
     """
     T = max(len(p) + len(r) for p, r in pairs)
     B = len(pairs)
@@ -21,7 +22,8 @@ def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
         n = len(p) + len(r)
         input_ids[b, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
         attention_mask[b, :n] = 1
-        loss_mask[b, len(p):n] = True
+        m = masks[b] if masks else None
+        loss_mask[b, len(p):n] = True if m is None else torch.tensor(list(m), dtype=torch.bool)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
@@ -81,7 +83,8 @@ def _padded(kind: str, examples: list[dict], pad_id: int) -> dict:
     B = len(examples)
     ids = [e["id"] for e in examples]
     if kind in ("sft", "binary"):
-        out = _pad([(e["prompt_ids"], e["response_ids"]) for e in examples], pad_id)
+        out = _pad([(e["prompt_ids"], e["response_ids"]) for e in examples], pad_id,
+                   [e.get("response_mask") for e in examples])
         out["ids"] = ids
         if kind == "binary":
             if B < 2:

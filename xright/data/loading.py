@@ -1,11 +1,19 @@
 """DataSpec and load_data: sources -> blended, split, tokenised and truncated examples.
 
 Tokenisation
-    The prompt text is: chat messages rendered with the tokenizer's chat template
-    (add_generation_prompt=True); else, with ``apply_chat_template``,
-    ``[{"role": "user", "content": prompt}]`` rendered the same way; else
-    ``input_template.format(prompt)`` when ``input_template`` is set; else the raw prompt. HH-style
-    dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
+    Conversational records (message lists, see :mod:`xright.data.records`), and with ``apply_chat_template``
+    every record but HH-style dialogue prefixes (the prompt then is ``[{"role": "user", "content": prompt}]``
+    and each answer one assistant message), are rendered with the tokenizer's chat template at token level
+    by :class:`xright.data.chat.ChatRenderer`: the prompt with the generation prompt, each whole
+    conversation, the prompt's tokens a token prefix of the conversation's (else the record is refused with
+    its file and line), no special tokens added by the tokenizer, each answer ending with the template's end
+    of turn (eos appended only where the template renders no special token after the answer). SFT answers
+    with several turns (``multiturn``) train only their assistant turns: the example then carries
+    ``"response_mask"`` (1 = trained) over ``response_ids``. A template fault is found while tokenising
+    and stops the run even with ``skip_bad_records`` (it is usually the template's, not the record's).
+
+    Plain text: the prompt text is ``input_template.format(prompt)`` when ``input_template`` is set; else
+    the raw prompt. HH-style dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
     *together* (``prompt + response`` as one text, no special tokens) so that the ids are those of
     the whole text: tokenised apart, a SentencePiece tokenizer (Llama-2, Mistral) puts a spurious lone
     "▁" at the start of every response. The boundary: with a fast tokenizer, the prompt's tokens
@@ -71,10 +79,13 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from .records import MAX_REASONS, DataError, SourceStats, k_mismatch, read_source, source_id
+from .chat import ChatRenderer
+from .records import MAX_REASONS, BadRecord, DataError, SourceStats, describe, k_mismatch, read_source, source_id
 from . import synthetic
 
 KINDS = ("sft", "pairwise", "binary", "scored")
+NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
+               "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
 BUILTIN_TRAIN, BUILTIN_EVAL = 2000, 200
 DUMMY_FRACTION = 0.03
 
@@ -105,6 +116,7 @@ class DataSpec:
     messages_key: str = "messages"
     input_template: str | None = "User: {}\nAssistant: "
     apply_chat_template: bool = False
+    multiturn: bool = False        # sft messages: train every assistant turn (default: the last message)
     pretrain_mode: bool = False
     sft_from_chosen: bool = False
     skip_bad_records: bool = False
@@ -132,8 +144,7 @@ class DataSpec:
 
 def _render_chat(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template, needed for chat messages / apply_chat_template; "
-                         "pass one (--tokenizer_chat_template) or use input_template")
+        raise ValueError(NO_TEMPLATE)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -238,20 +249,52 @@ def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict]
                                                                              "dropped_long")}
 
 
-def _encoded(records: list[dict], tokenizer, spec: DataSpec, chunk: int = 1024):
-    """(record, prompt ids, [K response ids]) per record, encoded a chunk at a time (so the whole
-    texts' token lists of a big set never all exist at once)."""
+def _answers(rec: dict, spec: DataSpec) -> tuple[list, list[str]]:
+    """A canonical record's K answers and their field names (for errors)."""
     kind = spec.kind
+    if kind == "sft":
+        return [rec["response"]], [spec.messages_key if isinstance(rec["response"], list) else spec.output_key]
+    if kind == "binary":
+        return [rec["completion"]], [spec.completion_key]
+    if kind == "pairwise":
+        return [rec["chosen"], rec["rejected"]], [spec.chosen_key, spec.rejected_key]
+    return rec["completions"], [f"{spec.completions_key}[{k}]" for k in range(len(rec["completions"]))]
+
+
+def is_chat(rec: dict, spec: DataSpec) -> bool:
+    return isinstance(rec["prompt"], list) or (spec.apply_chat_template and not rec.get("raw_prompt"))
+
+
+def _encoded(records: list[dict], tokenizer, spec: DataSpec, chunk: int = 1024):
+    """(record, prompt ids, [K response ids], [K masks or None]) per record, each response ending with eos or
+    the chat template's end of turn; encoded a chunk at a time (so the whole texts' token lists of a big set
+    never all exist at once)."""
+    eos = tokenizer.eos_token_id
+    renderer = None
     for start in range(0, len(records), chunk):
         recs = records[start:start + chunk]
-        if kind == "sft":
-            groups = [[r["response"]] for r in recs]
-        elif kind == "binary":
-            groups = [[r["completion"]] for r in recs]
-        else:
-            groups = [r["completions"] if kind == "scored" else [r["chosen"], r["rejected"]] for r in recs]
-        prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in recs], groups)
-        yield from zip(recs, prompts, responses)
+        chat = [is_chat(r, spec) for r in recs]
+        plain = [r for r, c in zip(recs, chat) if not c]
+        prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in plain],
+                                              [_answers(r, spec)[0] for r in plain])
+        text = iter(zip(prompts, responses))
+        for rec, c in zip(recs, chat):
+            if not c:
+                p, rs = next(text)
+                yield rec, p, [r + [eos] for r in rs], [None] * len(rs)
+                continue
+            answers, fields = _answers(rec, spec)
+            prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+            answers = [a if isinstance(a, list) else [{"role": "assistant", "content": a}] for a in answers]
+            try:
+                if renderer is None:
+                    try:
+                        renderer = ChatRenderer(tokenizer)
+                    except ValueError:
+                        raise BadRecord(NO_TEMPLATE, fields[0]) from None
+                yield rec, *renderer.encode(prompt, answers, fields, mask_roles=spec.kind == "sft")
+            except BadRecord as e:
+                raise DataError(describe(rec.get("where") or rec["id"], None, e)) from None
 
 
 def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[dict | None, str]]:
@@ -262,10 +305,9 @@ def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[
     kind = spec.kind
     no_source = source_id("")
     out: list[tuple[dict | None, str]] = []
-    for rec, p, rs in _encoded(records, tokenizer, spec):
-        rs = [r + [eos] for r in rs]
+    for rec, p, rs, masks in _encoded(records, tokenizer, spec):
         if kind == "sft" and spec.pretrain_mode:
-            p, rs = [], [p + rs[0]]
+            p, rs, masks = [], [p + rs[0]], [None]
         room = spec.max_len - len(p)
         status = "ok"
         if any(len(r) > room for r in rs):
@@ -276,10 +318,13 @@ def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[
                 out.append((None, "dropped_prompt"))
                 continue
             rs = [r[:room] for r in rs]
+            masks = [m if m is None else m[:room] for m in masks]
             status = "truncated"
         ex = {"id": f"{rec['id']}@{rec.get('source', no_source)}.{_token_hash(p, rs)}", "prompt_ids": p}
         if kind in ("sft", "binary"):
             ex["response_ids"] = rs[0]
+            if masks[0] is not None:
+                ex["response_mask"] = masks[0]
             if kind == "binary":
                 ex["label"] = rec["label"]
                 ex["max_len"] = spec.max_len
@@ -491,6 +536,8 @@ def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[di
     :class:`xright.data.store.ExampleTable` s, tokenised once per fingerprint (see that module).
     """
     spec.check()
+    if spec.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{spec.name}: --apply_chat_template: {NO_TEMPLATE}")
     if spec.cache_dir:
         from . import store
 

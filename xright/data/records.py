@@ -2,7 +2,8 @@
 
 Sources
     Local ``.json`` (a JSON array, or JSON lines), ``.jsonl``, ``.parquet``, ``.csv``, each optionally
-    ``.gz``; a directory; otherwise a hub name read with ``datasets.load_dataset(name, split=...)``.
+    ``.gz``; a directory; otherwise a hub name read with ``datasets.load_dataset(name, split=...)``, or
+    ``name@data_dir`` with ``datasets.load_dataset(name, data_dir=data_dir, split=...)``.
     A directory holds files named by split (``train.jsonl``, ``test.parquet``,
     ``train-00000-of-00002.parquet`` …, also under ``data/``); when no file is named after the
     requested train or eval split, all its data files together are the train split.
@@ -34,16 +35,23 @@ Example ids (what a cache, such as the reference log-prob cache, may key on)
     ``source``; tokenised examples carry the whole id.
 
 Canonical records (what this module returns; the tokeniser consumes them)
-    sft       {"id", "source", "prompt": str | list[message], "response": str, "raw_prompt": bool}
-    pairwise  {"id", "source", "prompt", "chosen", "rejected", "raw_prompt"[, "margin": float]}
-    binary    {"id", "source", "prompt", "completion", "label": bool, "raw_prompt"}
-    scored    {"id", "source", "prompt", "completions": [K str][, "rewards": [K float]], "raw_prompt"}
-    ``raw_prompt`` is True for HH-style dialogue prefixes, which get no input template or chat
-    template. A list prompt is chat messages, rendered later with the tokenizer's chat template.
+    sft       {"id", "source", "where", "prompt": str | list[message], "response": str | list[message], "raw_prompt"}
+    pairwise  {"id", "source", "where", "prompt", "chosen", "rejected", "raw_prompt"[, "margin": float]}
+    binary    {"id", "source", "where", "prompt", "completion", "label": bool, "raw_prompt"}
+    scored    {"id", "source", "where", "prompt", "completions": [K][, "rewards": [K float]], "raw_prompt"}
+    ``where`` is the file and line (``"/data/train.jsonl line 17"``) for errors found later (the chat
+    template's). ``raw_prompt`` is True for HH-style dialogue prefixes, which get no input template or chat
+    template. A conversational record has a message-list prompt (``{"role", "content"}`` dicts, ending with
+    a non-assistant turn) and each answer is a message list that follows it (starting and ending with the
+    assistant's message; several messages for a multi-turn answer); the tokeniser renders them with the
+    chat template (:mod:`xright.data.chat`). Which raw layouts are conversational: :func:`chat_answers`;
+    SFT ``messages``: the prompt is everything before the last message (``multiturn``: before the first
+    assistant message), the response the rest.
 
 CSV cells are text, so fields are converted by the schema: the label field from
 ``true``/``false`` (any case), margin from a number, list fields (completions, rewards, messages)
-from JSON arrays. Everything else stays a string.
+from JSON arrays; a prompt/chosen/rejected/completion/input cell that parses as a JSON array of objects
+is messages. Everything else stays a string.
 
 Scored records must all have the same K (a micro-batch stacks K completions per prompt): a record
 whose K differs from the first record's is a bad record of its file and line; across the sources
@@ -272,10 +280,20 @@ def _iter_csv(path: str, spec, base: str):
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise DataError(f"{path}: cannot read csv: {e}") from e
     lists = {spec.completions_key, spec.rewards_key, spec.messages_key}
+    # text fields that may hold messages: a cell that parses as a JSON list of objects is messages, else text
+    chat = {spec.prompt_key, spec.chosen_key, spec.rejected_key, spec.completion_key, spec.input_key} - lists
     for n, row in enumerate(df.to_dict("records"), 1):
         loc, err = f"row {n}", None
         for k, v in list(row.items()):
             if not isinstance(v, str):
+                continue
+            if k in chat and v.lstrip().startswith("[{"):
+                try:
+                    parsed = json.loads(v)
+                except json.JSONDecodeError:
+                    parsed = None
+                if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed):
+                    row[k] = parsed
                 continue
             if k == spec.label_key and v.strip().lower() in ("true", "false"):
                 row[k] = v.strip().lower() == "true"
@@ -322,10 +340,13 @@ def _split_files(files: list[str], split: str) -> list[str]:
 
 
 def _iter_hub(name: str, split: str, required: bool):
+    """A hub dataset's split; ``name@data_dir`` reads one of its folders (``Anthropic/hh-rlhf@harmless-base``),
+    as XRIGHT/OpenRLHF address them."""
     import datasets
 
+    repo, _, data_dir = name.partition("@")
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(repo, split=split, **({"data_dir": data_dir} if data_dir else {}))
     except ValueError as e:
         if not required and "split" in str(e).lower():
             return None
@@ -435,8 +456,16 @@ class _EmptyResponse(Exception):
     """An HH pair whose fields are fine but whose answer after the shared prompt is blank."""
 
 
-def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple[str, str, str, bool, bool]:
-    """(prompt, chosen, rejected, raw_prompt, differ_early) from a pairwise record."""
+def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
+    """(prompt, chosen, rejected, raw_prompt, differ_early) from a pairwise record; conversational records
+    (see :func:`chat_answers`) give message lists."""
+    chat = chat_answers(rec, spec, [(get_field(rec, spec.chosen_key), spec.chosen_key),
+                                    (get_field(rec, spec.rejected_key), spec.rejected_key)])
+    if chat is not None:
+        prompt, (chosen, rejected) = chat
+        if chosen == rejected and not allow_identical:
+            raise _Identical()
+        return prompt, chosen, rejected, False, False
     chosen = text_field(get_field(rec, spec.chosen_key), spec.chosen_key)
     rejected = text_field(get_field(rec, spec.rejected_key), spec.rejected_key)
     explicit = spec.prompt_key is not None and spec.prompt_key in rec
@@ -452,7 +481,9 @@ def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple[str, str, str
     return prompt, c, r, True, early
 
 
-def _messages(value, key: str) -> list[dict]:
+def _message_list(value, key: str) -> list[dict]:
+    """Validated ``{role, content}`` messages (only those two keys kept). Content is a string; an assistant
+    message's content must not be blank (it is what a model is trained or scored on)."""
     if not isinstance(value, list) or not value:
         raise BadRecord(f"must be a non-empty list of {{role, content}} messages, got {_short(value)}", key)
     msgs = []
@@ -464,15 +495,98 @@ def _messages(value, key: str) -> list[dict]:
             if k not in m:
                 raise BadRecord(f"missing; message has keys {list(m)}", f"{where}.{k}")
         role = text_field(m["role"], f"{where}.role")
-        if not isinstance(m["content"], str):  # earlier turns may be empty strings, never non-strings
+        if role == "assistant":
+            text_field(m["content"], f"{where}.content")
+        elif not isinstance(m["content"], str):  # other turns may be empty strings, never non-strings
             text_field(m["content"], f"{where}.content")
         msgs.append({"role": role, "content": m["content"]})
+    return msgs
+
+
+def _ends_with_assistant(msgs: list[dict], key: str) -> list[dict]:
+    if msgs[-1]["role"] != "assistant":
+        raise BadRecord(f"the last message must have role 'assistant', got {msgs[-1]['role']!r}",
+                        f"{key}[{len(msgs) - 1}].role")
+    return msgs
+
+
+def _messages(value, key: str) -> list[dict]:
+    """A whole conversation: at least one message before the final assistant message."""
+    msgs = _ends_with_assistant(_message_list(value, key), key)
     if len(msgs) < 2:
         raise BadRecord("needs at least one prompt message before the final assistant message", key)
-    if msgs[-1]["role"] != "assistant":
-        raise BadRecord(f"the last message must have role 'assistant', got {msgs[-1]['role']!r}", f"{key}[-1].role")
-    text_field(msgs[-1]["content"], f"{key}[-1].content")
     return msgs
+
+
+def _chat_prompt(value, key: str) -> list[dict]:
+    msgs = _message_list(value, key)
+    if msgs[-1]["role"] == "assistant":
+        raise BadRecord("the prompt's last message is the assistant's; the answer follows the prompt",
+                        f"{key}[{len(msgs) - 1}].role")
+    return msgs
+
+
+def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[list[dict], list[list[dict]]] | None:
+    """(prompt messages, [K answer messages]) when a record is conversational, else None (plain text).
+
+    ``answers`` = [(value, field name)]. Conversational when the prompt or an answer is a message list:
+    - prompt messages (TRL): each answer is a string (one assistant message) or messages following the
+      prompt (a copy of the prompt at their start is dropped), starting and ending with the assistant;
+    - answers that are whole conversations (UltraFeedback; a string prompt is then ignored): the prompt is
+      their common prefix of messages, which must end just before an assistant message in every answer;
+    - a string prompt with assistant-only answers: the prompt becomes one user message.
+    """
+    key = spec.prompt_key
+    p_raw = rec.get(key) if key is not None else None
+    if not isinstance(p_raw, list) and not any(isinstance(v, list) for v, _ in answers):
+        return None
+    for v, name in answers:
+        if v is None or not isinstance(v, (str, list)):
+            text_field(v, name)  # the usual message for null / a non-string
+    if isinstance(p_raw, list):
+        prompt = _chat_prompt(p_raw, key)
+        out = []
+        for v, name in answers:
+            if isinstance(v, str):
+                out.append([{"role": "assistant", "content": text_field(v, name)}])
+                continue
+            msgs = _ends_with_assistant(_message_list(v, name), name)
+            if len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt:
+                msgs = msgs[len(prompt):]
+            if msgs[0]["role"] != "assistant":
+                raise BadRecord(f"must start with the assistant's message (it follows the prompt in {key!r}), "
+                                f"got role {msgs[0]['role']!r}", f"{name}[0].role")
+            out.append(msgs)
+        return prompt, out
+    lists = [(_ends_with_assistant(_message_list(v, name), name) if isinstance(v, list) else v, name)
+             for v, name in answers]
+    whole = [m for m, _ in lists if isinstance(m, list) and m[0]["role"] != "assistant"]
+    if not whole:  # completions only: the string prompt is the user's turn
+        if key is None:
+            raise BadRecord("the answers are assistant messages only and need the record's prompt, but prompt_key "
+                            "is None (train_rm's default, as OpenRLHF): pass --prompt_key prompt", answers[0][1])
+        prompt = [{"role": "user", "content": _prompt(rec, spec, "conversational")}]
+        return prompt, [m if isinstance(m, list) else [{"role": "assistant", "content": text_field(m, name)}]
+                        for m, name in lists]
+    for m, name in lists:
+        if not isinstance(m, list):
+            raise BadRecord("is a string but another answer is a whole conversation; give every answer as "
+                            "messages", name)
+    convs = [m for m, _ in lists]
+    if len(convs) == 1:
+        n = len(convs[0]) - 1
+    else:
+        n = 0
+        while all(len(c) > n for c in convs) and all(c[n] == convs[0][n] for c in convs):
+            n += 1
+    for c, name in lists:
+        if n >= len(c) or c[n]["role"] != "assistant" or n == 0 or c[n - 1]["role"] == "assistant":
+            others = ", ".join(nm for _, nm in lists if nm != name)
+            what = f"message {n} has role {c[n]['role']!r}" if n < len(c) else f"it has only {len(c)} messages"
+            raise BadRecord(f"the conversations have different prompts: their common prefix of {n} messages "
+                            f"must end just before an assistant message, but here {what} (compared with {others})",
+                            name)
+    return convs[0][:n], [c[n:] for c in convs]
 
 
 def _prompt(rec: dict, spec, kind: str) -> str:
@@ -480,6 +594,28 @@ def _prompt(rec: dict, spec, kind: str) -> str:
         raise BadRecord(f"prompt_key is None, which only suits HH-style pairwise records; {kind} records "
                         "need a prompt field")
     return text_field(get_field(rec, spec.prompt_key), spec.prompt_key)
+
+
+def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
+    """(prompt, raw_prompt) of a raw record for generation. The ``input_key`` field: messages (ending with
+    a non-assistant turn), or text (an HH-style dialogue ending with ``"\n\nAssistant:"`` is raw: no
+    template); else a ``messages_key`` conversation without its final assistant answer; else a pairwise
+    record's prompt (HH dialogues: their shared prefix; conversations: their common prefix)."""
+    if spec.input_key in rec or not ({spec.messages_key, spec.chosen_key, spec.rejected_key} & set(rec)):
+        value = get_field(rec, spec.input_key)
+        if isinstance(value, list):
+            return _chat_prompt(value, spec.input_key), False
+        text = text_field(value, spec.input_key)
+        return text, text.endswith(HH_MARK)
+    if spec.messages_key in rec:
+        msgs = _message_list(rec[spec.messages_key], spec.messages_key)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise BadRecord("holds no prompt: every message is the assistant's", spec.messages_key)
+        return msgs, False
+    prompt, _, _, raw, _ = _pair(rec, spec, allow_identical=True)
+    return prompt, raw
 
 
 def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
@@ -497,7 +633,16 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
             return [{"id": rid, "prompt": prompt, "response": chosen, "raw_prompt": raw}], early
         if spec.messages_key in rec and spec.input_key not in rec:
             msgs = _messages(rec[spec.messages_key], spec.messages_key)
-            return [{"id": rid, "prompt": msgs[:-1], "response": msgs[-1]["content"], "raw_prompt": False}], False
+            # the answer: the last assistant message, or (multiturn) everything from the first assistant turn
+            cut = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if spec.multiturn else -1
+            if cut == 0:
+                raise BadRecord("the first message is the assistant's: the conversation has no prompt",
+                                f"{spec.messages_key}[0].role")
+            return [{"id": rid, "prompt": msgs[:cut], "response": msgs[cut:], "raw_prompt": False}], False
+        if isinstance(rec.get(spec.input_key), list):  # prompt messages + the answer as text
+            return [{"id": rid, "prompt": _chat_prompt(rec[spec.input_key], spec.input_key),
+                     "response": text_field(get_field(rec, spec.output_key), spec.output_key),
+                     "raw_prompt": False}], False
         prompt = text_field(get_field(rec, spec.input_key), spec.input_key)
         if spec.pretrain_mode and spec.output_key not in rec:
             response = ""
@@ -517,8 +662,13 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
             return [{"id": f"{rid}#chosen", "prompt": prompt, "completion": chosen, "label": True, "raw_prompt": raw},
                     {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
                      "raw_prompt": raw}], early
-        prompt = _prompt(rec, spec, kind)
-        completion = text_field(get_field(rec, spec.completion_key), spec.completion_key)
+        completion = get_field(rec, spec.completion_key)
+        chat = chat_answers(rec, spec, [(completion, spec.completion_key)])
+        if chat is not None:
+            prompt, (completion,) = chat
+        else:
+            prompt = _prompt(rec, spec, kind)
+            completion = text_field(completion, spec.completion_key)
         label = get_field(rec, spec.label_key)
         if not isinstance(label, bool):
             raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {_short(label)}",
@@ -528,14 +678,18 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
         if has_pair and spec.completions_key not in rec:
             prompt, chosen, rejected, raw, early = _pair(rec, spec)
             return [{"id": rid, "prompt": prompt, "completions": [chosen, rejected], "raw_prompt": raw}], early
-        prompt = _prompt(rec, spec, kind)
         comps = get_field(rec, spec.completions_key)
         if not isinstance(comps, list):
             raise BadRecord(f"must be a list of strings, got {type(comps).__name__} {_short(comps)}",
                             spec.completions_key)
         if len(comps) < 2:
             raise BadRecord(f"needs K >= 2 completions, got K={len(comps)}", spec.completions_key)
-        comps = [text_field(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
+        chat = chat_answers(rec, spec, [(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)])
+        if chat is not None:
+            prompt, comps = chat
+        else:
+            prompt = _prompt(rec, spec, kind)
+            comps = [text_field(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
         rewards = get_field(rec, spec.rewards_key)
         if not isinstance(rewards, list):
             raise BadRecord(f"must be a list of numbers, got {type(rewards).__name__} {_short(rewards)}",
@@ -594,7 +748,7 @@ def read_source(source: str, split: str, spec, required: bool = True,
             sources[where] = source_id(f"file:{os.path.realpath(where)}" if os.path.isfile(where)
                                        else f"hub:{where}:{split}")
         for r in recs:
-            r["source"] = sources[where]
+            r["source"], r["where"] = sources[where], f"{where} {loc}"
         records += recs
     return records, stats
 

@@ -14,7 +14,7 @@ tokens and chat template); and :data:`FORMAT`, bumped whenever tokenisation or i
 
 Building (first run): the process that takes the lock ``<dir>.lock`` (an ``flock``) reads,
 validates and blends the records as without a cache (same file/line/field errors, same
-``skip_bad_records`` counts), renders the prompts, then tokenises with ``datasets.map`` (batched,
+``skip_bad_records`` counts), then tokenises with ``datasets.map`` (batched,
 ``num_proc`` = the machine's cores for large sets) into a temporary directory that is renamed into
 place when complete; the others block on the lock meanwhile, then map the result. So on one
 machine, however many ranks start at once, one tokenises. The temporary directory of a build whose
@@ -34,7 +34,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-FORMAT = 1
+FORMAT = 2  # 2: chat records rendered at token level (xright.data.chat)
 META = "meta.json"
 STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
 PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
@@ -46,6 +46,8 @@ def _features(kind: str):
     cols = {"id": Value("string"), "prompt_ids": List(Value("int32")), "responses": List(List(Value("int32")))}
     if kind == "binary":
         cols["label"] = Value("bool")
+    if kind == "sft":
+        cols["response_mask"] = List(Value("int8"))  # multi-turn SFT only; null elsewhere
     if kind in ("pairwise", "scored"):
         cols["rewards"] = List(Value("float64"))
         cols["margin"] = Value("float64")
@@ -99,6 +101,8 @@ class ExampleTable(Sequence):
         ex = {"id": row["id"], "prompt_ids": row["prompt_ids"]}
         if self.kind in ("sft", "binary"):
             ex["response_ids"] = row["responses"][0]
+            if row.get("response_mask") is not None:
+                ex["response_mask"] = row["response_mask"]
             if self.kind == "binary":
                 ex["label"] = row["label"]
                 ex["max_len"] = self.max_len
@@ -153,26 +157,11 @@ def fingerprint(spec, tokenizer) -> str:
 
 
 def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
-    """datasets.map function: rendered prompts and response texts -> token columns and a status."""
+    """datasets.map function: canonical records (JSON) -> token columns and a status."""
     from .loading import tokenize_rows
 
-    kind, n = spec.kind, len(batch["id"])
-    records = []
-    for i in range(n):
-        texts = batch["texts"][i]
-        r = {"id": batch["id"][i], "source": batch["source"][i], "prompt": batch["prompt"][i], "raw_prompt": True}
-        if kind == "sft":
-            r["response"] = texts[0]
-        elif kind == "binary":
-            r["completion"], r["label"] = texts[0], batch["label"][i]
-        elif kind == "pairwise":
-            r["chosen"], r["rejected"] = texts
-        else:
-            r["completions"] = texts
-        for key in ("rewards", "margin"):
-            if key in batch and batch[key][i] is not None:
-                r[key] = batch[key][i]
-        records.append(r)
+    kind = spec.kind
+    records = [json.loads(r) for r in batch["record"]]
     out = {k: [] for k in _features(kind)}
     out["status"] = []
     for ex, status in tokenize_rows(records, tokenizer, spec):
@@ -183,6 +172,8 @@ def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
         out["responses"].append(ex["responses"] if "responses" in ex else [ex["response_ids"]])
         if kind == "binary":
             out["label"].append(bool(ex.get("label", False)))
+        if kind == "sft":
+            out["response_mask"].append(ex.get("response_mask"))
         if kind in ("pairwise", "scored"):
             out["rewards"].append(ex.get("rewards"))
             out["margin"].append(ex.get("margin"))
@@ -194,24 +185,13 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     import datasets
     from datasets import Value
 
-    from .loading import prompt_text
-
     kind = spec.kind
     if not records:  # (an empty table cannot be saved; load_data treats an empty split as none)
         return [], {name: 0 for name in STATUS[1:]}
-    texts = [[r["response"]] if kind == "sft" else [r["completion"]] if kind == "binary"
-             else [r["chosen"], r["rejected"]] if kind == "pairwise" else r["completions"] for r in records]
-    cols = {"id": [r["id"] for r in records], "source": [r.get("source", "") for r in records],
-            "prompt": [prompt_text(r, tokenizer, spec) for r in records], "texts": texts}
-    if kind == "binary":
-        cols["label"] = [r["label"] for r in records]
-    if kind in ("pairwise", "scored"):
-        cols["rewards"] = [r.get("rewards") for r in records]
-        cols["margin"] = [r.get("margin") for r in records]
     work = path + ".work"
     os.makedirs(work, exist_ok=True)
-    source = datasets.Dataset.from_dict(cols)
-    del cols, texts
+    # one JSON column: text and conversational records alike are tokenised by loading.tokenize_rows
+    source = datasets.Dataset.from_dict({"record": [json.dumps(r) for r in records]})
     features = _features(kind).copy()
     features["status"] = Value("int8")
     num_proc = min(os.cpu_count() or 1, len(records) // PER_PROCESS)
