@@ -39,8 +39,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from xright.data.loading import BUILTIN_TRAIN, DataSpec, source_labels, blend, parse_probs, prompt_text, tokenize
-from xright.data.records import BadRecord, DataError, get_field, text_field, canonicalize, describe, iter_raw
+from xright.data.chat import ChatRenderer
+from xright.data.loading import (BUILTIN_TRAIN, NO_TEMPLATE, DataSpec, blend, is_chat, parse_probs, prompt_text,
+                                 source_labels, tokenize)
+from xright.data.records import (BadRecord, DataError, canonicalize, describe, generation_prompt, get_field,
+                                 iter_raw, text_field)
 from xright.data import synthetic
 
 
@@ -78,8 +81,9 @@ def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
 
 
 def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> list[dict]:
-    """Prompt records ``{"id", "prompt", "raw_prompt"}``: ``spec.dataset``'s ``input_key`` fields, or
-    without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
+    """Prompt records ``{"id", "prompt", "raw_prompt"}``: each record's prompt as
+    :func:`xright.data.records.generation_prompt` reads it (the ``input_key`` field, text or messages; an HH
+    dialogue through its last ``"\n\nAssistant:"``, raw), or without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
     ``start``/``count`` slice the blended set (XRIGHT's ``--iter`` × ``--rollout_batch_size``): the blend of
     ``max_samples`` prompts is drawn once, whatever the slice, so successive slices partition it."""
     if not spec.dataset:
@@ -87,8 +91,8 @@ def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> li
         pairs = synthetic.preference_records(min(BUILTIN_TRAIN, spec.max_samples), spec.seed, split)
         recs = [{"id": r["id"], "prompt": r["prompt"], "raw_prompt": False} for r in pairs]
     else:
-        recs = _records(spec, lambda obj, rid: {"id": rid, "prompt": text_field(get_field(obj, spec.input_key), spec.input_key),
-                                                "raw_prompt": False}, spec.max_samples)
+        recs = _records(spec, lambda obj, rid: dict(zip(("id", "prompt", "raw_prompt"), (rid, *generation_prompt(obj, spec)))),
+                        spec.max_samples)
     if start >= len(recs):
         raise DataError(f"{spec.dataset or 'built-in prompts'}: no prompts from index {start}: the blend has "
                         f"{len(recs)} (max_samples {spec.max_samples})")
@@ -104,7 +108,9 @@ def read_answers(spec: DataSpec) -> list[dict]:
     def make(obj, rid):
         answer = obj.get(spec.output_key)
         if isinstance(answer, str) and not answer.strip():  # an empty answer is still an answer to score
-            rec = {"id": rid, "prompt": text_field(get_field(obj, spec.input_key), spec.input_key), "response": answer,
+            prompt = get_field(obj, spec.input_key)
+            prompt = prompt if isinstance(prompt, list) else text_field(prompt, spec.input_key)
+            rec = {"id": rid, "prompt": prompt, "response": answer,
                    "raw_prompt": False}
         else:
             rec = canonicalize("sft", obj, rid, spec)[0][0]
@@ -116,22 +122,40 @@ def read_answers(spec: DataSpec) -> list[dict]:
 
 
 def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_len: int) -> list[list[int]]:
-    """Prompt token ids as the trainers build them: the tokenizer's leading special tokens (BOS; none when
-    the rendered text already starts with the BOS text) + the text's own tokens, never trailing specials
-    (a tokenizer that appends eos would otherwise end every prompt). A prompt longer than ``prompt_max_len``
-    (> 0) keeps its leading BOS and the last tokens of its text."""
-    texts = [prompt_text(r, tokenizer, spec) for r in records]
+    """Prompt token ids as the trainers build them. Text: the tokenizer's leading special tokens (BOS; none
+    when the rendered text already starts with the BOS text) + the text's own tokens, never trailing specials
+    (a tokenizer that appends eos would otherwise end every prompt). Messages (and text under
+    ``apply_chat_template``): :meth:`ChatRenderer.prompt_ids`, the chat template's own tokens with the
+    generation prompt and nothing added (as the trainers encode a conversation's prompt). A prompt longer
+    than ``prompt_max_len`` (> 0) keeps its leading BOS and the last tokens of its text."""
+    chat = [is_chat(r, spec) for r in records]
+    texts = [prompt_text(r, tokenizer, spec) for r, c in zip(records, chat) if not c]
     with_, without = (list(tokenizer("a", add_special_tokens=flag)["input_ids"]) for flag in (True, False))
     head = next((with_[:i] for i in range(len(with_) - len(without) + 1) if with_[i:i + len(without)] == without), [])
     bos = getattr(tokenizer, "bos_token", None)
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    plain = iter(zip(texts, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []))
+    renderer = None
     out = []
-    for t, x in zip(texts, ids):
-        x = list(x)
-        if not (bos and t.startswith(bos)):
-            lead = head
-        else:  # the text's own BOS
-            lead, x = (x[:1], x[1:]) if x[:1] == [tokenizer.bos_token_id] else ([], x)
+    for r, c in zip(records, chat):
+        if c:
+            try:
+                if renderer is None:
+                    try:
+                        renderer = ChatRenderer(tokenizer)
+                    except ValueError:
+                        raise BadRecord(NO_TEMPLATE) from None
+                msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+                x = renderer.prompt_ids(msgs, spec.input_key)
+            except BadRecord as e:
+                raise DataError(describe(str(r.get("id", "prompt")), None, e)) from None
+            lead, x = (x[:1], x[1:]) if bos and x[:1] == [tokenizer.bos_token_id] else ([], x)
+        else:
+            t, x = next(plain)
+            x = list(x)
+            if not (bos and t.startswith(bos)):
+                lead = head
+            else:  # the text's own BOS
+                lead, x = (x[:1], x[1:]) if x[:1] == [tokenizer.bos_token_id] else ([], x)
         if 0 < prompt_max_len < len(lead) + len(x):
             x = x[len(x) - max(prompt_max_len - len(lead), 0):]
         out.append(lead + x)
@@ -361,6 +385,12 @@ def _groups(records: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def _answer(record, text):
+    """A completion as its record's layout wants it: after prompt messages, one assistant message (TRL's
+    conversational layout, which the trainers read with the chat template); after a text prompt, text."""
+    return [{"role": "assistant", "content": text}] if isinstance(record["input"], list) else text
+
+
 def _best(group):  # first of the maximal rewards, so ties resolve in input order
     return max(group, key=lambda r: r["reward"])
 
@@ -382,7 +412,8 @@ def iter_dpo(records, opts=None) -> list[dict]:
     for g in _groups(records):
         b, w = _best(g), _worst(g)
         if b["output"] != w["output"]:
-            out.append({"id": g[0]["prompt_id"], "prompt": b["input"], "chosen": b["output"], "rejected": w["output"],
+            out.append({"id": g[0]["prompt_id"], "prompt": b["input"], "chosen": _answer(b, b["output"]),
+                        "rejected": _answer(w, w["output"]),
                         "chosen_reward": b["reward"], "rejected_reward": w["reward"]})
     return out
 
@@ -395,7 +426,7 @@ def exo(records, opts=None) -> list[dict]:
         return []
     sizes = [len(g) for g in groups]
     K = max(set(sizes), key=lambda k: (sizes.count(k), k))
-    return [{"id": g[0]["prompt_id"], "prompt": g[0]["input"], "completions": [r["output"] for r in g],
+    return [{"id": g[0]["prompt_id"], "prompt": g[0]["input"], "completions": [_answer(r, r["output"]) for r in g],
              "rewards": [r["reward"] for r in g]} for g in groups if len(g) == K]
 
 
@@ -419,7 +450,7 @@ def kto(records, opts=None) -> list[dict]:
             if t is None and r["reward"] == cut:
                 continue
             label = r["reward"] > cut
-            out.append({"id": r["id"], "prompt": r["input"], "completion": r["output"], "label": label,
+            out.append({"id": r["id"], "prompt": r["input"], "completion": _answer(r, r["output"]), "label": label,
                         "reward": r["reward"]})
     return out
 
@@ -432,8 +463,14 @@ def csft(records, opts=None) -> list[dict]:
     template = getattr(opts, "reward_template", None) or CSFT_TEMPLATE
     if "{input}" not in template or "{reward}" not in template:
         raise ValueError(f"--reward_template must contain {{input}} and {{reward}}: {template!r}")
-    return [{"id": r["id"], "input": template.replace("{reward}", f"{r['reward']:.2f}").replace("{input}", r["input"]),
-             "output": r["output"], "reward": r["reward"]} for r in records]
+    def condition(prompt, reward):  # messages: the reward goes into the last (user) turn
+        fill = lambda text: template.replace("{reward}", f"{reward:.2f}").replace("{input}", text)
+        if isinstance(prompt, list):
+            return prompt[:-1] + [{**prompt[-1], "content": fill(prompt[-1]["content"])}]
+        return fill(prompt)
+
+    return [{"id": r["id"], "input": condition(r["input"], r["reward"]), "output": r["output"], "reward": r["reward"]}
+            for r in records]
 
 
 # name -> (function, the data kind its records are for, the trainer that reads them)

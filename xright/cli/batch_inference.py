@@ -118,7 +118,9 @@ def prompts(args, tokenizer):
     start, count = (0, None) if args.iter is None else (args.iter * args.rollout_batch_size, args.rollout_batch_size)
     records = read_prompts(spec, start, count)
     if args.enable_csft:
-        records = [{**r, "prompt": f"{r['prompt']} {args.csft_prompt.strip()} "} for r in records]
+        cue = lambda text: f"{text} {args.csft_prompt.strip()} "  # messages: into the last (user) turn
+        records = [{**r, "prompt": r["prompt"][:-1] + [{**r["prompt"][-1], "content": cue(r["prompt"][-1]["content"])}]
+                    if isinstance(r["prompt"], list) else cue(r["prompt"])} for r in records]
     return records, encode_prompts(records, tokenizer, spec, args.prompt_max_len)
 
 
@@ -133,7 +135,7 @@ def sampling(args):
 def generation_records(records, completions, tokenizer, eval_task: str, generator: str):
     K = len(completions[0]) if completions else 1
     if eval_task == "generate_alpaca_eval":
-        return [{"instruction": r["prompt"], "output": tokenizer.decode(cs[0], skip_special_tokens=True),
+        return [{"instruction": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"], "output": tokenizer.decode(cs[0], skip_special_tokens=True),
                  "generator": generator} for r, cs in zip(records, completions)]
     return [{"id": r["id"] if K == 1 else f"{r['id']}#{k}", "prompt_id": r["id"], "input": r["prompt"],
              "output": tokenizer.decode(c, skip_special_tokens=True)}
