@@ -19,7 +19,8 @@ from xright.cli import batch_inference, lifecycle
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
 from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, eos_ids, gather_ordered, generate,
-                               generate_batch, kto, plan_batches, post_process, rank_batches, read_prompts, rs,
+                               generate_batch, kto, plan_batches, post_process, rank_batches, read_answers, read_prompts,
+                               rs,
                                score, win_rate)
 from xright.models import load_model, load_tokenizer
 
@@ -283,6 +284,93 @@ def test_batch_inference_stops_at_the_generation_configs_eos(tmp_path):
     want = [cut_at_eos(c, [tok.eos_token_id, x])[0] for c in full]
     assert len(want[0]) == i < 16  # prompt 0's answer ends at x
     assert [r["output"] for r in out] == [tok.decode(w, skip_special_tokens=True) for w in want]
+
+
+CHAT = [[{"role": "user", "content": "what is 1+1?"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "name a colour"}]]
+
+
+def chat_llama(tmp_path):
+    """A saved Llama whose tokenizer adds BOS to text but whose chat template writes none: a chat prompt
+    must get the template's tokens only (as the trainers encode it), no BOS added."""
+    tok = byte_tokenizer_with_bos()
+    tok.chat_template = load_tokenizer("tiny").chat_template
+    return tok, save_llama(tmp_path / "llama", tok)
+
+
+def test_conversational_prompts_generate_from_the_trainers_chat_prompt_ids(tmp_path):
+    from xright.data.chat import ChatRenderer
+    from xright.models import load_for_inference
+
+    tok, path = chat_llama(tmp_path)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": m}) + "\n" for m in CHAT))
+    argv = ["--eval_task", "generate", "--pretrain", path, "--dataset", str(data), "--input_key", "prompt",
+            "--greedy_sampling", "--max_new_tokens", "8"]
+    records, ids = batch_inference.prompts(batch_inference.parser().parse_args([*argv, "--output_path", "x"]), tok)
+    want = [ChatRenderer(tok).prompt_ids(m) for m in CHAT]
+    assert ids == want and all(x[0] != tok.bos_token_id for x in ids)
+    # the trainers' prompt ids of the same conversations (TRL pairwise layout) are the same
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": m, "chosen": "yes", "rejected": "no"}) + "\n" for m in CHAT))
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=str(pairs), eval_split="", max_len=1024), tok,
+                         log=lambda *a: None)
+    assert sorted(e["prompt_ids"] for e in train) == sorted(want)
+    out = infer(tmp_path, "o.jsonl", *argv)
+    assert [r["input"] for r in out] == CHAT  # the messages are kept
+    model = load_for_inference(path, vocab_size=len(tok))
+    greedy = [generate_batch(model, [x], Sampling(max_new_tokens=8, greedy=True), eos_ids=tok.eos_token_id,
+                             pad_id=tok.pad_token_id, seed=0)[0][0] for x in want]
+    assert [r["output"] for r in out] == [tok.decode(g, skip_special_tokens=True) for g in greedy]
+
+
+def test_hh_dialogue_prompts_generate_from_the_dialogue_through_its_last_assistant_cue(tmp_path):
+    dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is 1+1?\n\nAssistant:"
+    data = tmp_path / "hh.jsonl"
+    data.write_text(json.dumps({"chosen": dialogue + " 2", "rejected": dialogue + " 3"}) + "\n")
+    argv = ["--eval_task", "generate", "--dataset", str(data), "--greedy_sampling", "--max_new_tokens", "4"]
+    tok = load_tokenizer("tiny")
+    records, ids = batch_inference.prompts(batch_inference.parser().parse_args([*argv, "--output_path", "x"]), tok)
+    assert [(r["prompt"], r["raw_prompt"]) for r in records] == [(dialogue, True)]  # no --input_template on it
+    train, _ = load_data(DataSpec(kind="pairwise", dataset=str(data), eval_split="", max_len=1024), tok,
+                         log=lambda *a: None)
+    assert ids == [train[0]["prompt_ids"]]
+    assert [r["input"] for r in infer(tmp_path, "o.jsonl", *argv)] == [dialogue]
+
+
+@pytest.mark.parametrize("name,kind", [("iter_dpo", "pairwise"), ("kto", "binary"), ("exo", "scored")])
+def test_post_processors_write_conversational_records_the_trainers_read(tmp_path, name, kind):
+    from xright.data.chat import ChatRenderer
+    from xright.generation import write_records
+
+    tok, _ = chat_llama(tmp_path)
+    samples = tmp_path / "samples.jsonl"  # as generate writes them for conversational prompts
+    samples.write_text("".join(json.dumps({"id": f"p{i}#{k}", "prompt_id": f"p{i}", "input": m, "output": o}) + "\n"
+                               for i, m in enumerate(CHAT) for k, o in enumerate(("two", "3", "it is 2", "4"))))
+    spec = DataSpec(kind="sft", dataset=str(samples), eval_split="", max_len=1024)
+    answers = read_answers(spec)  # what --eval_task rm reads: the prompts stay messages
+    assert [a["prompt"] for a in answers[::4]] == CHAT
+    records = [{"id": a["id"], "prompt_id": a["prompt_id"], "input": a["prompt"], "output": a["response"],
+                "reward": float(k % 4 == 1) - float(k % 4 == 0)} for k, a in enumerate(answers)]
+    path = str(tmp_path / f"{name}.jsonl")
+    write_records(path, post_process(name, records)[0])
+    written = read_jsonl(path)
+    assert written and all(isinstance(r["prompt"], list) for r in written)
+    answer = {"iter_dpo": "chosen", "kto": "completion", "exo": "completions"}[name]
+    first = written[0][answer][0] if name == "exo" else written[0][answer]
+    assert first == [{"role": "assistant", "content": first[0]["content"]}]  # TRL's conversational layout
+    train, _ = load_data(DataSpec(kind=kind, dataset=path, eval_split="", max_len=1024, apply_chat_template=True),
+                         tok, log=lambda *a: None)
+    r = ChatRenderer(tok)
+    assert sorted(e["prompt_ids"] for e in train) == sorted(r.prompt_ids(c["prompt"]) for c in written)
+    assert {tuple(e["prompt_ids"]) for e in train} == {tuple(r.prompt_ids(m)) for m in CHAT}
+    if name == "iter_dpo":  # best "3" vs worst "two", each one assistant turn after the prompt
+        p, (c, j), _ = r.encode(CHAT[0], [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "two"}]])
+        e = next(e for e in train if e["prompt_ids"] == p)
+        assert e["responses"] == [c, j]
+        # csft writes the reward into the last user turn (rs keeps the messages, answer as text)
+        assert csft(records[:1])[0]["input"] == [{"role": "user", "content": "what is 1+1? <rm_score>: -1.00 "}]
 
 
 class Recorder:
