@@ -9,11 +9,14 @@ scored completions into training data (XRIGHT's ``batch_inference``, same flags)
 ``generate`` writes one JSON line per completion, in input order: ``{"id", "prompt_id", "input", "output"}``
 (``id`` is the prompt's record id, ``<id>#<k>`` with ``--best_of_n`` K > 1; ``input`` is the raw prompt,
 which the trainers template again). ``generate_alpaca_eval`` writes AlpacaEval's JSON list of
-``{"instruction", "output", "generator"}``. ``rm`` reads ``input``/``output`` records and writes them with a
+``{"instruction", "output", "generator"}``. A conversational prompt (``input_key`` holding ``{role, content}``
+messages) is rendered by the chat template with its generation prompt, as the trainers encode it, and its
+``input`` stays the messages; an HH record (``chosen``/``rejected`` dialogues) is prompted with the dialogue
+through its last ``"\n\nAssistant:"``, untemplated. ``rm`` reads ``input``/``output`` records and writes them with a
 ``reward``, or, with ``--post_processor``, training records: ``rs``/``csft`` → SFT (``input``, ``output``),
 ``iter_dpo`` → pairwise (``prompt``, ``chosen``, ``rejected``), ``exo`` → scored (``prompt``,
 ``completions``, ``rewards``; ``train_exo --loss exo-rw``), ``kto`` → binary (``prompt``, ``completion``,
-``label``). Differences from XRIGHT: ``--input_template`` defaults to the trainers' template (XRIGHT: none)
+``label``); after message prompts the answers are ``[{"role": "assistant", "content": …}]`` (TRL's layout). Differences from XRIGHT: ``--input_template`` defaults to the trainers' template (XRIGHT: none)
 so that scores and samples see the prompts the policy was trained on; ``--seed`` defaults to 42, the
 trainers' seed, which also picks the built-in prompts.
 """
