@@ -405,7 +405,7 @@ def test_interactive_chat_streams_stops_at_every_eos_keeps_bos_and_exits(tmp_pat
             "--max_len", "24"]
     args = interactive_chat.parser().parse_args(argv)
     raw = DataSpec(kind="sft", input_template=None)
-    ids = encode_prompts([{"prompt": interactive_chat.render([], "w1 w2", tok, args), "raw_prompt": True}], tok, raw, 0)[0]
+    ids = encode_prompts([interactive_chat.render([], "w1 w2", tok, args)], tok, raw, 0)[0]
     model = xright.models.load_for_inference(path, vocab_size=len(tok))
     full = generate_batch(model, [ids], Sampling(max_new_tokens=16, greedy=True), eos_ids=tok.eos_token_id,
                           pad_id=tok.pad_token_id, seed=0)[0][0]
@@ -439,7 +439,7 @@ def test_interactive_chat_streams_stops_at_every_eos_keeps_bos_and_exits(tmp_pat
     assert len(during) >= 3 and answer.startswith("".join(during))
     # the 40-word message alone exceeds --max_len: cut from the left, its BOS kept
     assert prompts[1][0] == tok.bos_token_id and len(prompts[1]) == 23
-    assert prompts[1][1:] == tok(interactive_chat.render([], long, tok, args), add_special_tokens=False)["input_ids"][-22:]
+    assert prompts[1][1:] == tok(interactive_chat.render([], long, tok, args)["prompt"], add_special_tokens=False)["input_ids"][-22:]
 
 
 # ---- reward labelling -----------------------------------------------------------------------------------
@@ -735,14 +735,14 @@ def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof(capsys
         if user is None:
             history = []
             continue
-        text = interactive_chat.render(history, user, tok, args)
+        text = interactive_chat.render(history, user, tok, args)["prompt"]
         ids = tok(text, add_special_tokens=False)["input_ids"]
         out = generate_batch(model, [ids], Sampling(max_new_tokens=10, greedy=True, repetition_penalty=1.2),
                              eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)  # the chat's defaults
         expected.append(tok.decode(out[0][0], skip_special_tokens=True))
         history.append((user, expected[-1]))
     assert [answers[0], answers[1], answers[3]] == [e + "\n" for e in expected]
-    assert interactive_chat.render(history[:1], "x", tok, args) == (
+    assert interactive_chat.render(history[:1], "x", tok, args)["prompt"] == (
         f"User: hi\nAssistant: {expected[2]}\nUser: x\nAssistant: ")
 
 
@@ -779,3 +779,27 @@ def test_interactive_chat_exits_cleanly_on_ctrl_c():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert out == "\n"
+
+
+def test_interactive_chat_with_the_chat_template_prompts_with_the_trainers_ids(tmp_path, capsys):
+    import io
+
+    from xright.cli import interactive_chat
+    from xright.data.chat import ChatRenderer
+    from xright.models import load_for_inference
+
+    tok, path = chat_llama(tmp_path)  # the tokenizer adds BOS, the template writes none: no BOS
+    stdin = io.StringIO("what is 1+1?\nand 2+2?\n")
+    argv = ["--pretrain", path, "--apply_chat_template", "--greedy_sampling", "--max_new_tokens", "6"]
+    assert lifecycle.guarded(lambda: interactive_chat.main(argv, stdin=stdin)) == 0
+    answers = capsys.readouterr().out.split("quits\n", 1)[1].split("> ")[1:3]
+    model = load_for_inference(path, vocab_size=len(tok))
+    msgs, expected = [], []
+    for user in ("what is 1+1?", "and 2+2?"):
+        msgs.append({"role": "user", "content": user})
+        ids = ChatRenderer(tok).prompt_ids(msgs)
+        out = generate_batch(model, [ids], Sampling(max_new_tokens=6, greedy=True, repetition_penalty=1.2),
+                             eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)
+        expected.append(tok.decode(out[0][0], skip_special_tokens=True))
+        msgs.append({"role": "assistant", "content": expected[-1]})
+    assert answers == [e + "\n" for e in expected]

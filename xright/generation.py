@@ -16,9 +16,11 @@ Batching and sharding (why greedy output does not depend on the world size or Ze
     (a finished rank keeps stepping until all are done). Results are gathered to rank 0 in input order.
 
 Prompts
-    A prompt is the ``input_key`` field of a record (the built-in preference prompts without
-    ``--dataset``), rendered by :func:`xright.data.loading.prompt_text` exactly as the trainers
-    render it (``input_template`` / ``apply_chat_template``), and tokenised the same way. Output
+    A prompt is a record's prompt as :func:`xright.data.records.generation_prompt` reads it (the
+    ``input_key`` field, text or messages; an HH dialogue through its last ``"\n\nAssistant:"``), or
+    a built-in preference prompt without ``--dataset``, rendered and tokenised exactly as the trainers
+    do it (``input_template``; messages and ``apply_chat_template`` through
+    :class:`xright.data.chat.ChatRenderer`, the generation prompt included). Output
     records keep the raw prompt, so the trainers template it again in the same way. Prompts longer
     than ``prompt_max_len`` tokens keep their BOS and their last tokens (the end of a prompt holds
     the assistant cue). Each prompt's stable id is its record id (``file:line``; the n-th copy of a

@@ -63,16 +63,19 @@ class Streamer:
         self.text.end()
 
 
-def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble: str = "") -> str:
-    """The prompt text for ``user`` after the (user, assistant) turns of ``history``."""
+def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble: str = "") -> dict:
+    """The prompt record for ``user`` after the (user, assistant) turns of ``history``: with the chat template
+    the messages (encoded as the trainers encode a conversation's prompt), else the templated text."""
     if args.apply_chat_template:
         msgs = [m for u, a in history for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-        text = tokenizer.apply_chat_template(msgs + [{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        msgs += [{"role": "user", "content": user}]
+        if not preamble:
+            return {"prompt": msgs, "raw_prompt": False}
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     else:
         fmt = (lambda u: args.input_template.format(u)) if args.input_template else (lambda u: u)
         text = "".join(fmt(u) + a + "\n" for u, a in history) + fmt(user)
-    return preamble + text
+    return {"prompt": preamble + text, "raw_prompt": True}
 
 
 def main(argv=None, stdin=None):
@@ -119,7 +122,7 @@ def main(argv=None, stdin=None):
             if not user.strip():
                 continue
             while True:  # drop the oldest turns until the conversation leaves room to answer
-                prompt = [{"prompt": render(history, user, tokenizer, args, preamble), "raw_prompt": True}]
+                prompt = [render(history, user, tokenizer, args, preamble)]
                 ids = encode_prompts(prompt, tokenizer, raw, 0)[0]
                 room = args.max_len - len(ids)
                 if room >= min(args.max_new_tokens, 16) or not history:
