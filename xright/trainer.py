@@ -89,8 +89,12 @@ class Trainer:
         # loaders never lose a batch to a probe (DESIGN.md §2.3); another seed gives another order
         self.probe_loaders = {k: copy.copy(t.loader) for k, t in tasks.items()}  # same examples and layout
         for k, p in self.probe_loaders.items():
-            p.load_state_dict({"epoch": 0, "position": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
+            p.load_state_dict({"epoch": 0, "examples": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
         for name, t in tasks.items():
+            # the loader's epochs are cut at its global batch, which must be the step's
+            accum = getattr(t.loader, "accumulation", t.grad_accum)
+            if accum != t.grad_accum:
+                raise ValueError(f"{name}: the loader accumulates {accum} micro-batches per step, the task {t.grad_accum}")
             need, share = t.objective.min_micro_batch, len(t.eval_examples or []) // strategy.world_size
             if t.eval_examples and share < need:
                 strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples give each of the "
@@ -164,8 +168,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Every objective's loss on its eval set (global means over all eval units).
 
-        The eval set is cut to a multiple of the world size so every rank runs the same number of
-        forwards (ZeRO-3 gathers parameters collectively); at most W − 1 examples are left out.
+        Every eval example counts once whatever the world size: rank r takes examples r, r + W, …; a rank
+        with fewer batches than another repeats its first one and discards the result, so every rank runs
+        the same number of forwards (ZeRO-3 gathers parameters collectively).
         """
         module = self.engine.module
         module.eval()
@@ -175,20 +180,27 @@ class Trainer:
                 task = self.tasks[name]
                 if not task.eval_examples:
                     continue
-                W, r = self.s.world_size, self.s.rank
-                usable = task.eval_examples[: len(task.eval_examples) - len(task.eval_examples) % W]
-                if len(usable) // W < task.objective.min_micro_batch:  # too few per rank (warned at start)
+                W, r, need = self.s.world_size, self.s.rank, task.objective.min_micro_batch
+                if len(task.eval_examples) // W < need:  # too few per rank (warned at start)
                     continue
-                mine = usable[r::W]
+
+                def batches(rank):  # [start, end) of each batch of this rank's examples
+                    n = len(task.eval_examples[rank::W])
+                    starts = list(range(0, n, task.micro_batch_size))
+                    if len(starts) > 1 and n - starts[-1] < need:
+                        starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
+                    return [(i, starts[j + 1] if j + 1 < len(starts) else n) for j, i in enumerate(starts)]
+
+                mine, spans = task.eval_examples[r::W], batches(r)
+                rounds = max(len(batches(q)) for q in range(W))
                 sums: dict[str, torch.Tensor] = {}
                 units = torch.zeros((), device=self.s.device)
-                starts = list(range(0, len(mine), task.micro_batch_size))
-                if len(starts) > 1 and len(mine) - starts[-1] < task.objective.min_micro_batch:
-                    starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
-                for j, i in enumerate(starts):
-                    end = starts[j + 1] if j + 1 < len(starts) else len(mine)
+                for j in range(rounds):
+                    i, end = spans[j] if j < len(spans) else spans[0]
                     batch = self._to_device(task.loader.collate(mine[i:end]))  # the training layout
                     _, metrics = task.objective(self.engine, self.reference, batch)
+                    if j >= len(spans):
+                        continue  # a repeat that keeps the ranks' forwards in step
                     units += task.objective.units(batch).to(self.s.device)
                     for m, v in metrics.items():
                         sums[m] = sums.get(m, 0.0) + v
@@ -204,27 +216,36 @@ class Trainer:
 
     @torch.no_grad()
     def probe_losses(self) -> dict[str, float]:
-        """Each objective's loss on its next batch, without grad (MAXRIGHT's stale-loss refresh).
+        """Each objective's loss on its next global batch, without grad (MAXRIGHT's stale-loss refresh).
 
-        Each probe takes the next batch of the objective's probe loader (its own pass over the same
-        examples, saved with the checkpoint so a resume probes the same batches); no training batch is used.
+        Each probe takes the next optimizer step's worth of examples (all its micro-batches, every rank)
+        from the objective's probe loader (its own pass over the same examples, saved with the checkpoint
+        so a resume probes the same batches), so the probe is the same on any number of ranks; no
+        training batch is used.
         """
         out = {}
         for name in self.schedule.names:
             task = self.tasks[name]
-            batch = self._to_device(self.probe_loaders[name].next())
-            value, _ = task.objective(self.engine, self.reference, batch)
-            units = self.s.all_reduce(task.objective.units(batch).to(self.s.device))
-            out[name] = float(self.s.all_reduce(value.detach()) / units)
+            value = torch.zeros((), device=self.s.device)
+            units = torch.zeros((), device=self.s.device)
+            for _ in range(task.grad_accum):
+                batch = self._to_device(self.probe_loaders[name].next())
+                loss, _ = task.objective(self.engine, self.reference, batch)
+                value += loss.detach()
+                units += task.objective.units(batch).to(self.s.device)
+            reduced = self.s.all_reduce(torch.stack([value, units]))
+            out[name] = float(reduced[0] / reduced[1])
         return out
 
     # ---- exact resume ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything besides the engine that the next step depends on (identical on every rank)."""
+        """Everything besides the engine that the next step depends on (identical on every rank; loader
+        positions are global counts, so it means the same on any number of ranks)."""
         return {"step": self.step, "skipped_nonfinite": self.skipped, "schedule": self.schedule.state_dict(),
                 "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()},
-                "probe_loaders": {k: p.state_dict() for k, p in self.probe_loaders.items()}, **self.args.signature}
+                "probe_loaders": {k: p.state_dict() for k, p in self.probe_loaders.items()},
+                "world_size": self.s.world_size, **self.args.signature}
 
     def save_checkpoint(self) -> None:
         a = self.args
@@ -245,9 +266,20 @@ class Trainer:
         for k, t in self.tasks.items():
             t.loader.load_state_dict(state["loaders"][k])
             self.probe_loaders[k].load_state_dict(state["probe_loaders"][k])
-        _set_rng_state(state["ranks"][self.s.rank])
+        saved_world = len(state["ranks"])
+        if self.s.rank < saved_world:
+            _set_rng_state(state["ranks"][self.s.rank])
+        else:  # a rank the saving run did not have: a seed of its own (only dropout reads it)
+            seed = self.s.seed + 1_000_003 * self.s.rank + self.step
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
         self.logger.truncate(self.step)
-        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}")
+        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}" +
+                     (f" (saved by {saved_world} rank{'s' * (saved_world != 1)}, now {self.s.world_size}: loader "
+                      f"positions and schedule state are global; the RNG states of ranks 0–{min(saved_world, self.s.world_size) - 1} restored"
+                      + (f", ranks {saved_world}–{self.s.world_size - 1} seeded afresh" if self.s.world_size > saved_world else "")
+                      + ")" if saved_world != self.s.world_size else ""))
         return True
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -364,7 +396,7 @@ class Trainer:
                     t.loader.next()
         if self.step % self.args.steps_per_epoch == 0:
             for t in self.tasks.values():
-                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "position": 0,
+                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "examples": 0,
                                           "seed": t.loader.seed})
 
     def _nonfinite(self, reduced: dict, sums: dict) -> str | None:
