@@ -84,6 +84,8 @@ class Trainer:
         # debug: "STEP" makes every rank's loss NaN at that step, "STEP:RANK" only that rank's
         nan_at = os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", "0").split(":")
         self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
+        # debug: rank 0 sends itself SIGTERM after this step (a scheduler's pre-emption, inside a shared launch)
+        self._debug_sigterm_step = int(os.environ.get("XRIGHT_DEBUG_SIGTERM_AT_STEP", "0")) if strategy.rank == 0 else 0
         self._last_ids: dict[str, list] = {}
         # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
         # loaders never lose a batch to a probe (DESIGN.md §2.3); another seed gives another order
@@ -343,6 +345,8 @@ class Trainer:
             sums, units, tokens = self.train_step(plan)
             tokens_since += tokens  # on the device: no host sync outside logging steps
             self.step += 1
+            if self.step == self._debug_sigterm_step:
+                os.kill(os.getpid(), signal.SIGTERM)
             if args.equal_length:
                 self._advance_in_lockstep(plan)
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
