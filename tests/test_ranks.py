@@ -125,8 +125,8 @@ def steps(out):
 
 
 def evals(out):
-    return {(r["step"], k): v for r in metrics(out) if not r.get("final") for k, v in r.items()
-            if k.startswith("eval/") and k.endswith("/loss")}
+    """(step, metric) -> eval loss: the evaluation before step 1 and the final one."""
+    return {(r["step"], k): v for r in metrics(out) for k, v in r.items() if k.startswith("eval/") and k.endswith("/loss")}
 
 
 def assert_same(got: dict, want: dict, what: str):
