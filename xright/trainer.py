@@ -268,8 +268,8 @@ class Trainer:
         for k, t in self.tasks.items():
             t.loader.load_state_dict(state["loaders"][k])
             self.probe_loaders[k].load_state_dict(state["probe_loaders"][k])
-        saved_world = len(state["ranks"])
-        if self.s.rank < saved_world:
+        saved, W = len(state["ranks"]), self.s.world_size
+        if self.s.rank < saved:
             _set_rng_state(state["ranks"][self.s.rank])
         else:  # a rank the saving run did not have: a seed of its own (only dropout reads it)
             seed = self.s.seed + 1_000_003 * self.s.rank + self.step
@@ -277,11 +277,12 @@ class Trainer:
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
         self.logger.truncate(self.step)
-        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}" +
-                     (f" (saved by {saved_world} rank{'s' * (saved_world != 1)}, now {self.s.world_size}: loader "
-                      f"positions and schedule state are global; the RNG states of ranks 0–{min(saved_world, self.s.world_size) - 1} restored"
-                      + (f", ranks {saved_world}–{self.s.world_size - 1} seeded afresh" if self.s.world_size > saved_world else "")
-                      + ")" if saved_world != self.s.world_size else ""))
+        moved = ""
+        if saved != W:  # loader positions and schedule state are global: they need no conversion
+            moved = (f" (saved by {saved} rank{'s' * (saved != 1)}, now {W}: data positions and schedule state "
+                     f"taken as they are, RNG states of ranks 0–{min(saved, W) - 1} restored" +
+                     (f", ranks {saved}–{W - 1} seeded afresh)" if W > saved else ")"))
+        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}{moved}")
         return True
 
     def _on_sigterm(self, signum, frame) -> None:
