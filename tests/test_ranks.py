@@ -126,7 +126,8 @@ def steps(out):
 
 def evals(out):
     """(step, metric) -> eval loss: the evaluation before step 1 and the final one."""
-    return {(r["step"], k): v for r in metrics(out) for k, v in r.items() if k.startswith("eval/") and k.endswith("/loss")}
+    return {(r["step"], k): v for r in metrics(out) for k, v in r.items()
+            if k.startswith("eval/") and k.endswith("/loss")}
 
 
 def assert_same(got: dict, want: dict, what: str):
@@ -193,7 +194,8 @@ def test_two_nodes_train_as_one_node_of_two_ranks(runs):
 # ---- the global order itself, in process ---------------------------------------------------------------------
 
 def examples(n):
-    return [{"id": f"e{i}", "prompt_ids": [1] * (1 + i % 3), "response_ids": [2] * (1 + (7 * i) % 11)} for i in range(n)]
+    return [{"id": f"e{i}", "prompt_ids": [1] * (1 + i % 3), "response_ids": [2] * (1 + (7 * i) % 11)}
+            for i in range(n)]
 
 
 def step_ids(loaders, accumulation):

@@ -216,9 +216,10 @@ def test_checkpoint_from_other_model_batch_or_data_is_refused(tmp_path):
                                       "the same --train_batch_size") in batch.stderr, batch.stderr
     assert data.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
                                               r"data=\{'sft': '40 examples, ids sha256 \w+'\}", data.stderr), data.stderr
-    assert split.returncode == 2 and ("--train_batch_size 4 must be a positive multiple of sft micro batch size 3 × world "
-                                      "size 1 = 3 (each optimizer step splits its examples evenly over ranks and "
-                                      "micro-batches); with 1 rank a micro batch size of 1, 2, 4 would work") in split.stderr
+    assert split.returncode == 2 and (
+        "--train_batch_size 4 must be a positive multiple of sft micro batch size 3 × world size 1 = 3 (each optimizer "
+        "step splits its examples evenly over ranks and micro-batches); with 1 rank a micro batch size of 1, 2, 4 "
+        "would work") in split.stderr, split.stderr
     assert micro.returncode == 0 and f"resumed from {os.path.join(out, 'ckpt')}/global_step2 at step 2" in micro.stdout
 
 

@@ -169,7 +169,8 @@ def accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size:
             f"{what} {micro_batch_size} × world size {world_size} = {per_step} (each optimizer step splits its "
             f"examples evenly over ranks and micro-batches); with {world_size} rank{'s' * (world_size != 1)} a "
             f"micro batch size of {', '.join(map(str, micros)) or 'none'} would work" +
-            (f", with micro batch size {micro_batch_size} a world size of {', '.join(map(str, worlds))}" if worlds else ""))
+            (f", with micro batch size {micro_batch_size} a world size of {', '.join(map(str, worlds))}"
+             if worlds else ""))
     return train_batch_size // per_step
 
 

@@ -96,7 +96,8 @@ class Trainer:
             # the loader's epochs are cut at its global batch, which must be the step's
             accum = getattr(t.loader, "accumulation", t.grad_accum)
             if accum != t.grad_accum:
-                raise ValueError(f"{name}: the loader accumulates {accum} micro-batches per step, the task {t.grad_accum}")
+                raise ValueError(f"{name}: the loader accumulates {accum} micro-batches per step, the task "
+                                 f"{t.grad_accum}")
             need, share = t.objective.min_micro_batch, len(t.eval_examples or []) // strategy.world_size
             if t.eval_examples and share < need:
                 strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples give each of the "
