@@ -513,22 +513,40 @@ class Strategy:
 
     _universal: str | None = None  # the converted copy of the checkpoint to resume from (plan_resume)
 
-    def plan_resume(self, ckpt_dir: str) -> None:
-        """Before the engines are built: if the latest checkpoint of ``ckpt_dir`` was saved by another number of
-        ranks, convert its engine state (weights, optimizer, ZeRO-2 or ZeRO-3 shards) once into DeepSpeed's
-        universal format beside it (``<tag>_universal``; the original stays) and make the engine load that
-        (``checkpoint.load_universal`` in the DeepSpeed config). xright's own state needs no conversion:
-        its loader positions and schedule state are global counts."""
+    def _latest(self, ckpt_dir: str, expect: dict) -> tuple[str, dict] | None:
+        """The latest checkpoint's tag and xright state, once it agrees with ``expect``; None if there is none."""
         pointer = os.path.join(ckpt_dir, "latest")
         if not os.path.exists(pointer):
-            return
+            return None
         with open(pointer) as f:
             tag = f.read().strip()
+        path = os.path.join(ckpt_dir, tag, "xright_state.json")
         try:
-            with open(os.path.join(ckpt_dir, tag, "xright_state.json")) as f:
-                saved = len(json.load(f)["ranks"])
-        except (OSError, ValueError, KeyError):
-            return  # load_checkpoint reports it
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} is unreadable ({e}); "
+                              "remove it or point --ckpt_path elsewhere") from e
+        for key, value in expect.items():
+            if state.get(key) != value:
+                hint = ("its loader positions count optimizer steps of that many examples: resume with the same "
+                        "--train_batch_size (any number of ranks and micro batch size that divides it works)"
+                        if key == "examples_per_step" else "resume with the same settings")
+                raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {key}={state.get(key)!r} but this "
+                                  f"run has {key}={value!r}; {hint} or use a new --ckpt_path")
+        return tag, state
+
+    def plan_resume(self, ckpt_dir: str, expect: dict) -> None:
+        """Before the engines are built: if the latest checkpoint of ``ckpt_dir`` (checked against ``expect``) was
+        saved by another number of ranks, convert its engine state (weights, optimizer, ZeRO-2 or ZeRO-3 shards)
+        once into DeepSpeed's universal format beside it (``<tag>_universal``; the original stays) and make the
+        engine load that (``checkpoint.load_universal`` in the DeepSpeed config). xright's own state needs no
+        conversion: its loader positions and schedule state are global counts."""
+        latest = self._latest(ckpt_dir, expect)
+        if latest is None:
+            return
+        tag, state = latest
+        saved = len(state["ranks"])
         if saved == self.world_size:
             return
         universal = f"{tag}_universal"
@@ -558,25 +576,10 @@ class Strategy:
         a mismatch is a clear error before DeepSpeed tries to load incompatible shards. A checkpoint of
         another world size loads from the universal copy :meth:`plan_resume` made.
         """
-        pointer = os.path.join(ckpt_dir, "latest")
-        if not os.path.exists(pointer):
+        latest = self._latest(ckpt_dir, expect)
+        if latest is None:
             return None
-        with open(pointer) as f:
-            tag = f.read().strip()
-        path = os.path.join(ckpt_dir, tag, "xright_state.json")
-        try:
-            with open(path) as f:
-                state = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} is unreadable ({e}); "
-                              "remove it or point --ckpt_path elsewhere") from e
-        for key, value in expect.items():
-            if state.get(key) != value:
-                hint = ("its loader positions count optimizer steps of that many examples: resume with the same "
-                        "--train_batch_size (any number of ranks and micro batch size that divides it works)"
-                        if key == "examples_per_step" else "resume with the same settings")
-                raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {key}={state.get(key)!r} but this "
-                                  f"run has {key}={value!r}; {hint} or use a new --ckpt_path")
+        tag, state = latest
         if len(state["ranks"]) != self.world_size and self._universal != f"{tag}_universal":
             raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was saved by {len(state['ranks'])} ranks and "
                               f"this run has {self.world_size}, but it was not converted before the engine was built")

@@ -497,7 +497,7 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str 
         scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
         if args.lr_scheduler == "cosine_with_min_lr" else None)
     if args.load_checkpoint:  # another world size: convert to a universal checkpoint before the engine exists
-        strategy.plan_resume(args.ckpt_path)
+        strategy.plan_resume(args.ckpt_path, signature)
     engine = strategy.prepare(model, optimizer, scheduler)
 
     reference = None
