@@ -40,7 +40,7 @@ def plain_loop(model, tok, ids, max_new_tokens, use_cache):
 
 def batched(model, tok, ids, max_new_tokens, mb):
     start = time.perf_counter()
-    out = generate(model, ids, Sampling(max_new_tokens=max_new_tokens, greedy=True), mb, eos_id=tok.eos_token_id,
+    out = generate(model, ids, Sampling(max_new_tokens=max_new_tokens, greedy=True), mb, eos_ids=tok.eos_token_id,
                    pad_id=tok.pad_token_id)
     wall = time.perf_counter() - start
     return sum(len(c) + (len(c) < max_new_tokens) for cs in out.values() for c in cs) / wall

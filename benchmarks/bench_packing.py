@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from xright.data import CyclingLoader, DataSpec, load_data  # noqa: E402
 from xright.logprobs import num_tokens  # noqa: E402
-from xright.models import attn_implementation, tiny_config, tiny_tokenizer  # noqa: E402
+from xright.models import register_varlen_attention, tiny_config, tiny_tokenizer  # noqa: E402
 from xright.objectives import SFT, Pairwise, Reference  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -63,7 +63,7 @@ def build_model(name: str, packing: bool, seed: int = 0):
     cfg = tiny_config()
     if name == "neox3m":
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size = 256, 4, 4, 1024
-    cfg._attn_implementation = attn_implementation(False, packing)
+    cfg._attn_implementation = register_varlen_attention() if packing else "sdpa"
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(cfg)
 

@@ -47,7 +47,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from xright.cli import common, joint  # noqa: E402
+from xright.cli import common, flags, joint, lifecycle  # noqa: E402
 from xright.objectives import SFT  # noqa: E402
 from xright.schedules import Alright, Maxright, Mix, Schedule, Sequential, Single, paper_weights  # noqa: E402
 
@@ -344,15 +344,14 @@ def main():
     argv = [*defaults, *rest, "--save_path", mine.save_path, "--max_steps", str(total), "--logging_steps", "1",
             "--eval_steps", str(10 * total)]
     jp = joint.parser(__doc__, "alright")
-    args = common.parse(jp, argv)
+    args = flags.parse(jp, argv)
     args.batch_meaning = "examples"  # the recorded commands count --train_batch_size in examples (OpenRLHF)
     for k, v in vars(mine).items():
         setattr(args, k, v)
-    args.ref_pareto, args.stop_at_optimum = {}, False
     specs = [
-        common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
+        common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", "sft_", name="sft"),
                              args.sft_micro_train_batch_size, args.sft_opt),
-        common.ObjectiveSpec(PREF, joint.pair_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+        common.ObjectiveSpec(PREF, flags.build_objective(args), flags.data_spec(args, "pairwise", "rlhf_", name=PREF),
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -378,4 +377,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

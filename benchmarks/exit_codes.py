@@ -1,6 +1,6 @@
 """Repeat 2-rank launches and count their exit codes (issue: a finished run must exit 0).
 
-Before the ordered teardown in ``xright.cli.common.shutdown``, about one launch in a suite's ~80
+Before the ordered teardown in ``xright.cli.lifecycle.shutdown``, about one launch in a suite's ~80
 died after saving with "terminate called without an active exception" (SIGABRT on one rank,
 launcher exit 250): gloo threads still running when the interpreter finalised. This script is the
 reproduction loop, kept to show it stays fixed:

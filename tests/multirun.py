@@ -3,7 +3,7 @@
 A launch costs about 9 s before a run's first step on this machine (the launcher's two Python processes,
 each rank's imports and its shared-memory comm op), more than most test runs train. Tests that need
 several runs of the same world size put them in one plan (``launch.run_many``): each run is the CLI's own
-``main(argv)`` under ``common.guarded``, so it parses, validates, trains, saves and decides its exit code
+``main(argv)`` under ``lifecycle.guarded``, so it parses, validates, trains, saves and decides its exit code
 as on its own; between runs the engines are destroyed (hooks, ZeRO state) and the process group is kept
 (one rendezvous per launch). Each rank writes each run's stdout/stderr to its own files (fd-level, so
 DeepSpeed's and tqdm's output land there too) and the codes to ``codes.rank<r>.json``.
@@ -31,7 +31,7 @@ def main() -> None:
     plan_path = next(a for a in sys.argv[1:] if not a.startswith("--"))  # the launcher may add --local_rank
     with open(plan_path) as f:
         plan = json.load(f)
-    from xright.cli import common
+    from xright.cli import lifecycle
     from xright.strategy import close_process_group, release_engines
 
     rank = int(os.environ.get("RANK", "0"))
@@ -45,7 +45,7 @@ def main() -> None:
         out, err = _redirect(base + ".out", 1), _redirect(base + ".err", 2)
         try:
             cli = importlib.import_module(f"xright.cli.{run['module']}")
-            codes.append(common.guarded(lambda: cli.main(run["args"])))
+            codes.append(lifecycle.guarded(lambda: cli.main(run["args"])))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

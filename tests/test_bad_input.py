@@ -41,6 +41,7 @@ CASES = {
     "empty after filtering": (lambda t: ["--dataset", sft_file(t, json.dumps({"input": "x", "output": "y"})),
                                          "--max_len", "4", "--truncation", "drop"], ["sft.jsonl", "no usable sft records"]),
     "save_path not writable": (lambda t: ["--save_path", "/proc/xright-run"], ["--save_path", "/proc/xright-run"]),
+    "negative chunk size": (lambda t: ["--logprob_chunk_size", "-1"], ["--logprob_chunk_size -1: must be >= 0"]),
 }
 
 
@@ -65,11 +66,11 @@ def run_train_sft(args, capsys, subprocess_run):
     if subprocess_run:
         proc = run_cli("train_sft", args, nproc=1, check=False)
         return proc.returncode, proc.stdout + proc.stderr
-    from xright.cli import common, train_sft
+    from xright.cli import lifecycle, train_sft
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.main_guard(lambda: train_sft.main(args))
+        lifecycle.main_guard(lambda: train_sft.main(args))
     out = capsys.readouterr()
     return e.value.code, out.out + out.err
 
@@ -108,14 +109,14 @@ def test_skip_bad_records_counts_and_trains(tmp_path):
 def test_scored_records_with_different_k_stop_before_training(tmp_path, capsys):
     """In-process (world size 1): EXO data whose records have different K stops at load with the file,
     line and field, instead of crashing at the first mixed micro-batch."""
-    from xright.cli import common, train_exo
+    from xright.cli import lifecycle, train_exo
 
     recs = [{"prompt": f"q{i}", "completions": ["a", "b"], "rewards": [1, 0]} for i in range(6)]
     recs[4] = {"prompt": "q4", "completions": ["a", "b", "c"], "rewards": [1, 0, 2]}
     path = jsonl(tmp_path / "scored.jsonl", [json.dumps(r) for r in recs])
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        common.main_guard(lambda: train_exo.main(["--loss", "exo-rw", "--dataset", path, *SMALL,
+        lifecycle.main_guard(lambda: train_exo.main(["--loss", "exo-rw", "--dataset", path, *SMALL,
                                                   "--save_path", str(out)]))
     err = capsys.readouterr().err
     assert e.value.code == 2

@@ -99,6 +99,7 @@ def runs(tmp_path_factory):
                                  "--micro_train_batch_size", "2", "--learning_rate", "1e-3", "--lr_scheduler",
                                  "constant", "--max_samples", "64", "--max_steps", "8", "--eval_steps", "1000"]),
         "kto": ("train_kto", kto),
+        "kto-full-logits": ("train_kto", [*kto, "--logprob_chunk_size", "0"]),  # vs the default chunked head
         "exo": ("train_exo", [*FIXED, "--loss", "exo-pref", "--beta", "0.1"]),
         "exo-rw": ("train_exo", exo_rw),
         # a reference model would be loaded from --ref_pretrain and fail: SimPO must load none
@@ -239,6 +240,16 @@ def test_kto_trains_and_two_ranks_equal_one_process(runs):
     assert one_final == pytest.approx(kto_eval(one, data, one_process), rel=1e-4)
     # KTO's z pairs records within a micro-batch: its eval depends on the batching (the one exception)
     assert abs(kto_eval(out, data, two_ranks) - kto_eval(out, data, one_process)) > 1e-4
+
+
+def test_chunked_head_logs_the_full_logits_losses(runs):
+    """ZeRO-3, 2 ranks, KTO (policy, its KL rows, a ZeRO-3 reference): the default chunked output head gathers the
+    partitioned head weight and logs every step's and eval's numbers of --logprob_chunk_size 0."""
+    (chunked, proc), (full, _) = runs("kto"), runs("kto-full-logits")
+    assert "full [tokens, vocab] path" not in proc.stdout
+    steps_equal(chunked, full, "kto", ("loss", "kl", "reward"), evals=False)
+    ev = lambda out: [r["eval/kto/loss"] for r in metrics(out) if "eval/kto/loss" in r]  # noqa: E731
+    assert len(ev(chunked)) >= 2 and ev(chunked) == pytest.approx(ev(full), rel=2e-5, abs=1e-6)
 
 
 def test_exo_pref_trains_and_two_ranks_equal_one_process(runs):

@@ -976,6 +976,36 @@ def test_disk_cache_one_builder_while_others_wait(tmp_path, tok, monkeypatch):
     assert [list(results[r]) for r in range(3)] == [list(results[0])] * 3 and len(results[0]) == 40
 
 
+def test_disk_cache_removes_the_copies_of_killed_builds_only(tmp_path, tok):
+    """A build killed with SIGKILL leaves its <root>.tmp-<pid>-<tid> copy; the next load removes it, and
+    another root's stale copy, but never the copy of a build that is running (it holds the root's lock)."""
+    import fcntl
+    import subprocess
+
+    from xright.data import store
+
+    path = write(tmp_path / "d.jsonl", pairs(8))
+    s = spec(dataset=path, cache_dir=str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen(["true"])  # a pid whose process is gone
+    dead.wait()
+    root = cache / f"{s.name}-{store.fingerprint(s, tok)}"
+    copies = {"mine": Path(f"{root}.tmp-{dead.pid}-1"), "other": cache / f"dpo-00ff.tmp-{dead.pid}-7",
+              "live": cache / f"sft-0a0a.tmp-{os.getpid()}-3"}
+    for d in copies.values():
+        (d / "train").mkdir(parents=True)
+        (d / "train" / "data-00000-of-00001.arrow").write_bytes(b"x" * 1000)
+    with open(cache / "sft-0a0a.lock", "a") as held:  # a builder of sft-0a0a at work
+        fcntl.flock(held, fcntl.LOCK_EX)
+        train, _ = load_data(s, tok, log=Log())
+        assert len(train) == 8
+        assert {k: d.exists() for k, d in copies.items()} == {"mine": False, "other": False, "live": True}
+    load_data(s, tok, log=Log())  # that builder died: the lock is free, its copy goes at the next load
+    assert not copies["live"].exists()
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [root.name]
+
+
 def test_disk_cache_keeps_bad_record_errors_and_counts(tmp_path, tok):
     path = write_lines(tmp_path / "bad.jsonl", pairs(6) + [{"prompt": "a", "chosen": None, "rejected": "c"}])
     cache = str(tmp_path / "cache")

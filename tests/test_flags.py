@@ -191,13 +191,14 @@ def test_sft_optimizer_betas_and_weight_decay(sft_run):
 
 def test_sft_lr_warmup_and_min_lr(sft_run):
     _, records, _ = sft_run
-    # cosine_with_min_lr over 4 steps, ceil(4 × 0.5) = 2 warmup steps, floor 0.2 × 1e-3; logged after each step
+    # cosine_with_min_lr over 4 steps, ceil(4 × 0.5) = 2 warmup steps, floor 0.2 × 1e-3; step k logs the rate it
+    # applied, lr(k − 1) (the scheduler steps after the optimizer)
     def lr(k):
         if k < 2:
             return 1e-3 * k / 2
         progress = (k - 2) / (4 - 2)
         return 1e-3 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * progress)))
-    assert [r["lr"] for r in records] == pytest.approx([lr(k) for k in range(1, 5)], rel=1e-6)
+    assert [r["lr"] for r in records] == pytest.approx([lr(k) for k in range(0, 4)], rel=1e-6)
 
 
 def test_sft_tensorboard_event_file_holds_the_logged_losses(sft_run):

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from launch import ROOT, env, metrics, run_many, train_records
-from xright.cli import batch_inference, common
+from xright.cli import batch_inference, lifecycle
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
-from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, gather_ordered, generate, kto,
-                               plan_batches, post_process, rank_batches, read_prompts, rs, win_rate)
+from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, eos_ids, gather_ordered, generate,
+                               generate_batch, kto, plan_batches, post_process, rank_batches, read_prompts, rs,
+                               score, win_rate)
 from xright.models import load_model, load_tokenizer
 
 GEN = ["--eval_task", "generate", "--max_samples", "18", "--max_new_tokens", "20", "--micro_batch_size", "4"]
@@ -73,7 +74,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     ids = encode_prompts(recs, tok, DataSpec(kind="sft"), 1024)
     assert len({len(x) for x in ids}) > 1  # really padded
     s = Sampling(max_new_tokens=12, greedy=True)
-    batched = gather_ordered(generate(model, ids, s, 4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id), len(ids),
+    batched = gather_ordered(generate(model, ids, s, 4, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id), len(ids),
                              lambda x: [x])
     for x, got in zip(ids, batched):
         out = model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
@@ -98,6 +99,9 @@ def test_sharding_plan_and_eos_cut():
     assert rank_batches(batches, 0, 2, synced=True) == [(0, [3, 1], True), (2, [2], True)]
     assert cut_at_eos([7, 8, 2, 9], 2) == ([7, 8], True)
     assert cut_at_eos([7, 8], 2) == ([7, 8], False)
+    assert cut_at_eos([7, 8, 2, 9], [9, 8]) == ([7], True)
+    # nothing to compute (every answer left out): no calls on any rank, even in step (ZeRO-3)
+    assert rank_batches([], 0, 2, synced=True) == rank_batches([], 1, 2, synced=True) == []
     with pytest.raises(RuntimeError, match="1 of 3 inputs missing"):
         gather_ordered({0: "a", 2: "c"}, 3, lambda x: [x])
 
@@ -128,7 +132,7 @@ def test_vllm_missing_is_one_clear_line(tmp_path, capsys):
     if __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm installed")
     with pytest.raises(SystemExit) as exit_:
-        common.main_guard(lambda: batch_inference.main(["--eval_task", "generate_vllm", "--output_path",
+        lifecycle.main_guard(lambda: batch_inference.main(["--eval_task", "generate_vllm", "--output_path",
                                                         str(tmp_path / "o")]))
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -145,6 +149,209 @@ def test_alpaca_eval_format(tmp_path):
     assert [set(r) for r in rows] == [{"instruction", "output", "generator"}] * 3
     assert rows[0]["generator"] == "tiny-sft"
     assert [r["instruction"] for r in rows] == [p["prompt"] for p in read_prompts(DataSpec(kind="sft", max_samples=3))]
+
+
+# ---- stopping at every eos id, BOS kept, --iter, oversampled sources (issue 16) ---------------------------
+
+def tiny_family(family: str, vocab_size: int = 259, seed: int = 0):
+    """A random-weight model of ``family`` from transformers' config class (large init: varied greedy output)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              initializer_range=0.5, max_position_embeddings=256)
+    if family != "gpt_neox":
+        kw["num_key_value_heads"] = 2
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+
+
+def first_seen(seq: list[int], start: int = 2) -> list[tuple[int, int]]:
+    """(position, token) for the tokens of ``seq`` that occur there for the first time, from ``start`` on."""
+    return [(i, t) for i, t in enumerate(seq) if i >= start and t not in seq[:i]]
+
+
+class Tok:  # what eos_ids reads of a tokenizer
+    def __init__(self, eos):
+        self.eos_token_id = eos
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+def test_generation_stops_at_every_eos_id_of_the_generation_config(family):
+    model = tiny_family(family)
+    prompts, s = [[10, 20, 30, 40, 50], [60, 70]], Sampling(max_new_tokens=12, greedy=True)
+    model.generation_config.eos_token_id = None
+    full = [c[0] for c in generate_batch(model, prompts, s, eos_ids=258, pad_id=256, seed=0)]
+    assert [len(c) for c in full] == [12, 12]  # 258 never comes: the whole greedy continuations
+    # a stops prompt 0 at step i, b stops prompt 1 at step j; neither occurs earlier in the other
+    i, a, j, b = next((i, a, j, b) for i, a in first_seen(full[0]) for j, b in first_seen(full[1])
+                      if a != b and b not in full[0][:i] and a not in full[1][:j])
+    want = [[full[0][:i]], [full[1][:j]]]
+    model.generation_config.eos_token_id = [255, a, b]  # a list (Llama-3-Instruct) ...
+    assert eos_ids(Tok(258), model) == [258, 255, a, b]
+    steps = [0]
+    hook = model.register_forward_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    assert generate_batch(model, prompts, s, eos_ids=eos_ids(Tok(258), model), pad_id=256, seed=0) == want
+    hook.remove()
+    assert steps[0] == max(i, j) + 1  # generation stopped there (not only the output cut)
+    model.generation_config.eos_token_id = b  # ... or an int, beside the tokenizer's own eos
+    assert eos_ids(Tok(a), model) == [a, b]
+    assert generate_batch(model, prompts, s, eos_ids=eos_ids(Tok(a), model), pad_id=256, seed=0) == want
+
+
+def byte_tokenizer_with_bos():
+    """The built-in byte-level vocabulary + pad, eos, and a BOS every encoded text starts with (as Llama's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for t in ("<pad>", "</s>", "<s>"):
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def word_tokenizer_with_bos():
+    """Words w0…w59 (decoded joined by spaces, so a streamer prints word by word), pad, eos and BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<pad>": 1, "</s>": 2, "<s>": 3, **{f"w{i}": 4 + i for i in range(60)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>",
+                                   bos_token="<s>")
+
+
+def save_llama(path, tok) -> str:
+    """A random-weight Llama saved with ``tok``: a model dir as the CLIs load it."""
+    model = tiny_family("llama", vocab_size=len(tok))
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = \
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def declare_eos(path, ids: list[int]) -> None:
+    """Set the saved generation config's eos ids (as Llama-3-Instruct lists several)."""
+    file = os.path.join(path, "generation_config.json")
+    config = json.load(open(file))
+    config["eos_token_id"] = ids
+    json.dump(config, open(file, "w"))
+
+
+def test_left_truncation_keeps_the_bos_token():
+    tok = byte_tokenizer_with_bos()
+    bos = tok.bos_token_id
+    assert tok("ab")["input_ids"] == [bos, *tok("ab", add_special_tokens=False)["input_ids"]]
+    spec = DataSpec(kind="sft", input_template="User: {}\nAssistant: ")
+    recs = [{"prompt": "a long question " * 4, "raw_prompt": False}, {"prompt": "hi", "raw_prompt": False}]
+    full = encode_prompts(recs, tok, spec, 0)
+    assert full[0][0] == bos and len(full[0]) > 24 and len(full[1]) < 24
+    cut = encode_prompts(recs, tok, spec, 24)
+    assert cut == [[bos] + full[0][-23:], full[1]]  # BOS, then the end of the text (the assistant cue)
+    # a text that starts with the BOS text itself (a chat template that writes it) keeps that one BOS
+    raw = [{"prompt": "<s>" + "x" * 30, "raw_prompt": True}]
+    assert encode_prompts(raw, tok, spec, 10) == [[bos] + tok("x" * 9, add_special_tokens=False)["input_ids"]]
+
+
+def test_batch_inference_stops_at_the_generation_configs_eos(tmp_path):
+    from xright.models import load_for_inference
+
+    tok = byte_tokenizer_with_bos()
+    path = save_llama(tmp_path / "llama", tok)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"input": q}) + "\n" for q in ("what is 1+1?", "name a colour " * 5)))
+    argv = ["--eval_task", "generate", "--pretrain", path, "--dataset", str(data), "--greedy_sampling",
+            "--max_new_tokens", "16", "--prompt_max_len", "24"]
+    spec = batch_inference.data_spec(batch_inference.parser().parse_args([*argv, "--output_path", "x"]))
+    ids = encode_prompts(read_prompts(spec), tok, spec, 24)
+    assert ids[1][0] == tok.bos_token_id and len(ids[1]) == 24  # the long prompt was cut and kept its BOS
+    model = load_for_inference(path, vocab_size=len(tok))
+    full = gather_ordered(generate(model, ids, Sampling(max_new_tokens=16, greedy=True), 16, eos_ids=tok.eos_token_id,
+                                   pad_id=tok.pad_token_id), 2, lambda x: [x])
+    full = [c[0] for c in full]
+    i, x = first_seen(full[0])[0]
+    declare_eos(path, [tok.eos_token_id, x])
+    out = infer(tmp_path, "o.jsonl", *argv)
+    want = [cut_at_eos(c, [tok.eos_token_id, x])[0] for c in full]
+    assert len(want[0]) == i < 16  # prompt 0's answer ends at x
+    assert [r["output"] for r in out] == [tok.decode(w, skip_special_tokens=True) for w in want]
+
+
+class Recorder:
+    """A stdout that remembers each write with the number of model forwards run before it."""
+
+    def __init__(self, forwards):
+        self.forwards, self.writes = forwards, []
+
+    def write(self, text):
+        if text:
+            self.writes.append((text, self.forwards[0]))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(t for t, _ in self.writes)
+
+
+def test_interactive_chat_streams_stops_at_every_eos_keeps_bos_and_exits(tmp_path, monkeypatch):
+    import io
+
+    import xright.generation
+    import xright.models
+    from xright.cli import interactive_chat
+
+    tok = word_tokenizer_with_bos()
+    path = save_llama(tmp_path / "llama", tok)
+    argv = ["--pretrain", path, "--greedy_sampling", "--max_new_tokens", "16", "--repetition_penalty", "1.0",
+            "--max_len", "24"]
+    args = interactive_chat.parser().parse_args(argv)
+    raw = DataSpec(kind="sft", input_template=None)
+    ids = encode_prompts([{"prompt": interactive_chat.render([], "w1 w2", tok, args), "raw_prompt": True}], tok, raw, 0)[0]
+    model = xright.models.load_for_inference(path, vocab_size=len(tok))
+    full = generate_batch(model, [ids], Sampling(max_new_tokens=16, greedy=True), eos_ids=tok.eos_token_id,
+                          pad_id=tok.pad_token_id, seed=0)[0][0]
+    i, x = first_seen(full, 4)[0]
+    declare_eos(path, [tok.eos_token_id, x])
+    answer = tok.decode(full[:i], skip_special_tokens=True)
+
+    forwards, prompts = [0], []
+    load = xright.models.load_for_inference
+
+    def counted(*a, **k):  # the chat's model, counting its forwards
+        m = load(*a, **k)
+        m.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        return m
+    monkeypatch.setattr(xright.models, "load_for_inference", counted)
+    gen = xright.generation.generate_batch
+    monkeypatch.setattr(xright.generation, "generate_batch", lambda m, p, *a, **k: prompts.append(p[0]) or gen(m, p, *a, **k))
+    out = Recorder(forwards)
+    monkeypatch.setattr(sys, "stdout", out)
+    long = " ".join(f"w{k % 60}" for k in range(40))
+    stdin = io.StringIO(f"w1 w2\n{long}\nexit\nw3\n")
+    assert lifecycle.guarded(lambda: interactive_chat.main(argv, stdin=stdin)) == 0
+    assert stdin.read() == "w3\n"  # `exit` ended the session: the next line is never read
+    turns = out.text.split("quits\n", 1)[1].split("> ")
+    assert len(turns) == 4 and turns[0] == "" and turns[3] == ""
+    assert turns[1] == answer + "\n"  # stopped at x (the generation config's eos), and x is not printed
+    assert forwards[0] >= i + 1
+    # streamed: the answer's words were printed one by one while the model was still generating
+    first = next(k for k, (t, _) in enumerate(out.writes) if t == "> ") + 1
+    during = [t for t, n in out.writes[first:] if n < i]
+    assert len(during) >= 3 and answer.startswith("".join(during))
+    # the 40-word message alone exceeds --max_len: cut from the left, its BOS kept
+    assert prompts[1][0] == tok.bos_token_id and len(prompts[1]) == 23
+    assert prompts[1][1:] == tok(interactive_chat.render([], long, tok, args), add_special_tokens=False)["input_ids"][-22:]
 
 
 # ---- reward labelling -----------------------------------------------------------------------------------
@@ -203,6 +410,22 @@ def test_rm_scores_equal_train_rm_evaluation(rm_run, tmp_path):
                                                         abs=1e-5)
 
 
+def test_lora_reward_model_normalises_with_the_statistics_train_rm_saved(rm_run, tmp_path):
+    from xright.cli import train_rm
+
+    _, pairs = rm_run
+    out = str(tmp_path / "lora_rm")
+    inprocess(train_rm.main, ["--save_path", out, "--max_samples", "16", "--max_steps", "2", "--micro_train_batch_size",
+                              "4", "--train_batch_size", "8", "--zero_stage", "0", "--lora_rank", "4", "--lora_alpha",
+                              "8", "--learning_rate", "1e-3", "--lr_scheduler", "constant"])
+    assert not os.path.exists(os.path.join(out, "config.json"))  # a LoRA save: no config to hold the statistics
+    stats = json.load(open(os.path.join(out, "reward_stats.json")))
+    raw = infer(tmp_path, "raw.jsonl", "--eval_task", "rm", "--pretrain", out, "--dataset", pairs)
+    norm = infer(tmp_path, "norm.jsonl", "--eval_task", "rm", "--pretrain", out, "--dataset", pairs, "--normalize_reward")
+    assert [n["reward"] for n in norm] == pytest.approx([(r["reward"] - stats["mean"]) / stats["std"] for r in raw],
+                                                        abs=1e-5)
+
+
 def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, two_rank, tmp_path):
     rm, pairs = rm_run
     two = two_rank["exo"]
@@ -223,6 +446,70 @@ def test_two_rank_zero3_exo_labels_train_exo_rw(rm_run, two_rank, tmp_path):
     losses = [r["train/exo-rw/loss"] for r in train_records(out)]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.02, losses
+
+
+def prompt_file(path, name, n):
+    path.write_text("".join(json.dumps({"input": f"{name} question {k}"}) + "\n" for k in range(n)))
+    return str(path)
+
+
+def test_iter_slices_partition_one_blend_and_respect_max_samples(tmp_path):
+    a, b = prompt_file(tmp_path / "a.jsonl", "a", 30), prompt_file(tmp_path / "b.jsonl", "b", 30)
+    blend = [*GEN[:1], "generate", "--dataset", f"{a},{b}", "--dataset_probs", "0.5,0.5", "--max_new_tokens", "1",
+             "--rollout_batch_size", "10"]
+    order = read_prompts(batch_inference.data_spec(batch_inference.parser().parse_args([*blend, "--output_path", "x"])))
+    assert len(order) == 60
+    got = [r for it in range(3) for r in infer(tmp_path, f"i{it}.jsonl", *blend, "--iter", str(it))]
+    assert [r["id"] for r in got] == [r["id"] for r in order[:30]]  # three slices of one order: 30 distinct prompts
+    assert len({r["input"] for r in got}) == 30
+    # --max_samples bounds the blend the slices cut: 25 prompts are 10 + 10 + 5, and a 4th slice is an error
+    capped = [*blend, "--max_samples", "25"]
+    got = [r for it in range(3) for r in infer(tmp_path, f"c{it}.jsonl", *capped, "--iter", str(it))]
+    spec = batch_inference.data_spec(batch_inference.parser().parse_args([*capped, "--output_path", "x"]))
+    assert [r["id"] for r in got] == [r["id"] for r in read_prompts(spec)] and len(got) == 25
+    with pytest.raises(DataError, match=r"no prompts from index 30: the blend has 25 \(max_samples 25\)"):
+        infer(tmp_path, "c3.jsonl", *capped, "--iter", "3")
+
+
+def test_copies_of_an_oversampled_source_get_distinct_ids(rm_run, tmp_path):
+    from xright.cli.eval_winrate import aligned
+    from xright.generation import read_answers
+
+    rm, _ = rm_run
+    a, b = prompt_file(tmp_path / "a.jsonl", "a", 3), prompt_file(tmp_path / "b.jsonl", "b", 30)
+    # 33 prompts at 0.5/0.5: 17 from a's 3 records, so each of them comes 5 or 6 times
+    gen = infer(tmp_path, "g.jsonl", "--eval_task", "generate", "--dataset", f"{a},{b}", "--dataset_probs", "0.5,0.5",
+                "--max_new_tokens", "2", "--greedy_sampling")
+    ids = [r["id"] for r in gen]
+    assert len(ids) == 33 and len(set(ids)) == 33 and [r["prompt_id"] for r in gen] == ids
+    copies = sorted(i for i in ids if i.startswith("a.jsonl:1"))
+    assert copies[0] == "a.jsonl:1" and {c.split("~")[1] for c in copies[1:]} == {str(n) for n in range(2, len(copies) + 1)}
+    spec = DataSpec(kind="sft", dataset=str(tmp_path / "g.jsonl"), max_samples=10**8)
+    assert aligned({"g": "g.jsonl"}, {"g": read_answers(spec)}) == ids  # the judge takes the file
+    # scoring an oversampled answers file (2 answers per prompt): each copy of a prompt keeps its own group
+    for name, n in (("k2", 2), ("other", 4)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": f"{name}{p}#{k}", "prompt_id": f"{name}{p}", "input": f"q{p}",
+                                     "output": f"answer {k}"}) + "\n" for p in range(n) for k in range(2))
+    scored_ = infer(tmp_path, "s.jsonl", "--eval_task", "rm", "--pretrain", rm, "--dataset",
+                    f"{tmp_path / 'k2.jsonl'},{tmp_path / 'other.jsonl'}", "--dataset_probs", "0.6,0.4")
+    k2 = [r for r in scored_ if r["id"].startswith("k2")]
+    assert len(k2) == 7 and len({r["id"] for r in k2}) == 7  # 7 draws of 4 records: 3 of them twice
+    groups = {}
+    for r in k2:
+        groups.setdefault(r["prompt_id"], []).append(r["id"])
+    assert sorted(groups["k20"]) == ["k20#0", "k20#1"] and sorted(groups["k21"]) == ["k21#0", "k21#1"]
+    copies = {g: ids for g, ids in groups.items() if g not in ("k20", "k21")}  # the second pass: 3 answers
+    assert set(copies) <= {"k20~2", "k21~2"} and sum(len(ids) for ids in copies.values()) == 3
+    assert all(i.startswith(g[:-2] + "#") and i.endswith("~2") for g, ids in copies.items() for i in ids)
+
+
+def test_rm_with_no_answer_left_to_score_is_one_clear_error(tmp_path):
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"input": "a very long question " * 10, "output": "yes"}) + "\n")
+    with pytest.raises(lifecycle.UsageError, match=r"no answers to score: the prompts of all 1 are longer than --max_len 16"):
+        infer(tmp_path, "o.jsonl", "--eval_task", "rm", "--dataset", str(answers), "--max_len", "16")
+    assert score(None, [], 4, 0, rank=1, world_size=2, synced=True) == {}  # ZeRO-3, 2 ranks: no call, no error
 
 
 # ---- post-processors ------------------------------------------------------------------------------------
@@ -329,25 +616,25 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
     res = json.load(open(os.path.join(out, "winrate.json")))
     assert res["rows"][0]["name"] == "tiny" and res["rows"][0]["n"] == 64
     assert len(read_jsonl(os.path.join(out, "answers_tiny.jsonl"))) == 64
-    with pytest.raises(common.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
+    with pytest.raises(lifecycle.UsageError, match=r"short.jsonl misses 32 \(first 'builtin:pairwise:eval:32'\)"):
         inprocess(eval_winrate.main, ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"),
                                       "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])
 
 
 # ---- interactive chat -----------------------------------------------------------------------------------
 
-def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof():
+def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof(capsys):
+    import io
+
     from xright.cli import interactive_chat
-    from xright.generation import generate_batch
     from xright.models import load_for_inference
 
     turns = ["what is 1+1?", "and 2+2?", "clear", "hi"]
-    proc = subprocess.run([sys.executable, "-m", "xright.cli.interactive_chat", "--greedy_sampling",
-                           "--max_new_tokens", "10"], input="".join(t + "\n" for t in turns), cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    body = proc.stdout.split("quits\n", 1)[1]
+    stdin = io.StringIO("".join(t + "\n" for t in turns))
+    assert lifecycle.guarded(lambda: interactive_chat.main(["--greedy_sampling", "--max_new_tokens", "10"], stdin=stdin)) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    body = out.out.split("quits\n", 1)[1]
     answers = body.split("> ")[1:]
     assert answers[-1] == "\n"  # EOF: a clean newline and exit
     assert answers[2] == "(history cleared)\n"
@@ -363,7 +650,7 @@ def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof():
         text = interactive_chat.render(history, user, tok, args)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         out = generate_batch(model, [ids], Sampling(max_new_tokens=10, greedy=True, repetition_penalty=1.2),
-                             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)  # the chat's defaults
+                             eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)  # the chat's defaults
         expected.append(tok.decode(out[0][0], skip_special_tokens=True))
         history.append((user, expected[-1]))
     assert [answers[0], answers[1], answers[3]] == [e + "\n" for e in expected]

@@ -5,8 +5,13 @@ import json
 import os
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from launch import launch_named, metrics, train_records
+from xright.data import DataSpec, collate, load_data
+from xright.models import load_model, load_tokenizer
+from xright.objectives import SFT, Pairwise, Reference
 
 STEPS = 12
 # --train_batch_size as XRIGHT means it: one loader batch per rank per step on 2 ranks
@@ -70,7 +75,10 @@ TWO_RANK = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """name -> save path: every 2-rank run of this file in one launch, the one-process ALRIGHT run alone."""
-    one = {"alright-1": ("train_sft_dpo_alright", ["--zero_stage", "2", *one_process_flags(JOINT), *ALRIGHT])}
+    one = {"alright-1": ("train_sft_dpo_alright", ["--zero_stage", "2", *one_process_flags(JOINT), *ALRIGHT]),
+           # the quickstart's geometry: --train_batch_size 2 in one process accumulates 2 loader batches
+           "alright-1-accum2": ("train_sft_dpo_alright", ["--zero_stage", "2", *JOINT, *ALRIGHT]),
+           "maxright-1-accum2": ("train_sft_dpo_maxright", ["--zero_stage", "2", *MAXRIGHT])}
     launched = launch_named(tmp_path_factory.mktemp("joint"), {2: TWO_RANK, 1: one})
     return lambda name: launched(name)[0]
 
@@ -139,5 +147,58 @@ def test_seq_phase_trains_one_and_evaluates_both(runs, module, trained):
     out = runs(module)
     recs = train_records(out)
     assert len(recs) == STEPS and all(r["objectives"] == [trained] for r in recs)
-    assert all("eval/sft/loss" in r and "eval/dpo/loss" in r for r in metrics(out) if "eval/ideal_distance" in r)
+    evals = [r for r in metrics(out) if any(k.startswith("eval/") for k in r)]
+    assert sorted({r["step"] for r in evals}) == [0, 6, 12]  # at the start, every --eval_steps, the end
+    assert all("eval/sft/loss" in r and "eval/dpo/loss" in r for r in evals), evals
     assert json.load(open(os.path.join(out, "xright_args.json")))["beta"] == 0.2
+
+
+# ---- gradient accumulation in one process: the quickstart (--train_batch_size 2, one process) ---------------
+
+def same_run(a, b):
+    """Per-step picks and losses (and every evaluation) of two runs on the same optimizer-step batches (fp32)."""
+    ra, rb = train_records(a), train_records(b)
+    assert [r["objectives"] for r in ra] == [r["objectives"] for r in rb] and len(ra) == STEPS
+    for k in ("sft", "dpo"):
+        assert [r[f"train/{k}/loss"] for r in ra if k in r["objectives"]] == pytest.approx(
+            [r[f"train/{k}/loss"] for r in rb if k in r["objectives"]], rel=2e-5, abs=1e-6), k
+    ev = lambda out: [(r["step"], r["eval/sft/loss"], r["eval/dpo/loss"])  # noqa: E731
+                      for r in metrics(out) if "eval/ideal_distance" in r]
+    assert [e[0] for e in ev(a)] == [e[0] for e in ev(b)] and {0, 6, 12} <= {e[0] for e in ev(a)}
+    assert [e[1:] for e in ev(a)] == [pytest.approx(e[1:], rel=2e-5, abs=1e-6) for e in ev(b)]
+
+
+def test_alright_accumulates_two_loader_batches_in_one_process(runs):
+    """--train_batch_size 2 in one process: every step accumulates two loader batches of the picked
+    objective, so the run equals one process with loader batches twice as big and no accumulation."""
+    out = runs("alright-1-accum2")
+    assert json.load(open(os.path.join(out, "batches.json")))["objectives"]["sft"]["micro_batches_per_step"] == 2
+    same_run(out, runs("alright-1"))
+
+
+def test_maxright_accumulates_two_loader_batches_in_one_process(runs):
+    """The same for MAXRIGHT, against the 2-rank run (one loader batch per rank: the same examples per step)."""
+    out = runs("maxright-1-accum2")
+    assert json.load(open(os.path.join(out, "batches.json")))["objectives"]["dpo"]["micro_batches_per_step"] == 2
+    same_run(out, runs("maxright-z2"))
+
+
+# ---- the saved model is the trained one ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["alright-z3", "maxright-z2"])
+def test_saved_joint_model_reloads_with_its_final_eval(runs, name):
+    """The HF model a joint CLI saves, reloaded with transformers, gives the run's final eval losses (computed
+    under DeepSpeed on 2 ranks: each eval set cut to a multiple of 2)."""
+    out = runs(name)
+    final = [r for r in metrics(out) if r.get("final")][-1]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = Reference(model=load_model("tiny", seed=42, trainable=False))  # the policy's initial weights
+    tok = load_tokenizer(out)
+    for key, kind, objective, n, max_len in (("sft", "sft", SFT(), 8, 2048),
+                                              ("dpo", "pairwise", Pairwise("dpo"), 96, 512)):
+        _, ev = load_data(DataSpec(kind=kind, max_samples=n, max_len=max_len), tok, log=lambda *a: None)
+        ev = ev[:len(ev) - len(ev) % 2]
+        with torch.no_grad():
+            batch = collate(kind, ev, tok.pad_token_id)
+            value = float(objective(model, ref, batch)[0]) / float(objective.units(batch))
+        assert value == pytest.approx(final[f"eval/{key}/loss"], rel=1e-4, abs=1e-5), key

@@ -31,7 +31,7 @@ def test_missing_model_and_flash_attention_fail_clearly(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="--flash_attn needs"):
             attn_implementation(True)
-    assert attn_implementation(False) == "sdpa"
+    assert attn_implementation(False) is None  # transformers picks SDPA, else the model's eager attention
 
 
 def test_lora_reference_is_the_base_model():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xright import losses as L
-from xright.cli import common, train_joint, train_kto
+from xright.cli import lifecycle, train_joint, train_kto
 from xright.data import DataSpec, collate, load_data
 from xright.logprobs import sequence_logps
 from xright.models import load_model, tiny_tokenizer
@@ -124,7 +124,7 @@ def test_kto_micro_batch_one_is_refused_before_training(tmp_path, capsys):
     KTO().check_micro_batch(2)
     # the CLI stops in common.run before any process group, model or data is set up
     with pytest.raises(SystemExit) as e:
-        common.main_guard(lambda: train_kto.main(["--micro_train_batch_size", "1", "--save_path", str(tmp_path)]))
+        lifecycle.main_guard(lambda: train_kto.main(["--micro_train_batch_size", "1", "--save_path", str(tmp_path)]))
     assert e.value.code == 2
     assert KTO_MICRO_BATCH_ERROR in capsys.readouterr().err
 
@@ -203,5 +203,5 @@ def test_joint_flags():
     assert (args.kto_micro_train_batch_size, args.dpo_weight, args.hh_dataset) == (4, 0.3, "x.jsonl")
     assert (args.exo_rw_beta, args.sft_opt, args.dpo_beta, args.sft_micro_train_batch_size) == (0.2, 0.9, 0.1, None)
     for bad in ("sft,rm", "sft,sft", "Sft", ""):
-        with pytest.raises(common.UsageError):
+        with pytest.raises(lifecycle.UsageError):
             train_joint.parse_objectives(bad)

@@ -415,7 +415,7 @@ def test_gather_logps_upcasts_low_precision_logits():
 
 def test_objective_facts_and_defaults():
     from xright.cli import train_dpo, train_kto
-    from xright.cli.common import parse
+    from xright.cli.flags import parse
 
     assert Pairwise("dpo").needs_reference and Pairwise("ipo").needs_reference and KTO().needs_reference
     assert EXO("exo-pref").needs_reference and not Pairwise("slic").needs_reference
@@ -497,7 +497,7 @@ def test_exo_accuracy_and_margin_by_hand(models):
 
 
 def test_loader_geometry_and_default_seed():
-    from xright.cli.common import base_parser
+    from xright.cli.flags import base_parser
     from xright.data import CyclingLoader
 
     examples = [{"id": str(i), "prompt_ids": [1], "response_ids": [2]} for i in range(8)]

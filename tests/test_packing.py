@@ -368,14 +368,14 @@ def test_zero3_two_ranks_packed_equal_padded(mix_runs):
 
 def test_zero3_run_had_rows_of_different_lengths_per_rank_and_micro_step(mix_runs):
     """The launch above really packed different lengths on the two ranks and across micro-steps."""
-    from xright.cli import common, train_joint
+    from xright.cli import flags, lifecycle, train_joint
     from xright.data import load_data
     from xright.models import load_tokenizer
 
-    args = common.parse(train_joint.parser({"sft": "sft", "dpo": "dpo"}), [*MIX, *TWO])
+    args = flags.parse(train_joint.parser({"sft": "sft", "dpo": "dpo"}), [*MIX, *TWO])
     tok = load_tokenizer(None)
     for name, kind in (("sft", "sft"), ("dpo", "pairwise")):
-        train = load_data(common.data_spec(args, kind, name + "_", name=name), tok, log=lambda *a: None)[0]
+        train = load_data(flags.data_spec(args, kind, name + "_", name=name), tok, log=lambda *a: None)[0]
         lens = [[int(b["input_ids"].shape[1]) for b in draw_batches(train, kind, r)] for r in range(2)]
         assert lens[0] != lens[1] and len(set(lens[0])) > 1, lens
 
@@ -386,9 +386,9 @@ def draw_batches(train, kind, rank):
 
 
 def test_reward_model_refuses_packing(tmp_path):
-    from xright.cli import common, train_rm
+    from xright.cli import flags, lifecycle, train_rm
 
-    with pytest.raises(common.UsageError, match="--packing_samples is not supported for reward models"):
+    with pytest.raises(lifecycle.UsageError, match="--packing_samples is not supported for reward models"):
         train_rm.main(["--packing_samples", "--save_path", str(tmp_path)])
     assert not os.listdir(tmp_path)
 

@@ -130,3 +130,23 @@ def test_partial_last_line_is_skipped(runs, capsys):
     res = plot_pareto.main([d["mix"], "--out", os.path.join(root, "e")])
     assert res["points"][0].sft == 2.0
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_table_is_written_and_the_figure_is_one_line_exit_2(runs, monkeypatch, capsys):
+    import sys
+
+    root, d = runs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: `import matplotlib` fails
+    out = os.path.join(root, "nomatplotlib")
+    with pytest.raises(SystemExit) as e:
+        plot_pareto.main([d["mix"], d["alright"], "--out", out])
+    assert e.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines() == [
+        "plot_pareto: error: the figure needs matplotlib, which is not installed: pip install 'xright[plot]' "
+        f"(wrote {os.path.join(out, 'pareto.md')}; --table_only writes only the table)"]
+    table = open(os.path.join(out, "pareto.md")).read()
+    assert "| mix_0.75 | Mix | 0.75 | 2.0000 | 0.3000 |" in table and table in printed.out
+    assert not os.path.exists(os.path.join(out, "pareto.png"))
+    res = plot_pareto.main([d["mix"], d["alright"], "--out", out, "--table_only"])  # no figure asked: exit 0
+    assert res["table"] == table

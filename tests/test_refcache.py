@@ -7,6 +7,8 @@ change of model or max_len recomputes it. One 2-rank ZeRO-3 launch checks that t
 gives the single-process table and the same losses as a live-reference run.
 """
 
+import json
+import math
 import os
 
 import pytest
@@ -100,6 +102,60 @@ def test_short_runs_keep_the_live_reference_unless_asked(tmp_path, capsys):
     assert "reference log-probs: computed" in printed
 
 
+def test_the_table_is_keyed_by_the_precision_the_config_resolves_to(tmp_path, capsys, monkeypatch):
+    """A --deepspeed file enabling bf16 (no --bf16 flag) loads policy and reference in bf16 and keys its table
+    so; an fp32 run with the same cache computes its own and starts from the DPO loss log 2, margin 0."""
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    dtypes = []
+
+    def recording_load(*a, **k):
+        model = load_model(*a, **k)
+        dtypes.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr("xright.models.load_model", recording_load)
+    steps = ["--max_steps", "2", "--precompute_ref_log_probs"]
+    _, printed = run(train_dpo.main, tmp_path, "bf16", *N16, *steps, "--deepspeed", str(ds), capsys=capsys)
+    assert "reference log-probs: computed" in printed and dtypes == [torch.bfloat16] * 2  # policy, reference
+    dtypes.clear()
+    out, printed = run(train_dpo.main, tmp_path, "fp32", *N16, *steps, capsys=capsys)
+    assert "reference log-probs: computed" in printed and dtypes == [torch.float32] * 2
+    assert len(os.listdir(tmp_path / "ckpt" / "ref_cache")) == 2
+    start = next(r for r in metrics(out) if "eval/dpo/loss" in r)
+    assert start["step"] == 0 and start["eval/dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert start["eval/dpo/margin"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["--zero_stage", "3"], ["--ref_offload"]], ids=["zero3", "ref_offload"])
+def test_the_precomputed_reference_is_freed(tmp_path, capsys, monkeypatch, extra):
+    """Under ZeRO-3 and with --ref_offload the reference is a DeepSpeed engine: after the precompute neither
+    it, its module nor its parameters are alive when training starts."""
+    import weakref
+
+    from xright import strategy
+    from xright.trainer import Trainer
+
+    held, seen = [], {}
+    prepare_reference, fit = strategy.Strategy.prepare_reference, Trainer.fit
+
+    def watched(self, model):
+        engine = prepare_reference(self, model)
+        held.extend(weakref.ref(o) for o in (engine, model, next(model.parameters())))
+        return engine
+
+    def fit_and_look(self):
+        seen.update(alive=[r() is not None for r in held], engines=len(strategy._ENGINES))
+        return fit(self)
+
+    monkeypatch.setattr(strategy.Strategy, "prepare_reference", watched)
+    monkeypatch.setattr(Trainer, "fit", fit_and_look)
+    _, printed = run(train_dpo.main, tmp_path, "run", *N16, "--max_steps", "2", "--precompute_ref_log_probs", *extra,
+                     capsys=capsys)
+    assert "reference log-probs: computed" in printed
+    assert seen == {"alive": [False] * 3, "engines": 1}  # the policy's only
+
+
 def test_model_fingerprint_follows_the_files(tmp_path):
     model = load_model("tiny", seed=1, trainable=False)
     model.save_pretrained(tmp_path / "m")
@@ -111,14 +167,25 @@ def test_model_fingerprint_follows_the_files(tmp_path):
     assert refcache.model_fingerprint("tiny", 1, 258) != refcache.model_fingerprint("tiny", 2, 258)
 
 
-def test_code_fingerprint_follows_the_log_prob_sources(tmp_path, monkeypatch):
-    from xright import logprobs
+# every module whose code reaches a reference log-prob (listed here, not read from refcache.LOGP_MODULES,
+# so that a module dropped from that list fails)
+@pytest.mark.parametrize("module", ["xright.logprobs", "xright.models", "xright.objectives", "xright.strategy",
+                                    "xright.data.collate", "xright.refcache"])
+def test_code_fingerprint_follows_every_log_prob_source(tmp_path, monkeypatch, module):
+    import importlib
+    from types import SimpleNamespace
 
-    before = refcache.code_fingerprint()
-    changed = tmp_path / "logprobs.py"
-    changed.write_text(open(logprobs.__file__).read() + "\n# a fix\n")
-    monkeypatch.setattr(logprobs, "__file__", str(changed))
-    assert refcache.code_fingerprint()["sources_sha256"] != before["sources_sha256"]
+    args = SimpleNamespace(ref_pretrain=None, pretrain=None, lora_rank=0, load_in_4bit=False, seed=1,
+                           flash_attn=False)
+    tok = tiny_tokenizer()
+    before = refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32"))
+    mod = importlib.import_module(module)
+    changed = tmp_path / os.path.basename(mod.__file__)
+    changed.write_text(open(mod.__file__).read() + "\n# a fix\n")
+    monkeypatch.setattr(mod, "__file__", str(changed))
+    assert refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32")) != before
+    monkeypatch.undo()
+    assert refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32")) == before
 
 
 class OneRank:

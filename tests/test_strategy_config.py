@@ -148,7 +148,7 @@ def test_deepspeed_file_batch_sizes_are_what_the_loop_trains(tmp_path, in_proces
 
 
 def test_deepspeed_file_accumulation_is_honoured_or_refused(tmp_path, monkeypatch):
-    from xright.cli import common, train_sft
+    from xright.cli import batching, common, train_sft
 
     def parsed(argv):
         seen = {}
@@ -161,16 +161,16 @@ def test_deepspeed_file_accumulation_is_honoured_or_refused(tmp_path, monkeypatc
     path = write(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, "gas.json")
     args, specs = parsed(["--deepspeed", path])
     assert (args.train_batch_size, specs[0].micro_batch_size) == (12, 2)
-    cfg = build_ds_config(common.ds_options(args, specs), world_size=2)
+    cfg = build_ds_config(batching.ds_options(args, specs), world_size=2)
     assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (12, 3)
-    assert str(common.batch_plan(args, specs, 2)["sft"]) == (
+    assert str(batching.batch_plan(args, specs, 2)["sft"]) == (
         "2 examples per rank per micro-batch × 3 micro-batches per optimizer step × 2 ranks = 12 examples per "
         "optimizer step")
     # a typed flag against the file's accumulation is an error naming both
     args, specs = parsed(["--deepspeed", path, "--train_batch_size", "16"])
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps = 3 in .*gas.json contradicts train_batch_size "
                                           r"16 / \(train_micro_batch_size_per_gpu 2 × world size 2\) = 4"):
-        build_ds_config(common.ds_options(args, specs), world_size=2)
+        build_ds_config(batching.ds_options(args, specs), world_size=2)
     bad = write(tmp_path, {"train_batch_size": "32"}, "bad.json")
     with pytest.raises(ConfigError, match=r'bad.json: train_batch_size must be a positive integer or "auto", '
                                           r'got \'32\''):
@@ -206,7 +206,7 @@ def test_zero0_bf16_run_trains(tmp_path, in_process):
 
 def test_batch_meanings_follow_each_toolkit(monkeypatch):
     """XRIGHT's CLIs count --train_batch_size in loader batches, OpenRLHF-style ones in examples."""
-    from xright.cli import common, joint, train_sft, train_sft_pref
+    from xright.cli import batching, common, joint, train_sft, train_sft_pref
 
     def parsed(main, argv):
         seen = {}
@@ -215,7 +215,7 @@ def test_batch_meanings_follow_each_toolkit(monkeypatch):
         return seen["args"], seen["specs"]
 
     def geometry(args, specs, world):
-        return {k: (b.per_rank, b.micro_steps, b.per_step) for k, b in common.batch_plan(args, specs, world).items()}
+        return {k: (b.per_rank, b.micro_steps, b.per_step) for k, b in batching.batch_plan(args, specs, world).items()}
 
     paper = ["--train_batch_size", "2", "--sft_micro_train_batch_size", "12", "--rlhf_micro_train_batch_size", "4"]
     for schedule in ("alright", "maxright", "mix", "sequential"):
@@ -223,14 +223,14 @@ def test_batch_meanings_follow_each_toolkit(monkeypatch):
         # DeepSpeed's micro batch is 1 loader batch: on 2 GPUs one loader batch per rank per step, on 1 GPU two
         assert geometry(args, specs, 2) == {"sft": (12, 1, 24), "dpo": (4, 1, 8)}
         assert geometry(args, specs, 1) == {"sft": (12, 2, 24), "dpo": (4, 2, 8)}
-        cfg = build_ds_config(common.ds_options(args, specs), world_size=2)
+        cfg = build_ds_config(batching.ds_options(args, specs), world_size=2)
         assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
             == (2, 1, 1)  # XRIGHT's own DeepSpeed config for these flags
     args, specs = parsed(lambda a: joint.main(a, schedule="alright"), [*paper, "--train_batch_size", "3"])
     with pytest.raises(ConfigError, match=r"--train_batch_size 3 must be a positive multiple of "
                                           r"--micro_train_batch_size \(as XRIGHT: DeepSpeed's micro batch in loader "
                                           r"batches\) 1 × world size 2"):
-        common.batch_plan(args, specs, 2)
+        batching.batch_plan(args, specs, 2)
     # train_sft_pref: loader batches of --rlhf_micro_train_batch_size, train_batch_size / (micro × world) of them
     args, specs = parsed(train_sft_pref.main, ["--train_batch_size", "2", "--rlhf_micro_train_batch_size", "6"])
     assert geometry(args, specs, 2) == {"sft": (6, 1, 12)}

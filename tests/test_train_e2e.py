@@ -2,7 +2,8 @@
 
 Each run trains on fixed data; the loss must go down, and the saved HF model, reloaded with
 ``AutoModelForCausalLM.from_pretrained``, must reproduce the trained model's final eval loss
-(computed by the run under DeepSpeed) — so the save gathers the right weights.
+(computed by the run under DeepSpeed) — so the save gathers the right weights. A step whose gradients
+alone are non-finite is discarded on both ranks, and the count of such steps survives a resume.
 """
 
 import math
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from launch import SHARED_DATA, final_eval, launch_named, metrics, train_records
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.logprobs import sequence_logps, split_choices
-from xright.models import load_model, load_tokenizer
+from xright.models import load_for_inference, load_model, load_tokenizer
 from xright.objectives import SFT, Pairwise, Reference
 
 COMMON = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--learning_rate", "3e-3",
@@ -28,10 +29,11 @@ HH_ARGS = ["--pretrain", "tiny", "--dataset", HH, "--max_samples", "64", "--micr
            "--train_batch_size", "8", "--zero_stage", "3"]
 
 
-def eval_loss(model_dir: str, kind: str, objective) -> float:
-    """The eval loss of a saved model on the built-in eval set, computed without DeepSpeed."""
+def eval_loss(model_dir: str, kind: str, objective, model=None) -> float:
+    """The eval loss of a saved model (or of ``model``, with ``model_dir``'s tokenizer) on the built-in eval
+    set, computed without DeepSpeed."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = (model or AutoModelForCausalLM.from_pretrained(model_dir)).eval()
     _, ev = load_data(DataSpec(kind=kind, max_samples=32, max_len=512 if kind == "pairwise" else 2048), tok,
                       log=lambda *a: None)
     ref = Reference(model=load_model("tiny", seed=42, trainable=False)) if objective.needs_reference else None
@@ -55,6 +57,15 @@ TWO_RANK = [("train_sft", z, lora) for z in ("2", "3") for lora in (False, True)
 ONE_PROCESS = [("train_sft", "2", False), ("train_dpo", "2", False)]
 
 
+# Non-finite gradients (not loss) on rank 1 at step 3. The whole data set (8 examples) is every step's batch, so
+# each step's loss is that of the weights it starts from: a discarded step leaves the run one step behind the
+# clean one, on the same trajectory.
+NAN_GRAD = ["--train_batch_size", "8", "--micro_train_batch_size", "2", "--max_samples", "8", "--max_steps", "6",
+            "--learning_rate", "1e-3", "--lr_scheduler", "linear", "--lr_warmup_ratio", "0", "--eval_steps", "1000",
+            "--skip_nonfinite"]
+GRAD_AT = {"XRIGHT_DEBUG_NAN_GRAD_AT_STEP": "3:1"}  # rank 1's gradients only; every loss stays finite
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """get(module, zero, lora, nproc) -> (save_path, process). Every configuration of this file runs once, the
@@ -67,11 +78,21 @@ def launched(tmp_path_factory):
     plans = {nproc: {name(m, z, lora, nproc): (m, ["--zero_stage", z, *COMMON, *(lora_flags if lora else [])])
                      for m, z, lora in configs} for nproc, configs in ((2, TWO_RANK), (1, ONE_PROCESS))}
     plans[2]["sft_pref"] = ("train_sft_pref", SFT_PREF)  # the other 2-rank runs of this file join the launch
+    root = tmp_path_factory.mktemp("e2e")
+    ckpt = ["--ckpt_path", str(root / "grad-z2" / "ckpt")]
+    plans[2].update({
+        "clean": ("train_sft", ["--zero_stage", "2", *NAN_GRAD]),
+        "grad-z2": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--save_steps", "4"], GRAD_AT),
+        "grad-z3": ("train_sft", ["--zero_stage", "3", *NAN_GRAD], GRAD_AT),
+        "grad-stop": ("train_sft", ["--zero_stage", "2", *[a for a in NAN_GRAD if a != "--skip_nonfinite"]], GRAD_AT),
+        # resumes grad-z2's step-4 checkpoint (after the skipped step 3) into a save path of its own
+        "resumed": ("train_sft", ["--zero_stage", "2", *NAN_GRAD, *ckpt, "--load_checkpoint"]),
+    })
     if os.path.exists(HH):
         plans[2]["hh"] = ("train_dpo", HH_ARGS)
-    launched = launch_named(tmp_path_factory.mktemp("e2e"), plans)
-    return lambda module, zero=None, lora=False, nproc=2: launched(module if zero is None else
-                                                                    name(module, zero, lora, nproc))
+    launched = launch_named(root, plans)
+    return lambda module, zero=None, lora=False, nproc=2, ok=True: launched(
+        module if zero is None else name(module, zero, lora, nproc), ok=ok)
 
 
 @pytest.mark.parametrize("module,name,zero,lora", [
@@ -93,6 +114,24 @@ def test_two_ranks_train_save_reload(launched, module, name, zero, lora):
     objective = SFT() if name == "sft" else Pairwise("dpo")
     kind = "sft" if name == "sft" else "pairwise"
     assert eval_loss(model_dir, kind, objective) == pytest.approx(final, rel=1e-4, abs=1e-5)
+
+
+def test_lora_adapter_saved_by_a_run_loads_on_its_base(launched):
+    """The adapter directory a LoRA run saves (no base weights in it) loads on its base, as batch_inference,
+    interactive_chat and eval_winrate load it, and gives the trained model: the run's final eval loss and
+    the logits of the merged model the run wrote."""
+    out, _ = launched("train_sft", "3", True)
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    model = load_for_inference(out)
+    assert eval_loss(out, "sft", SFT(), model=model) == pytest.approx(final_eval(out)["eval/sft/loss"], rel=1e-4,
+                                                                      abs=1e-5)
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, merged, rtol=1e-4, atol=1e-5)
+        base = load_model("tiny", seed=42, trainable=False)(input_ids=ids).logits
+    assert (merged - base).abs().max() > 1e-2  # the adapter matters
 
 
 def test_single_process_sft_matches_reload(launched):
@@ -192,3 +231,42 @@ def test_dpo_on_hh_zero3(launched):
         batch = collate("pairwise", train[:16], tok.pad_token_id)
         pi, ref = (split_choices(sequence_logps(m, batch)[0], 2) for m in (final, model))
     assert float(((pi[:, 0] - pi[:, 1]) - (ref[:, 0] - ref[:, 1])).mean()) > 0
+
+
+# ---- a step whose gradients alone are non-finite; skipped_nonfinite across a resume ---------------------
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_nonfinite_gradients_with_a_finite_loss_are_discarded_on_every_rank(launched, zero):
+    out, proc = launched(f"grad-z{zero}")
+    clean = {r["step"]: r for r in train_records(launched("clean")[0])}
+    recs = {r["step"]: r for r in train_records(out)}
+    assert sorted(recs) == list(range(1, 7))
+    assert recs[3]["skipped"] == "non-finite gradients at step 3 (the losses are finite)"
+    assert recs[3]["skipped_nonfinite"] == 1 and "train/sft/loss" not in recs[3]
+    # weights, optimizer state and LR schedule as after step 2, on both ranks (a rank that applied the step
+    # would have moved its ZeRO partition): steps 4-6 are the clean run's steps 3-5
+    for s in (1, 2):
+        assert recs[s]["train/sft/loss"] == pytest.approx(clean[s]["train/sft/loss"], rel=1e-6)
+    for s in (4, 5, 6):
+        assert recs[s]["train/sft/loss"] == pytest.approx(clean[s - 1]["train/sft/loss"], rel=1e-5)
+        assert recs[s]["lr"] == pytest.approx(clean[s - 1]["lr"], rel=1e-9)
+    assert clean[5]["train/sft/loss"] < clean[3]["train/sft/loss"] - 1e-3  # the steps do move the weights
+    assert recs[3]["lr"] == recs[2]["lr"] != recs[1]["lr"]
+    assert "skipped 1 optimizer step(s)" in proc.stdout
+
+
+def test_nonfinite_gradients_stop_the_run_with_exit_code_3(launched):
+    out, proc = launched("grad-stop", ok=False)
+    assert proc.returncode == 3
+    assert "non-finite gradients at step 3 (the losses are finite); stopping" in proc.stderr, proc.stderr[-2000:]
+    assert max(r["step"] for r in train_records(out)) == 2 and not os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_skipped_nonfinite_is_kept_across_resume(launched):
+    out, proc = launched("resumed")
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    first = {r["step"]: r for r in train_records(launched("grad-z2")[0])}
+    recs = {r["step"]: r for r in train_records(out)}
+    assert sorted(recs) == [5, 6]
+    assert [recs[s]["train/sft/loss"] for s in (5, 6)] == [first[s]["train/sft/loss"] for s in (5, 6)]
+    assert [r for r in metrics(out) if r.get("done")][-1]["skipped_nonfinite"] == 1

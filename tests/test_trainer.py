@@ -313,3 +313,36 @@ def test_maxright_probes_draw_no_training_batch(setup):
     probes = trainer.state_dict()["probe_loaders"]
     assert {k: v["epoch"] * len(tasks[k].loader) * tasks[k].loader.mb + v["examples"]
             for k, v in probes.items()} == {"sft": 16, "dpo": 8}
+
+
+def test_logged_lr_is_the_rate_the_step_applied(setup):
+    # an engine whose optimizer step applies the scheduler's current rate, then moves it on (as DeepSpeed's)
+    from transformers import get_scheduler
+
+    def scheduler():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return opt, get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=2, num_training_steps=6,
+                                  scheduler_specific_kwargs={"min_lr": 1e-4})
+
+    trainer, engine, _ = make(setup, Mix({"sft": 1.0}), accum=(1, 1), steps=6)
+    opt, sched = scheduler()
+    applied, plain_step = [], engine.step
+
+    def step():
+        applied.append(opt.param_groups[0]["lr"])
+        plain_step()
+        opt.step()
+        sched.step()
+
+    engine.step, engine.get_lr = step, lambda: [g["lr"] for g in opt.param_groups]
+    with torch.no_grad():
+        trainer.fit()
+    logged = [r["lr"] for r in trainer.logger.records if "lr" in r]
+    assert logged == applied and len(logged) == 6
+    own_opt, own = scheduler()  # the scheduler's own rates, one per step: 0 in the first step of the warmup
+    rates = []
+    for _ in range(6):
+        rates.append(own.get_last_lr()[0])
+        own_opt.step()
+        own.step()
+    assert logged == rates and logged[:3] == [0.0, 5e-4, 1e-3] and logged[-1] > 1e-4

@@ -20,14 +20,21 @@ Prompts
     ``--dataset``), rendered by :func:`xright.data.loading.prompt_text` exactly as the trainers
     render it (``input_template`` / ``apply_chat_template``), and tokenised the same way. Output
     records keep the raw prompt, so the trainers template it again in the same way. Prompts longer
-    than ``prompt_max_len`` tokens keep their last ``prompt_max_len`` tokens (the end of a
-    prompt holds the assistant cue). Each prompt's stable id is its record id (``file:line``).
+    than ``prompt_max_len`` tokens keep their BOS and their last tokens (the end of a prompt holds
+    the assistant cue). Each prompt's stable id is its record id (``file:line``; the n-th copy of a
+    record that an oversampled source repeats gets ``~n``, as in the training data).
+
+Stopping
+    A completion ends at the tokenizer's eos or at any eos id of the model's generation config,
+    whichever comes first (Llama-3-Instruct's tokenizer ends text with ``<|end_of_text|>``, its
+    generation config also lists the end of an assistant turn, ``<|eot_id|>``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,25 +67,32 @@ def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
     out = blend(parts, probs, max_samples, spec.seed)
     if not out:
         raise DataError(f"{spec.dataset}: no records in split {spec.train_split!r}")
+    # an oversampled source repeats records: the n-th copy gets "~n" on its ids as in the training data,
+    # so that the post-processors do not merge the copies' groups and the judge sees distinct prompts
+    seen: Counter = Counter()
+    for i, r in enumerate(out):
+        seen[r["id"]] += 1
+        if seen[r["id"]] > 1:
+            out[i] = {**r, **{k: f"{r[k]}~{seen[r['id']]}" for k in ("id", "prompt_id") if k in r}}
     return out
 
 
 def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> list[dict]:
     """Prompt records ``{"id", "prompt", "raw_prompt"}``: ``spec.dataset``'s ``input_key`` fields, or
     without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
-    ``start``/``count`` slice the blended set (XRIGHT's ``--iter`` × ``--rollout_batch_size``)."""
-    limit = spec.max_samples if count is None else start + count
+    ``start``/``count`` slice the blended set (XRIGHT's ``--iter`` × ``--rollout_batch_size``): the blend of
+    ``max_samples`` prompts is drawn once, whatever the slice, so successive slices partition it."""
     if not spec.dataset:
         split = "train" if spec.train_split == "train" else "eval"
-        pairs = synthetic.preference_records(min(BUILTIN_TRAIN, limit), spec.seed, split)
+        pairs = synthetic.preference_records(min(BUILTIN_TRAIN, spec.max_samples), spec.seed, split)
         recs = [{"id": r["id"], "prompt": r["prompt"], "raw_prompt": False} for r in pairs]
     else:
         recs = _records(spec, lambda obj, rid: {"id": rid, "prompt": text_field(get_field(obj, spec.input_key), spec.input_key),
-                                                "raw_prompt": False}, limit)
-    recs = recs[start:limit]
-    if not recs:
-        raise DataError(f"{spec.dataset or 'built-in prompts'}: no prompts from index {start}")
-    return recs
+                                                "raw_prompt": False}, spec.max_samples)
+    if start >= len(recs):
+        raise DataError(f"{spec.dataset or 'built-in prompts'}: no prompts from index {start}: the blend has "
+                        f"{len(recs)} (max_samples {spec.max_samples})")
+    return recs[start:None if count is None else start + count]
 
 
 def read_answers(spec: DataSpec) -> list[dict]:
@@ -104,14 +118,24 @@ def read_answers(spec: DataSpec) -> list[dict]:
 def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_len: int) -> list[list[int]]:
     """Prompt token ids as the trainers build them: the tokenizer's leading special tokens (BOS; none when
     the rendered text already starts with the BOS text) + the text's own tokens, never trailing specials
-    (a tokenizer that appends eos would otherwise end every prompt)."""
+    (a tokenizer that appends eos would otherwise end every prompt). A prompt longer than ``prompt_max_len``
+    (> 0) keeps its leading BOS and the last tokens of its text."""
     texts = [prompt_text(r, tokenizer, spec) for r in records]
     with_, without = (list(tokenizer("a", add_special_tokens=flag)["input_ids"]) for flag in (True, False))
     head = next((with_[:i] for i in range(len(with_) - len(without) + 1) if with_[i:i + len(without)] == without), [])
     bos = getattr(tokenizer, "bos_token", None)
     ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    ids = [(head if not (bos and t.startswith(bos)) else []) + list(x) for t, x in zip(texts, ids)]
-    return [x[-prompt_max_len:] if prompt_max_len > 0 else x for x in ids]
+    out = []
+    for t, x in zip(texts, ids):
+        x = list(x)
+        if not (bos and t.startswith(bos)):
+            lead = head
+        else:  # the text's own BOS
+            lead, x = (x[:1], x[1:]) if x[:1] == [tokenizer.bos_token_id] else ([], x)
+        if 0 < prompt_max_len < len(lead) + len(x):
+            x = x[len(x) - max(prompt_max_len - len(lead), 0):]
+        out.append(lead + x)
+    return out
 
 
 # ---- batching and sharding ----------------------------------------------------------------------
@@ -126,9 +150,9 @@ def plan_batches(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
 
 def rank_batches(batches: list[list[int]], rank: int, world_size: int, synced: bool) -> list[tuple[int, list[int], bool]]:
     """(batch index, indices, real?) this rank computes. ``synced`` (ZeRO-3): every rank gets the same
-    number of calls; a rank short of batches repeats batch 0 and discards the result."""
+    number of calls; a rank short of batches repeats batch 0 and discards the result (no batches: no calls)."""
     mine = [(j, b, True) for j, b in enumerate(batches) if j % world_size == rank]
-    if synced:
+    if synced and batches:
         calls = math.ceil(len(batches) / world_size)
         mine += [(0, batches[0], False)] * (calls - len(mine))
     return mine
@@ -180,28 +204,39 @@ def _module(model):
     return model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
 
 
-def cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
-    """The completion before its first eos, and whether it ended there (False: cut by max_new_tokens)."""
-    if eos_id in tokens:
-        return tokens[:tokens.index(eos_id)], True
-    return tokens, False
+def eos_ids(tokenizer, model) -> list[int]:
+    """The ids generation stops at: the tokenizer's eos and every eos id of the model's generation config
+    (an int or a list: Llama-3-Instruct lists ``<|eot_id|>`` beside ``<|end_of_text|>``)."""
+    config = getattr(_module(model), "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    listed = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(int(i) for i in [tokenizer.eos_token_id, *listed] if i is not None))
+
+
+def cut_at_eos(tokens: list[int], eos_ids: int | list[int]) -> tuple[list[int], bool]:
+    """The completion before its first eos (any of ``eos_ids``), and whether it ended there (False: cut by
+    max_new_tokens)."""
+    stop = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+    end = next((i for i, t in enumerate(tokens) if t in stop), None)
+    return (tokens, False) if end is None else (tokens[:end], True)
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_id: int, pad_id: int, seed: int,
-                   synced: bool = False, device=None, streamer=None) -> list[list[list[int]]]:
+def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_ids: int | list[int], pad_id: int,
+                   seed: int, synced: bool = False, device=None, streamer=None) -> list[list[list[int]]]:
     """K = ``sampling.n`` completions (token ids, eos cut off) for each prompt of one left-padded batch,
-    sampled under ``seed`` (the global RNG is restored afterwards)."""
+    sampled under ``seed`` (the global RNG is restored afterwards); a completion ends at the first of
+    ``eos_ids`` (see :func:`eos_ids`)."""
     ids, mask = left_pad(prompts, pad_id)
     device = device or next(_module(model).parameters()).device
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
         torch.manual_seed(seed)
         out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=synced,
+                                      pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=synced,
                                       streamer=streamer, **sampling.generate_kwargs())
     new = out[:, ids.shape[1]:].tolist()
     K = sampling.n
-    return [[cut_at_eos(new[b * K + k], eos_id)[0] for k in range(K)] for b in range(len(prompts))]
+    return [[cut_at_eos(new[b * K + k], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
 
 
 class Progress:
@@ -229,8 +264,8 @@ class Progress:
         self.bar.close()
 
 
-def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_size: int, *, eos_id: int, pad_id: int,
-             rank: int = 0, world_size: int = 1, synced: bool = False, device=None,
+def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_size: int, *, eos_ids: int | list[int],
+             pad_id: int, rank: int = 0, world_size: int = 1, synced: bool = False, device=None,
              progress: Progress | None = None) -> dict[int, list[list[int]]]:
     """This rank's share of the completions: ``{prompt index: [K token lists]}`` (see the module docstring)."""
     batches = plan_batches([len(p) for p in prompts], micro_batch_size)
@@ -239,7 +274,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_si
     if progress is not None:
         progress.expect(sum(len(idx) for _, idx, real in plan if real))
     for j, idx, real in plan:
-        outs = generate_batch(model, [prompts[i] for i in idx], sampling, eos_id=eos_id, pad_id=pad_id,
+        outs = generate_batch(model, [prompts[i] for i in idx], sampling, eos_ids=eos_ids, pad_id=pad_id,
                               seed=sampling.seed + j, synced=synced, device=device)
         if not real:
             continue

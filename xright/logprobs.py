@@ -12,11 +12,135 @@ one padding-free row [1, L] with ``position_ids``, ``cu_seqlens`` and ``max_seql
 ``max_length_*``: flash-attention-2's variable-length kernel and xright's per-sequence SDPA read
 them; plain SDPA/eager fall back to transformers' block-diagonal mask built from the position ids)
 and its log-probs are scattered back to [N, T−1], so callers get the same tensors from either layout.
+
+The log-probs come from the last hidden states and the output head in chunks of tokens
+(:func:`target_logps`, ``--logprob_chunk_size``), for the response tokens only: the ``[tokens, vocab]``
+logits never exist whole, in the forward or the backward. A model whose head this module cannot
+reproduce exactly (not a plain linear layer, a LoRA-adapted head, an unknown transform of the logits:
+checked once per model on a short input against the model's own logits) takes the full path, and the
+run says so once.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+CHUNK_SIZE: int | None = None  # tokens per chunk of the output head; None: automatic; 0: the full path
+LOGITS_BUDGET = 1 << 24  # floats in one chunk's logits under the automatic chunk size (64 MB in fp32)
+say: Callable[[str], None] = print  # where the one-line fallback notices go (run() sets the rank-0 print)
+
+
+def chunk_tokens(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Tokens per chunk: ``chunk_size`` (else :data:`CHUNK_SIZE`), or when neither is set as many as keep one
+    chunk's logits within :data:`LOGITS_BUDGET` floats (the whole batch in one chunk for a small vocabulary)."""
+    n = CHUNK_SIZE if chunk_size is None else chunk_size
+    return n if n is not None else max(64, LOGITS_BUDGET // vocab_size)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A plain linear output head and what the model does to its logits: ``logits = cap·tanh(scale·(hWᵀ + b) / cap)``
+    (``scale``: Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``; ``cap``: Gemma-2's
+    ``final_logit_softcapping``, None without)."""
+
+    module: torch.nn.Linear
+    scale: float = 1.0
+    cap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [M, H] → fp32 logits [M, V] (the matmul in the weight's dtype, as the model's own head)."""
+        z = torch.nn.functional.linear(hidden, self.module.weight, self.module.bias).float()
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.cap is not None:
+            z = (z / self.cap).tanh_().mul_(self.cap)
+        return z
+
+
+class _TargetLogps(torch.autograd.Function):
+    """log softmax(head(hidden))[targets], chunk by chunk: keeps hidden, targets and one log-sum-exp per token,
+    and recomputes each chunk's logits in the backward. Head gradients accumulate over chunks in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, head: Head, chunk: int):
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        with torch.no_grad():
+            for s in range(0, targets.numel(), chunk):
+                z = head.logits(hidden[s:s + chunk])
+                lse[s:s + chunk] = torch.logsumexp(z, -1)
+                out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+                del z
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.head, ctx.chunk = head, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, targets, lse = ctx.saved_tensors
+        head, chunk = ctx.head, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        weight = head.module.weight
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = grad_b = None
+        for s in range(0, targets.numel(), chunk):
+            h, t, g = hidden[s:s + chunk], targets[s:s + chunk], grad_out[s:s + chunk].float()
+            z = head.logits(h)
+            # d logp / d z = onehot(t) − softmax(z); through the cap, dz/da = scale·(1 − (z/cap)²)
+            dcap = (z / head.cap).square_().neg_().add_(1) if head.cap is not None else None
+            gz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
+            gz.scatter_add_(1, t[:, None], g[:, None])
+            if dcap is not None:
+                gz.mul_(dcap)
+                del dcap
+            if head.scale != 1.0:
+                gz.mul_(head.scale)
+            ga = gz.to(weight.dtype)
+            del z, gz
+            if need_h:
+                grad_h[s:s + chunk] = ga @ weight
+            if need_w:  # in fp32 across chunks, without a [V, H] temporary in fp32
+                if grad_w is None:
+                    grad_w = (ga.t() @ h).float()
+                elif ga.dtype == grad_w.dtype:
+                    grad_w.addmm_(ga.t(), h)
+                else:
+                    grad_w.add_(ga.t() @ h)
+            if need_b:
+                grad_b = ga.float().sum(0) if grad_b is None else grad_b.add_(ga.float().sum(0))
+            del ga
+        if targets.numel() == 0:  # no response token: zero gradients, as the full path gives
+            grad_w = torch.zeros_like(weight) if need_w else None
+            grad_b = torch.zeros_like(head.module.bias) if need_b else None
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(weight.dtype), None, None, None)
+
+
+def target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int) -> torch.Tensor:
+    """log p(targets) [M] (float32) from the last hidden states [M, H] and the output head, ``chunk`` tokens at
+    a time: no [M, V] tensor exists, in the forward or the backward (each chunk's logits are recomputed there).
+    Gradients reach the hidden states and the head's weight and bias."""
+    m = head.module
+    return _call_as(m, lambda h: _TargetLogps.apply(h, m.weight, m.bias, targets, head, max(1, chunk)), hidden)
+
+
+def _call_as(module: torch.nn.Module, forward: Callable, *args):
+    """``module(*args)`` with ``forward`` in place of its forward, so that the module's hooks run around it: under
+    ZeRO-3 DeepSpeed's gather the head's weight for the forward, again for the backward (before the gradient
+    reaches the weight, while it is whole), and release it after each, once per call."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        return module(*args)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,15 +184,85 @@ def unpack(values: torch.Tensor, batch: dict, prefix: str = "") -> torch.Tensor:
     return out.index_put((seq[keep], pos[keep] - 1), values[0, keep])
 
 
-def token_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of every target token and the response mask, both [N, T−1], from either layout."""
+def token_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens (0 elsewhere) and the response mask, both [N, T−1], from either layout.
+
+    ``chunk_size``: tokens per chunk of the output head (default :data:`CHUNK_SIZE`; 0: the full logits).
+    """
     inputs = model_inputs(batch, prefix)
-    out = model(**inputs)
-    logps = gather_logps(out.logits[:, :-1], inputs["input_ids"][:, 1:])
-    mask = batch[prefix + "loss_mask"][:, 1:].to(logps.dtype)
+    targets = inputs["input_ids"][:, 1:]
+    mask = batch[prefix + "loss_mask"][:, 1:]
+    n = CHUNK_SIZE if chunk_size is None else chunk_size
+    head = output_head(model) if n != 0 else None
+    if head is None:
+        logps = gather_logps(model(**inputs).logits[:, :-1], targets)
+    else:
+        # the model's own forward (a DeepSpeed engine's hooks see its outputs), its head applied to no position
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=targets.new_zeros(0))
+        keep = mask.bool()
+        picked = target_logps(out.hidden_states[-1][:, :-1][keep], targets[keep], head,
+                              chunk_tokens(head.module.out_features, n))
+        logps = picked.new_zeros(keep.shape).masked_scatter(keep, picked)
+    mask = mask.to(logps.dtype)
     if is_packed(batch, prefix):
         logps, mask = unpack(logps, batch, prefix), unpack(mask, batch, prefix)
     return logps, mask
+
+
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → its Head, or None (checked once)
+
+
+def output_head(model) -> Head | None:
+    """The chunkable output head of ``model`` (a DeepSpeed engine, a peft model or a transformers model), or
+    None when the full path must be taken (said once per model)."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine
+    root = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft
+    if root not in _HEADS:
+        head, why = _find_head(model, root)
+        if why:
+            say(f"xright: log-probs of {type(root).__name__} take the full [tokens, vocab] path: {why}")
+        _HEADS[root] = head
+    return _HEADS[root]
+
+
+def _find_head(model, root) -> tuple[Head | None, str]:
+    get = getattr(root, "get_output_embeddings", None)
+    linear = get() if callable(get) else None
+    if type(linear) is not torch.nn.Linear:  # a LoRA-adapted or quantised head, or none
+        return None, f"its output head is {type(linear).__name__}, not a plain linear layer"
+    config = root.config
+    scale = getattr(root, "logit_scale", None)  # Cohere multiplies its logits by it
+    scale = 1.0 if scale is None else scale
+    if not isinstance(scale, (int, float)):
+        return None, f"its logit_scale is a {type(scale).__name__}"
+    if getattr(config, "logits_scaling", None):  # Granite divides by it
+        scale = scale / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
+    head = Head(linear, float(scale), float(cap) if cap else None)
+    # the check: on a short fixed input (the same on every rank), the head must give the model's own logits
+    ids = (torch.arange(1, 17, device=linear.weight.device) * 7919 % linear.out_features)[None]
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    modes = {m: m.training for m in root.modules()}
+    root.eval()
+    try:
+        with torch.no_grad():
+            full = model(**kw).logits[0].float()
+            out = model(**kw, output_hidden_states=True, logits_to_keep=ids.new_zeros(0))
+            if out.logits is not None and out.logits.numel():
+                return None, "its forward ignores logits_to_keep"
+            if not out.hidden_states:
+                return None, "its forward returns no hidden states"
+            ours = _call_as(linear, head.logits, out.hidden_states[-1][0])
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        return None, f"its forward refuses (output_hidden_states, logits_to_keep): {e}"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    tol = 1e-4 if linear.weight.dtype == torch.float32 else 3e-2  # relative; bf16 logits carry 8 bits
+    err = (ours - full).abs().max().item() if ours.shape == full.shape else float("inf")
+    if not err <= tol * full.abs().max().clamp_min(1.0).item():
+        return None, f"its logits are not scale·cap·tanh(head(last hidden state)/cap) (max difference {err:.3g})"
+    return head, ""
 
 
 def num_tokens(batch: dict) -> torch.Tensor:
@@ -77,13 +271,14 @@ def num_tokens(batch: dict) -> torch.Tensor:
         else batch["attention_mask"].sum()
 
 
-def sequence_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-prob and response length per row: ([N], [N]).
 
     Divide the first by the second for the length-averaged variants (IPO-average, SimPO). For a packed
     row this is a segment sum of the row's token log-probs.
     """
-    logps, mask = token_logps(model, batch, prefix)
+    logps, mask = token_logps(model, batch, prefix, chunk_size)
     return (logps * mask).sum(-1), mask.sum(-1)
 
 

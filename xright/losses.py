@@ -1,10 +1,10 @@
 """Pure tensor loss functions for xright.
 
 Every function here is a pure function of tensors: no model calls, no reductions over the
-batch (the caller reduces; see DESIGN.md section 4 for how per-example losses and the SFT
+batch (the caller reduces; see docs/DESIGN.md section 4 for how per-example losses and the SFT
 token mean are scaled under DeepSpeed), no ``.item()``.
 
-Notation (DESIGN.md section 1): π = policy log-prob, ρ = reference log-prob of a whole
+Notation (docs/DESIGN.md section 1): π = policy log-prob, ρ = reference log-prob of a whole
 response, i.e. the sum of its token log-probs unless a docstring says otherwise (computing
 those sums/means is ``xright.logprobs``' job, not this module's). B is the batch size,
 T the sequence length, K the number of completions per prompt.
@@ -48,7 +48,7 @@ def sft_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         returns:     [B] float, -Σ_t mask[b, t] · token_logps[b, t].
 
     Standard maximum-likelihood SFT. The result is a per-example *sum*, not a mean: the SFT
-    objective (DESIGN.md section 1) is the token mean over all N response tokens of one
+    objective (docs/DESIGN.md section 1) is the token mean over all N response tokens of one
     optimizer step across all ranks and accumulation steps, so the caller divides the sum of
     these values by that global N (under DeepSpeed: each micro-step loss is
     Σ_b sft_nll × W × G / N, because backward divides by G and the gradient all-reduce by W).
@@ -95,18 +95,16 @@ def dpo(
     losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
     if label_smoothing != 0.0:
         losses = losses - label_smoothing * F.logsigmoid(-beta * h)
-    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
-    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 
-def ipo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-):
+def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO's implicit rewards β(π − ρ) of the chosen and rejected responses, detached (for logging)."""
+    return (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
+
+
+def ipo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+        ref_rejected: torch.Tensor, beta: float):
     """Identity Preference Optimisation (IPO).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
@@ -127,9 +125,7 @@ def ipo(
     """
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
-    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
-    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, *_implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 
 def slic(
@@ -155,14 +151,8 @@ def slic(
     return F.relu(delta - policy_chosen + policy_rejected) - lambda_reg * policy_chosen
 
 
-def simpo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-    beta: float = 2.0,
-    gamma: float = 0.5,
-):
+def simpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
+          rejected_lengths: torch.Tensor, beta: float = 2.0, gamma: float = 0.5):
     """Simple Preference Optimisation (SimPO), reference-free and length-normalised.
 
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,10 @@ TINY_CHAT_TEMPLATE = (
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+class PackingRefused(ModelLoadError):
+    """--packing_samples on a model whose packed rows would not give its padded rows' log-probs."""
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -107,6 +113,7 @@ class LoraSpec:
 
 
 VARLEN_SDPA = "xright_varlen_sdpa"
+VARLEN_SDPA_CHECKED = VARLEN_SDPA + "_checked"
 
 
 def register_varlen_attention() -> str:
@@ -115,10 +122,14 @@ def register_varlen_attention() -> str:
     A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` kwarg that
     ``logprobs.model_inputs`` passes to every packed forward. Plain SDPA on a packed row computes the
     whole L×L product under a block-diagonal mask (measured only 1.16× over padded batches here); this
-    computes Σ Lᵢ². Without ``cu_seq_lens_q`` (padded batches, generation) it is transformers' SDPA
-    with transformers' SDPA mask, unchanged. Its mask function builds no mask when there is no 2-D
-    attention mask, so a packed row never materialises L×L. Sliding windows (Mistral, some Qwen2
-    layers) are not applied to packed rows: a sequence longer than the window is an error.
+    computes Σ Lᵢ². Without ``cu_seq_lens_q`` (padded batches, generation, or a model class that does not
+    pass its forward's kwargs down to its attention) it is transformers' SDPA with the mask transformers
+    built, which for a packed row is the block-diagonal mask it derives from the position ids: the mask
+    function is transformers' own, so a row whose boundaries do not reach the attention is still exact
+    (:func:`check_model` reports which of the two ran, and moves a model whose every attention call got
+    the boundaries to ``VARLEN_SDPA_CHECKED``, which builds no mask for packed rows). Sliding windows
+    (Mistral, some Qwen2 layers) are not applied to packed rows: a sequence longer than the window is an
+    error.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -138,19 +149,26 @@ def register_varlen_attention() -> str:
                 for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)))]
         return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim], as sdpa_attention_forward returns
 
-    def mask(*args, attention_mask=None, **kwargs):
+    def no_packed_mask(*args, attention_mask=None, **kwargs):
         return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
     AttentionInterface.register(VARLEN_SDPA, attention)
-    AttentionMaskInterface.register(VARLEN_SDPA, mask)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    # the same attention for a model whose every attention call was seen to get the boundaries
+    # (check_model): transformers' L×L mask of a packed row would be built and never read (measured
+    # 130 ms and 23 MiB per forward at 4.9k tokens on one CPU thread, 256 MiB at 16k)
+    AttentionInterface.register(VARLEN_SDPA_CHECKED, attention)
+    AttentionMaskInterface.register(VARLEN_SDPA_CHECKED, no_packed_mask)
     return VARLEN_SDPA
 
 
-def attn_implementation(flash_attn: bool, packing: bool = False) -> str:
-    """flash-attention-2 (``--flash_attn``, reads packed rows' cu_seqlens itself), else with
-    ``--packing_samples`` the per-sequence SDPA above, else PyTorch SDPA."""
+def attn_implementation(flash_attn: bool) -> str | None:
+    """What to ask transformers for: flash-attention-2 with ``--flash_attn``, else None, which transformers
+    resolves to SDPA where the model class supports it and to the class's own eager attention where it
+    does not (Gemma-2's soft-capping, Bloom/MPT's ALiBi, GPT-Neo, XGLM, GPT-OSS's sinks …).
+    ``--packing_samples`` then swaps SDPA for the per-sequence SDPA (:func:`load_model`)."""
     if not flash_attn:
-        return register_varlen_attention() if packing else "sdpa"
+        return None
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
         raise ModelLoadError(
             "--flash_attn needs the flash-attn package and a CUDA GPU "
@@ -159,13 +177,152 @@ def attn_implementation(flash_attn: bool, packing: bool = False) -> str:
     return "flash_attention_2"
 
 
+def _use_varlen(model) -> None:
+    """--packing_samples on a model that runs SDPA through transformers' attention interface: the
+    per-sequence SDPA. Other classes keep their attention (and transformers' block-diagonal mask)."""
+    if model.config._attn_implementation == "sdpa" and getattr(model, "_supports_attention_backend", False):
+        model.config._attn_implementation = register_varlen_attention()
+
+
+# Layers that carry state along a row (recurrent, state-space, linear attention): whatever the mask, a
+# packed sequence would start from the state its predecessor left. Found from config fields where the
+# family has them, by model type where it has none.
+_STATE_FIELDS = re.compile(r"^(mamba_|ssm_|lru_|linear_attn|linear_conv|conv_l_cache$|state_size$|d_state$|"
+                           r"conv1d_width$|time_mix|rescale_every$)")
+_STATE_TYPES = {"rwkv", "xlstm", "mamba", "mamba2", "falcon_mamba"}
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local",
+                     "mlp", "moe"}
+
+
+def recurrent_state(config) -> str | None:
+    """Why packed rows of this model cannot be exact (state crossing sequence boundaries), or None."""
+    if config.model_type in _STATE_TYPES:
+        return f"recurrent/state-space layers (model type {config.model_type})"
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(config, key, None)
+        other = sorted({str(k) for k in kinds or ()} - _ATTENTION_LAYERS) if isinstance(kinds, (list, tuple)) else []
+        if other:
+            return f"{other[0]} layers (config {key})"
+    fields = [k for k in config.to_dict() if _STATE_FIELDS.match(k.lower())]
+    if fields:
+        return f"recurrent/state-space layers (config field {fields[0]})"
+    return None
+
+
+def _hf_model(model):
+    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
+    from transformers import PreTrainedModel
+
+    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+
+
+# The packed-vs-padded probe: a few short sequences of fixed tokens (the same on every rank, so that
+# ranks probing a ZeRO-3 engine in lockstep decide alike)
+_PROBE_LENGTHS = (6, 3, 11, 8)
+
+
+def check_model(model, *, packing: bool) -> str:
+    """Decide, before step 1, how ``model`` (a model, a peft model or a DeepSpeed engine: under ZeRO-3
+    every rank must call this together) attends and, with ``packing``, whether its packed rows give
+    exactly its padded rows' log-probs; return the line to print, or raise :class:`PackingRefused`.
+
+    Refused outright: layers with state along the row (:func:`recurrent_state`). Otherwise two
+    forwards decide: (1) per-token log-probs of a packed row against the same sequences padded
+    (within 1e-5 × the largest |log-prob| in float32; 1e-2 × in 16-bit, where the two layouts' rounding
+    differs by ~5e-4 ×) and (2) the row again with its first sequence changed: no other sequence's
+    log-probs may move (within 1e-6 ×, in any precision: exact attention gives identical numbers). The
+    second check catches a leak across sequences that the first cannot see under 16-bit noise.
+    Accepted with every attention call of the packed row given its boundaries, the model moves to
+    ``VARLEN_SDPA_CHECKED`` (no packed-row mask built: it would never be read).
+    """
+    hf = _hf_model(model)
+    config = hf.config
+    line = f"attention: {config._attn_implementation} ({config.model_type})"
+    if not packing:
+        return line
+    why = recurrent_state(config)
+    if why:
+        raise PackingRefused(f"--packing_samples cannot be exact for {config.model_type}: its {why} carry state "
+                             "from one sequence of a packed row into the next; drop --packing_samples "
+                             "(--group_by_length also cuts padding)")
+    from xright.data.collate import collate
+    from xright.logprobs import token_logps
+
+    vocab = hf.get_input_embeddings().num_embeddings
+    pad = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda n: [(t + (t == pad)) % vocab  # noqa: E731
+                        for t in torch.randint(0, vocab, (n,), generator=g).tolist()]
+    seqs = [{"id": str(i), "prompt_ids": tokens(1), "response_ids": tokens(n - 1)}
+            for i, n in enumerate(_PROBE_LENGTHS)]
+    changed = [dict(seqs[0], prompt_ids=tokens(1), response_ids=tokens(_PROBE_LENGTHS[0] - 1))] + seqs[1:]
+    device = next(model.parameters()).device
+    calls = []
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            run = lambda exs, packed: token_logps(model, {  # noqa: E731
+                k: v.to(device) if torch.is_tensor(v) else v for k, v in collate("sft", exs, pad, packed).items()})
+            padded, mask = run(seqs, False)
+            with _counting_varlen(calls):
+                packed, _ = run(seqs, True)
+            other, _ = run(changed, True)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    scale = max(1.0, float((padded * mask).abs().max()))
+    full = next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.float32
+    delta = float(((packed - padded) * mask).abs().max())
+    leak = float(((other - packed) * mask)[1:].abs().max())
+    tol = (1e-5 if full else 1e-2) * scale
+    if delta > tol or leak > 1e-6 * scale:
+        raise PackingRefused(
+            f"--packing_samples: packed rows of this {config.model_type} model are not exact with "
+            f"{config._attn_implementation} attention (packed vs padded log-probs differ by up to {delta:.1e}, "
+            f"allowed {tol:.1e}; changing one sequence moves the others' by {leak:.1e}); drop --packing_samples "
+            "(--group_by_length also cuts padding)")
+    per_seq = sum(c is not None for c in calls)
+    if calls and per_seq == len(calls):
+        how = f"per-sequence SDPA in {per_seq} of {len(calls)} attention calls"
+        config._attn_implementation = VARLEN_SDPA_CHECKED
+    elif config._attn_implementation.startswith("flash"):
+        how = "flash-attention's variable-length kernel"
+    else:
+        how = "transformers' block-diagonal mask from the position ids"
+    return f"{line}; packed rows exact (max |Δ| log-prob {delta:.1e} vs padded, {how})"
+
+
+@contextlib.contextmanager
+def _counting_varlen(calls: list):
+    """Records the ``cu_seq_lens_q`` (None: the whole row under the mask) of each call into xright's
+    per-sequence SDPA, if it is registered: which attention a probe's packed row really ran."""
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    inner = {name: mapping[name] for name in (VARLEN_SDPA, VARLEN_SDPA_CHECKED) if name in mapping}
+
+    def counted(fn):
+        def attention(*args, cu_seq_lens_q=None, **kwargs):
+            calls.append(cu_seq_lens_q)
+            return fn(*args, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+        return attention
+
+    mapping.update({name: counted(fn) for name, fn in inner.items()})
+    try:
+        yield
+    finally:
+        mapping.update(inner)
+
+
 def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False, flash_attn: bool = False,
                lora: LoraSpec | None = None, gradient_checkpointing: bool = False,
                gradient_checkpointing_use_reentrant: bool = False, load_in_4bit: bool = False,
                trust_remote_code: bool = False, seed: int = 42, vocab_size: int | None = None,
                trainable: bool = True, packing: bool = False, pad_token_id: int | None = None):
-    """Policy, reference or reward model (``packing``: its attention reads packed rows, see
-    :func:`attn_implementation`).
+    """Policy, reference or reward model. Attention: see :func:`attn_implementation`; with ``packing`` a
+    model that runs SDPA through transformers' attention interface gets the per-sequence SDPA
+    (:func:`register_varlen_attention`). Whether its packed rows are exact is :func:`check_model`'s call.
 
     ``task`` is "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
     num_labels=1: a scalar head that HF reads at the last non-pad token). ``tiny`` builds a
@@ -177,10 +334,10 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         raise ValueError(f"unknown task {task!r}")
     dtype = torch.bfloat16 if bf16 else torch.float32
     auto = AutoModelForCausalLM if task == "causal" else AutoModelForSequenceClassification
-    attn = attn_implementation(flash_attn, packing)
+    attn = attn_implementation(flash_attn)
     if pretrain in (None, TINY):
         config = tiny_config(vocab_size or 258)
-        config._attn_implementation = attn
+        config._attn_implementation = attn or "sdpa"
         if task == "reward":
             config.num_labels = 1
         # The class constructor, not from_config: from_config would build under ZeRO-3's zero.Init,
@@ -199,6 +356,8 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
             model = auto.from_pretrained(pretrain, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {pretrain!r}: {e}") from e
+    if packing and not flash_attn:
+        _use_varlen(model)
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         # Llama-3.x-Instruct lists several eos ids; transformers 5 refuses a list as the pad id
@@ -208,8 +367,11 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         model.eval().requires_grad_(False)
         return model
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": gradient_checkpointing_use_reentrant})
+        kwargs = {"use_reentrant": gradient_checkpointing_use_reentrant}
+        if hasattr(model, "activation_checkpointing_enable"):  # its new name; the old one warns "removed in v6"
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers before the rename
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora is not None and lora.rank > 0:
         model = _apply_lora(model, lora, task, gradient_checkpointing)
     return model
@@ -248,7 +410,9 @@ def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
     )
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing (not our call)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_peft(model) -> bool:

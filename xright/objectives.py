@@ -3,13 +3,14 @@
 An objective returns *sums* over its normalisation units (response tokens for SFT, examples for
 the preference losses) and reports how many units a micro-batch holds; the trainer divides by
 the units of the whole optimizer step across ranks, so every loss is a true global mean however
-the step is split into micro-batches and ranks (DESIGN.md §4). Facts the loop needs (data kind,
+the step is split into micro-batches and ranks (docs/DESIGN.md §4). Facts the loop needs (data kind,
 whether a reference model is needed) live here, never as ``if name == ...`` in the loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -42,17 +43,46 @@ class Reference:
             module.train(was_training)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A hyperparameter flag (``--name``). ``own``: one per objective in a joint run (``--dpo_beta``), else one
+    for all objectives that read it. ``type`` None: the default's (a bool default makes a switch)."""
+
+    name: str
+    default: object = None
+    help: str = ""
+    own: bool = False
+    type: Callable | None = None
+
+
+REF_PRETRAIN = Flag("ref_pretrain", None, "reference model; default: --pretrain", type=str)
+BETA = Flag("beta", 0.1, "β, the objective's temperature (EXO: the policy's β_π; SimPO: its reward scale, ≈ 2)",
+            own=True)
+
+
 class Objective:
     kind: str = ""                # data kind: sft | pairwise | binary | scored
     needs_reference: bool = False
-    unit: str = "examples"        # what the loss is averaged over
-    # Mean over ranks, for an objective whose loss needs a collective (KTO's z). common.run sets it
-    # from the strategy; the default suits one process (unit tests).
+    flags: tuple = ()             # the Flags build() reads
+    defaults: dict = {}           # a loss's own defaults for its own flags (train_joint's --NAME_beta)
+    # Mean over ranks, for an objective whose loss needs a collective (KTO's z): bind() takes it from the
+    # strategy; the default suits one process (unit tests).
     reduce_mean: Callable = staticmethod(lambda t: t)
     min_micro_batch: int = 1
     # batch prefixes of reference rows that depend on the micro-batch's composition, so a table of
     # precomputed log-probs (xright.refcache) cannot hold them: they stay on a live reference
     live_reference_prefixes: tuple = ()
+
+    @classmethod
+    def build(cls, loss: str, get: Callable[[str], object]) -> "Objective":
+        return cls()  # from its flags' values, get(flag name)
+
+    def bind(self, strategy) -> None:
+        """Take the collectives from the run's strategy (objectives import no deepspeed)."""
+        self.reduce_mean = lambda t: strategy.all_reduce(t, op="mean")
+
+    def check_data(self, examples: list) -> None:
+        """Warn about training data this objective can use but should not (once the data is loaded)."""
 
     def check_micro_batch(self, micro_batch_size: int) -> None:
         """ValueError, saying why, when micro-batches of this size cannot be computed."""
@@ -67,9 +97,9 @@ class Objective:
 
 
 class SFT(Objective):
-    """Token-mean NLL of the responses; the prompt is masked (DESIGN.md §1 ``sft``)."""
+    """Token-mean NLL of the responses; the prompt is masked (docs/DESIGN.md §1 ``sft``)."""
 
-    kind, unit = "sft", "tokens"
+    kind = "sft"
 
     def units(self, batch):
         return batch["loss_mask"][:, 1:].sum().float()
@@ -88,14 +118,38 @@ class PrefParams:
     slic_delta: float = 1.0
     slic_lambda: float = 0.0
     simpo_gamma: float = 0.5
+    extra: dict = field(default_factory=dict)  # the values of a table entry's own flags (PairLoss.flags)
 
 
-@dataclass
+PAIR_FLAGS = (
+    BETA,
+    Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
+    Flag("ipo_average", PrefParams.ipo_average,
+         "IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)"),
+    Flag("slic_delta", PrefParams.slic_delta, "SLiC hinge margin δ"),
+    Flag("slic_lambda", PrefParams.slic_lambda, "SLiC weight of the chosen NLL regulariser"),
+    Flag("simpo_gamma", PrefParams.simpo_gamma, "SimPO target margin γ (use --beta ≈ 2)"),
+    REF_PRETRAIN)
+
+
+@dataclass(frozen=True)
 class PairLoss:
-    """fn(params, π_c, π_r, ρ_c, ρ_r, |y_c|, |y_r|) → (losses, chosen_rewards, rejected_rewards)."""
+    """A pairwise loss in :data:`OBJECTIVES`: fn(params, π_c, π_r, ρ_c, ρ_r, |y_c|, |y_r|) → (losses,
+    chosen_rewards, rejected_rewards). ``own_flags``: hyperparameters only this loss reads (in
+    ``params.extra``); ``defaults``: its defaults for the per-objective flags (β) of a joint run."""
 
     fn: Callable
     needs_reference: bool
+    own_flags: tuple = ()
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def flags(self) -> tuple:
+        return PAIR_FLAGS + self.own_flags
+
+    def build(self, loss: str, get: Callable[[str], object]) -> "Pairwise":
+        return Pairwise(loss, PrefParams(**{f.name: get(f.name) for f in fields(PrefParams) if f.name != "extra"},
+                                         extra={f.name: get(f.name) for f in self.own_flags}))
 
 
 def _ipo(p, pc, pr, rc, rr, lc, lr):
@@ -108,24 +162,21 @@ def _slic(p, pc, pr, rc, rr, lc, lr):
     return L.slic(pc, pr, p.slic_delta, p.slic_lambda), pc.detach(), pr.detach()
 
 
-PAIR_LOSSES = {
-    "dpo": PairLoss(lambda p, pc, pr, rc, rr, lc, lr: L.dpo(pc, pr, rc, rr, p.beta, p.label_smoothing), True),
-    "ipo": PairLoss(_ipo, True),
-    "slic": PairLoss(_slic, False),
-    "simpo": PairLoss(lambda p, pc, pr, rc, rr, lc, lr: L.simpo(pc, pr, lc, lr, p.beta, p.simpo_gamma), False),
-}
+def pairwise_losses() -> list[str]:
+    """The names of the pairwise losses registered in :data:`OBJECTIVES` (``--loss`` of train_dpo)."""
+    return [name for name, entry in OBJECTIVES.items() if isinstance(entry, PairLoss)]
 
 
 class Pairwise(Objective):
-    """A pairwise preference loss (dpo, ipo, slic, simpo) on chosen/rejected in one forward."""
+    """A pairwise preference loss (dpo, ipo, slic, simpo, …: :data:`OBJECTIVES`) on chosen/rejected in one forward."""
 
     kind = "pairwise"
 
     def __init__(self, loss: str = "dpo", params: PrefParams | None = None):
-        if loss not in PAIR_LOSSES:
-            raise ValueError(f"unknown pairwise loss {loss!r}; choose from {sorted(PAIR_LOSSES)}")
-        self.loss, self.params = loss, params or PrefParams()
-        self.needs_reference = PAIR_LOSSES[loss].needs_reference
+        if not isinstance(OBJECTIVES.get(loss), PairLoss):
+            raise ValueError(f"unknown pairwise loss {loss!r}; choose from {sorted(pairwise_losses())}")
+        self.loss, self.params, self.entry = loss, params or PrefParams(), OBJECTIVES[loss]
+        self.needs_reference = self.entry.needs_reference
 
     def __call__(self, model, reference, batch):
         pi, lengths = sequence_logps(model, batch)
@@ -134,7 +185,7 @@ class Pairwise(Objective):
             rho = split_choices(reference.sequence_logps(batch)[0], 2)
         else:
             rho = torch.zeros_like(pi)
-        losses, rc, rr = PAIR_LOSSES[self.loss].fn(
+        losses, rc, rr = self.entry.fn(
             self.params, pi[:, 0], pi[:, 1], rho[:, 0], rho[:, 1], lengths[:, 0], lengths[:, 1])
         total = losses.sum()
         return total, {
@@ -185,7 +236,7 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 class RewardModel(Objective):
-    """Bradley–Terry reward model: −log σ(s_c − s_r − m) on a scalar head (DESIGN.md §1 ``rm``).
+    """Bradley–Terry reward model: −log σ(s_c − s_r − m) on a scalar head (docs/DESIGN.md §1 ``rm``).
 
     Trains a ``load_model(task="reward")`` model (num_labels=1), scores read by
     :func:`reward_scores`. ``m`` is the batch's per-pair ``margin`` when present and
@@ -229,7 +280,7 @@ KTO_MICRO_BATCH_ERROR = ("KTO needs micro batch size >= 2: its KL estimate pairs
 
 
 class KTO(Objective):
-    """Kahneman–Tversky Optimisation on binary (desirable / undesirable) feedback (DESIGN.md §1 ``kto``).
+    """Kahneman–Tversky Optimisation on binary (desirable / undesirable) feedback (docs/DESIGN.md §1 ``kto``).
 
     z is ``losses.kto_kl`` on the collator's mismatched rows (x_i, y_{i+1}) of the micro-batch
     (policy forward without grad: z is detached anyway), averaged over ranks by
@@ -239,9 +290,25 @@ class KTO(Objective):
 
     kind, needs_reference, min_micro_batch = "binary", True, 2
     live_reference_prefixes = ("kl_",)  # (x_i, y_{i+1}) changes with every epoch's shuffle
+    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"), REF_PRETRAIN)
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    @classmethod
+    def build(cls, loss, get):
+        return cls(get("beta"), get("desirable_loss_weight"), get("undesirable_loss_weight"))
+
+    def check_data(self, examples):
+        """The KTO paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3]; say so (rank 0) when outside."""
+        n_d = sum(bool(e["label"]) for e in examples)
+        n_u = len(examples) - n_d
+        num, den = self.desirable_weight * n_d, self.undesirable_weight * n_u
+        ratio = num / den if den else float("inf")
+        if not 1.0 <= ratio <= 4 / 3 and os.environ.get("RANK", "0") == "0":
+            print(f"warning: KTO: λ_D·n_D / (λ_U·n_U) = {self.desirable_weight}·{n_d} / "
+                  f"({self.undesirable_weight}·{n_u}) = {ratio:.3f} is outside [1, 4/3], the range the KTO paper "
+                  "advises; adjust --desirable_loss_weight / --undesirable_loss_weight", flush=True)
 
     def check_micro_batch(self, micro_batch_size: int) -> None:
         if micro_batch_size < self.min_micro_batch:
@@ -287,6 +354,14 @@ class EXO(Objective):
     """
 
     needs_reference = True
+    flags = (BETA, Flag("beta_r", 1.0, "reward temperature β_r of the *-rw target softmax(r/β_r)"),
+             Flag("exo_epsilon", None, "*-pref target [1−ε, ε]; default: the EXO reference code's log-weight −10 for "
+                  "the rejected answer (p ≈ [1−4.5e-5, 4.5e-5]); TRL's exo_pair uses ε = 1e-3", type=float),
+             REF_PRETRAIN)
+
+    @classmethod
+    def build(cls, loss, get):
+        return cls(loss, get("beta"), get("beta_r"), get("exo_epsilon"))
 
     def __init__(self, loss: str = "exo-pref", beta: float = 0.1, beta_r: float = 1.0, epsilon: float | None = None):
         if loss not in EXO_LOSSES:
@@ -317,3 +392,17 @@ class EXO(Objective):
             "logp": pi.detach().mean(-1).sum(),
         }
 
+
+
+# ---- the registry: one plain name -> factory (.flags, .build(name, get)) ------------------------------
+
+OBJECTIVES = {
+    "sft": SFT,
+    "dpo": PairLoss(lambda p, pc, pr, rc, rr, lc, lr: L.dpo(pc, pr, rc, rr, p.beta, p.label_smoothing), True),
+    "ipo": PairLoss(_ipo, True),
+    "slic": PairLoss(_slic, False),
+    "simpo": PairLoss(lambda p, pc, pr, rc, rr, lc, lr: L.simpo(pc, pr, lc, lr, p.beta, p.simpo_gamma), False,
+                      defaults={"beta": 2.0}),
+    "kto": KTO,
+    **{name: EXO for name in EXO_LOSSES},
+}

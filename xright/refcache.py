@@ -10,15 +10,16 @@ is small, two float32 per completion — and the reference model is released.
 
 The table is stored as safetensors under ``--ref_cache_dir`` (default ``<ckpt_path>/ref_cache``),
 named by a fingerprint of the reference model (path + its files' names, sizes and mtimes and
-the config's content; for ``tiny``: its config and seed), dtype and attention, the tokenizer,
-each objective's max_len, truncation and templates, and the code that computes log-probs (the
-sources of logprobs, models, collate and this module; torch and transformers versions). Inside, every example carries a hash of
+the config's content; for ``tiny``: its config and seed), the precision of the resolved DeepSpeed
+config (a --deepspeed file may enable bf16 without --bf16) and the attention, the tokenizer, each
+objective's max_len, truncation and templates, and the code that computes log-probs (the sources
+of :data:`LOGP_MODULES`; torch and transformers versions). Inside, every example carries a hash of
 its token ids, so a table is reused only when every id of this run is in it with the same
 tokens: a second run (or a resumed one) loads it in seconds, and any change recomputes.
 
 :class:`CachedReference` is a :class:`~xright.objectives.Reference`: ``sequence_logps(batch)``
 returns the same summed log-probs and lengths, rows K-major, looked up by ``batch["ids"]``.
-Objectives cannot tell the difference and the trainer does not change (DESIGN.md §3).
+Objectives cannot tell the difference and the trainer does not change (docs/DESIGN.md §3).
 
 KTO's KL rows (prefix ``kl_``) pair prompt i with completion i+1 of the same micro-batch, which
 changes every epoch, so they cannot be tabled: an objective lists such prefixes in
@@ -91,20 +92,35 @@ def model_fingerprint(pretrain: str | None, seed: int, vocab_size: int) -> dict:
     return _files_fingerprint(path)
 
 
+# Every module whose code can change a reference log-prob: a fix to a mask, an attention path, the LoRA
+# adapters-off reference or the reference's dtype must not be answered from a table computed before it.
+LOGP_MODULES = (
+    "xright.logprobs",      # log-probs from logits, packed rows
+    "xright.models",        # model building, attention implementations, adapters_disabled
+    "xright.objectives",    # Reference: a separate model or the LoRA policy with its adapters off
+    "xright.strategy",      # the reference's DeepSpeed config and dtype cast
+    "xright.data.collate",  # batch layout: padding, packing, position ids
+    "xright.refcache",      # this pass: batching, row order
+)
+
+
 def code_fingerprint() -> dict:
-    """The code that turns token ids into reference log-probs: a fix to a mask or an attention path
-    must not be answered from a table computed before it."""
+    """Hash of the sources of :data:`LOGP_MODULES`, with the torch and transformers versions."""
+    import importlib
+
     import transformers
 
-    from xright import data, logprobs, models
+    h = hashlib.sha256()
+    for name in LOGP_MODULES:
+        with open(importlib.import_module(name).__file__, "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return {"sources_sha256": h.hexdigest(), "torch": torch.__version__, "transformers": transformers.__version__}
 
-    sources = [logprobs.__file__, models.__file__, os.path.join(os.path.dirname(data.__file__), "collate.py"), __file__]
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()
-    return {"sources_sha256": digest, "torch": torch.__version__, "transformers": transformers.__version__}
 
-
-def fingerprint(args, specs, tokenizer) -> dict:
-    """Everything besides the token ids that decides the reference log-probs of this run's examples."""
+def fingerprint(args, specs, tokenizer, precision: str) -> dict:
+    """Everything besides the token ids that decides the reference log-probs of this run's examples;
+    ``precision``: the models' dtype under the resolved DeepSpeed config (``Strategy.precision``), which a
+    --deepspeed file decides as well as the --bf16 flag."""
     ref_path = getattr(args, "ref_pretrain", None)
     lora_base = args.lora_rank > 0 and not ref_path  # the reference is the policy with adapters off
     chat = getattr(tokenizer, "chat_template", None)
@@ -112,7 +128,7 @@ def fingerprint(args, specs, tokenizer) -> dict:
     return {
         "format": FORMAT, "code": code_fingerprint(),
         "model": model_fingerprint(ref_path or args.pretrain, args.seed, len(tokenizer)),
-        "bf16": args.bf16, "flash_attn": args.flash_attn,
+        "precision": precision, "flash_attn": args.flash_attn,
         "load_in_4bit": bool(lora_base and args.load_in_4bit),
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "size": len(tokenizer),
                       "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
@@ -269,10 +285,13 @@ class CachedReference(Reference):
 
 
 def _release(ref: Reference) -> None:
-    """Drop a separate reference model (a DeepSpeed engine's hooks and buffers too) so its memory serves the run."""
+    """Drop a separate reference model (a DeepSpeed engine: its hooks, ZeRO state and parameters) so its memory
+    serves the run."""
     model, ref.model = ref.model, None
     if model is not None and hasattr(model, "destroy"):
-        model.destroy()
+        from xright.strategy import release_engine
+
+        release_engine(model)
     del model
     gc.collect()
 

@@ -3,7 +3,7 @@
 A schedule is pure Python (no torch) so that its decision is cheap, testable and identical on
 every rank: each rank holds the same seeded schedule, and the loop still broadcasts rank 0's
 plan, because a disagreement deadlocks ZeRO-3 and silently mixes gradients under ZeRO-2
-(DESIGN.md §2.1). A plan is one dict per optimizer step, so gradient accumulation never mixes
+(docs/DESIGN.md §2.1). A plan is one dict per optimizer step, so gradient accumulation never mixes
 objectives except in `Mix`, where mixing is the point (§2.2).
 
 Objectives are always referred to by name (§2.4); every schedule's state can be saved to JSON and
@@ -14,8 +14,10 @@ Fine-Tuning and Preference Learning": `Alright` is their Algorithm 1 (ALRIGHT), 
 Algorithm 2 (MAXRIGHT). In the two-objective CLIs the weights come from `paper_weights`.
 """
 
+import inspect
 import math
 import random
+from dataclasses import dataclass, field
 
 
 def _check_name(name, what="objective name"):
@@ -72,12 +74,34 @@ def _check_losses(losses, names, what, require_all):
     return out
 
 
+@dataclass(frozen=True)
+class ScheduleInputs:
+    """Everything a schedule may be built from, known once the data is loaded (one set for all schedules)."""
+
+    weights: dict                 # name -> weight w_k, in the objectives' order
+    optima: dict                  # name -> optimal loss L*_k (0 if unknown)
+    seed: int
+    refresh_every: int = 0        # MAXRIGHT: recompute every stale loss every N steps (0: only at the start)
+    phase_steps: dict = field(default_factory=dict)  # name -> optimizer steps of its sequential phase
+    order: tuple = ()             # sequential: phase order (default: the weights' order)
+    only: str | None = None       # single: the objective trained (default: the first)
+
+
 class Schedule:
     """Interface the training loop uses; the defaults suit schedules without feedback."""
 
     kind = ""  # key in SCHEDULES; saved in state_dict so a resume into another schedule fails
     names: tuple = ()
     needs_losses = False
+
+    @classmethod
+    def build(cls, inputs: ScheduleInputs) -> "Schedule":
+        """This schedule from the run's inputs: each constructor parameter is the :class:`ScheduleInputs`
+        field of its name (ValueError on inconsistent ones)."""
+        return cls(**{k: getattr(inputs, k) for k in inspect.signature(cls).parameters})
+
+    def reseed(self, seed: int) -> None:
+        """Re-seed any randomness of the picks (debug: ranks seeded apart, rank 0's broadcast must win)."""
 
     def plan(self, step):
         raise NotImplementedError
@@ -115,6 +139,10 @@ class Single(Schedule):
     def __init__(self, name):
         self.names = (_check_name(name),)
 
+    @classmethod
+    def build(cls, inputs):
+        return cls(inputs.only or next(iter(inputs.weights)))
+
     def plan(self, step):
         return {self.names[0]: 1.0}
 
@@ -147,6 +175,13 @@ class Sequential(Schedule):
             self.phases.append((name, n))
         self.boundaries = tuple(ends)  # cumulative ends: phase i covers [ends[i-1], ends[i])
         self.names = tuple(dict.fromkeys(name for name, _ in self.phases))
+
+    @classmethod
+    def build(cls, inputs):
+        order, names = list(inputs.order or inputs.weights), list(inputs.weights)
+        if sorted(order) != sorted(names):
+            raise ValueError(f"--order must name {names}, got {order}")
+        return cls([(n, inputs.phase_steps[n]) for n in order])
 
     def phase(self, step):
         if step < 0:
@@ -194,6 +229,9 @@ class Alright(Schedule):
         self.seed = _check_seed(seed)
         self.rng = random.Random(seed)
         self._total = sum(self.weights.values())
+
+    def reseed(self, seed):
+        self.rng.seed(seed)
 
     def plan(self, step):
         # One uniform draw per step, so the pick sequence depends only on the seed.
@@ -308,6 +346,26 @@ SCHEDULES = {
     "alright": Alright,
     "maxright": Maxright,
 }
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When a joint run stops early, as in the paper's code: every eval loss within ``eps`` of its optimum
+    (``at_optimum``), or a point of a reference Pareto front (``front``: name -> losses) dominated."""
+
+    eps: float = 0.0
+    at_optimum: bool = False
+    front: dict = field(default_factory=dict)
+
+    def reason(self, losses, optima):
+        """Why to stop given every objective's eval loss (``losses``) and optimum, or None."""
+        if self.at_optimum and all(abs(losses[k] - optima[k]) <= self.eps for k in losses):
+            return "every eval loss within --eps of its optimum"
+        for i in range(len(next(iter(self.front.values()), ()))):
+            if all(losses[k] <= self.front[k][i] for k in self.front):
+                return f"dominates reference Pareto point {i}: " + ", ".join(
+                    f"{k}={self.front[k][i]:.4f}" for k in self.front)
+        return None
 
 
 def paper_weights(lambd, sft="sft", pref="dpo"):

@@ -229,7 +229,7 @@ def close_process_group() -> list[str]:
 
     Returns the names of gloo threads still alive. Under ZeRO-3 there are some: DeepSpeed's
     partitioned parameters stay reachable from native autograd state after ``engine.destroy``, so
-    the groups cannot be freed, and the caller must not let finalisation run (``common.shutdown``).
+    the groups cannot be freed, and the caller must not let finalisation run (``lifecycle.shutdown``).
     """
     import gc
 
@@ -256,12 +256,8 @@ def release_engines() -> None:
     """
     import gc
 
-    for engine in _ENGINES:
-        try:
-            engine.destroy()
-        except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
-            pass
-    _ENGINES.clear()
+    while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
+        release_engine(_ENGINES[0], collect=False)
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
 
     if getattr(patcher, "linear_bk", None) is not None:
@@ -270,6 +266,38 @@ def release_engines() -> None:
 
     unset_hf_deepspeed_config()  # a run that failed before release_hf_config would leave ZeRO-3 model building on
     gc.collect()
+
+
+def release_engine(engine, collect: bool = True) -> None:
+    """Free one engine now: its hooks and ZeRO state, and its module with every parameter.
+
+    ``engine.destroy()`` (DeepSpeed 0.19.8) keeps ``engine.module``, DeepSpeed's ZeRO-3 forward stack keeps
+    the module, and this module's engine list keeps the engine: left so, a released reference held all its
+    (partitioned, possibly offloaded) parameters until the process ended.
+    """
+    import gc
+
+    try:
+        engine.destroy()
+    except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
+        pass
+    _ENGINES[:] = [e for e in _ENGINES if e is not engine]
+    module = engine.__dict__.pop("module", None)  # DeepSpeed stores the module both as attribute and as submodule
+    engine.__dict__.get("_modules", {}).pop("module", None)
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = parameter_offload.FWD_MODULE_STACK  # a ZeRO-3 engine pushes its module there and never pops it
+    stack[:] = [m for m in stack if m is not module]
+    # ZeRO-3's coordinator memoises which parameters to release per (coordinator, submodule, step) in one
+    # process-wide functools.lru_cache, keeping every engine's modules alive; a cleared cache only recomputes
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    memo = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(memo, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+    if collect:
+        gc.collect()
 
 
 def comm_threads() -> list[str]:
@@ -344,6 +372,13 @@ class Strategy:
     @property
     def zero_stage(self) -> int:
         return _get(self.ds_config, "zero_optimization.stage")
+
+    @property
+    def precision(self) -> str:
+        """The models' dtype under the resolved config, "bf16", "fp16" or "fp32": a --deepspeed file may enable
+        bf16 without the --bf16 flag."""
+        return "bf16" if _get(self.ds_config, "bf16.enabled") is True else \
+            "fp16" if _get(self.ds_config, "fp16.enabled") is True else "fp32"
 
     @property
     def offload_optimizer(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
+from xright.schedules import Stopping
 
 PROBE_SEED = 1_000_003  # offset of the probe loaders' seed from the training loaders'
 
@@ -44,14 +45,10 @@ class TrainArgs:
     eval_steps: int = -1
     logging_steps: int = 1
     eval_at_start: bool = True
-    # early stopping as in the paper's code: eval loss within eps of its optimum, or a point of
-    # the reference Pareto front dominated
-    eps: float = 0.0
-    stop_at_optimum: bool = False
-    ref_pareto: dict = field(default_factory=dict)
+    stopping: Stopping = field(default_factory=Stopping)  # the joint runs' early stopping
     debug_log_picks: bool = False
     pad_id: int = 0
-    # resumable checkpoints (DESIGN.md §2 invariant 5)
+    # resumable checkpoints (docs/DESIGN.md §2 invariant 5)
     save_steps: int = -1
     ckpt_path: str = "./ckpt/checkpoints"
     max_ckpt_num: int = 3
@@ -81,14 +78,14 @@ class Trainer:
         self.skipped = 0  # optimizer steps discarded for a non-finite loss or gradient
         self._terminate = False
         self._last_eval: tuple[int, dict] = (-1, {})
-        # debug: "STEP" makes every rank's loss NaN at that step, "STEP:RANK" only that rank's
-        nan_at = os.environ.get("XRIGHT_DEBUG_NAN_AT_STEP", "0").split(":")
-        self._debug_nan_step = int(nan_at[0]) if len(nan_at) == 1 or int(nan_at[1]) == strategy.rank else 0
+        # debug: "STEP" makes every rank's loss (or only its gradients) NaN at that step, "STEP:RANK" only that rank's
+        self._debug_nan_step = _debug_step("XRIGHT_DEBUG_NAN_AT_STEP", strategy.rank)
+        self._debug_nan_grad_step = _debug_step("XRIGHT_DEBUG_NAN_GRAD_AT_STEP", strategy.rank)
         # debug: rank 0 sends itself SIGTERM after this step (a scheduler's pre-emption, inside a shared launch)
         self._debug_sigterm_step = int(os.environ.get("XRIGHT_DEBUG_SIGTERM_AT_STEP", "0")) if strategy.rank == 0 else 0
         self._last_ids: dict[str, list] = {}
         # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
-        # loaders never lose a batch to a probe (DESIGN.md §2.3); another seed gives another order
+        # loaders never lose a batch to a probe (docs/DESIGN.md §2.3); another seed gives another order
         self.probe_loaders = {k: copy.copy(t.loader) for k, t in tasks.items()}  # same examples and layout
         for k, p in self.probe_loaders.items():
             p.load_state_dict({"epoch": 0, "examples": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
@@ -144,6 +141,8 @@ class Trainer:
                 if self._debug_nan_step == self.step + 1:
                     value = value * float("nan")  # debug: a non-finite loss at this step
                     metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
+                if self._debug_nan_grad_step == self.step + 1:
+                    value = value + torch.sqrt(value * 0)  # debug: + 0 in the loss, NaN (∞ · 0) in its gradients
                 loss = loss + w * value * (W / units[k])
                 for name, v in metrics.items():
                     sums[k][name] = sums[k].get(name, 0.0) + v.detach()
@@ -296,16 +295,7 @@ class Trainer:
         losses = {k: ev.get(f"eval/{k}/loss") for k in self.tasks}
         if any(v is None for v in losses.values()):
             return None
-        if self.args.stop_at_optimum and all(abs(losses[k] - self.tasks[k].optimum) <= self.args.eps
-                                             for k in losses):
-            return "every eval loss within --eps of its optimum"
-        front = self.args.ref_pareto
-        if front:
-            n = len(next(iter(front.values())))
-            for i in range(n):
-                if all(losses[k] <= front[k][i] for k in front):
-                    return f"dominates reference Pareto point {i}: " + ", ".join(f"{k}={front[k][i]:.4f}" for k in front)
-        return None
+        return self.args.stopping.reason(losses, {k: t.optimum for k, t in self.tasks.items()})
 
     def _log_eval(self) -> str | None:
         ev = self.evaluate()
@@ -344,6 +334,7 @@ class Trainer:
             info = sched.info()
             if self._pick_log is not None:
                 self._pick_log.write(json.dumps({"step": self.step + 1, "local": local_plan, "plan": plan}) + "\n")
+            lr = self.engine.get_lr()[0]  # the rate this step applies: engine.step() moves the scheduler on
             sums, units, tokens = self.train_step(plan)
             tokens_since += tokens  # on the device: no host sync outside logging steps
             self.step += 1
@@ -366,7 +357,7 @@ class Trainer:
             if log_now:
                 tok = float(s.all_reduce(tokens_since))  # every step since the last record, all ranks
                 now = time.perf_counter()
-                record.update({"lr": self.engine.get_lr()[0], "tokens": tok,
+                record.update({"lr": lr, "tokens": tok,
                                "tokens_per_sec": tok / max(now - t_since, 1e-9), "elapsed": now - start})
                 tokens_since, t_since = torch.zeros((), device=s.device), now
                 bar.set_postfix({**{k.split("/")[1]: round(v, 4) for k, v in record.items()
@@ -436,6 +427,11 @@ class Trainer:
         self.skipped += 1
         self.s.print(f"warning: skipped step: {what}")
         return {"skipped": what, "skipped_nonfinite": self.skipped}
+
+
+def _debug_step(variable: str, rank: int) -> int:
+    at = os.environ.get(variable, "0").split(":")
+    return int(at[0]) if len(at) == 1 or int(at[1]) == rank else 0
 
 
 def _poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,11 @@ trainers' seed, which also picks the built-in prompts.
 
 import argparse
 import importlib.util
+import json
 import os
 import time
 
-from xright.cli import common
+from xright.cli import flags, lifecycle
 
 TASKS = ("generate", "generate_vllm", "rm", "generate_alpaca_eval")
 
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", type=str, default=None,
                    help="policy (generate) or reward model (rm): hub id, HF dir or xright LoRA adapter dir; "
                         "default: built-in tiny model")
-    p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {common.COMPAT}")
+    p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {flags.COMPAT}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default=None, help="default: built-in preference prompts")
     g.add_argument("--dataset_probs", type=str, default="1.0")
@@ -68,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--best_of_n", type=int, default=1, help="completions per prompt")
     g.add_argument("--iter", type=int, default=None,
-                   help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size)")
+                   help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size) of the "
+                        "blend of --max_samples prompts (drawn once, so iterations never repeat a prompt)")
     g.add_argument("--rollout_batch_size", type=int, default=2048)
     g.add_argument("--enable_csft", action="store_true", default=False, help="append --csft_prompt to each prompt")
     g.add_argument("--csft_prompt", type=str, default="<rm_score>: 5.00")
@@ -79,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("reward labelling")
     g.add_argument("--post_processor", choices=sorted(POST_PROCESSORS), default=None)
     g.add_argument("--normalize_reward", action="store_true", default=False,
-                   help="(r − mean) / std with the reward model's saved statistics (train_rm writes them)")
+                   help="(r − mean) / std with the reward model's saved statistics (the reward_stats.json train_rm "
+                        "writes, else mean/std in its config.json)")
     g.add_argument("--reward_template", type=str, default=None, help="csft: default '{input} <rm_score>: {reward} '")
     g.add_argument("--kto_threshold", type=float, default=None,
                    help="kto: reward > threshold is desirable; default: above the prompt's median")
@@ -97,11 +100,11 @@ def data_spec(args):
 
 def check(args) -> None:
     if args.best_of_n < 1 or args.micro_batch_size < 1 or args.max_new_tokens < 1:
-        raise common.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
+        raise lifecycle.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
     if args.post_processor and args.eval_task != "rm":
-        raise common.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
+        raise lifecycle.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
     if args.eval_task == "generate_alpaca_eval" and args.best_of_n != 1:
-        raise common.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
+        raise lifecycle.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
     if args.greedy_sampling and args.best_of_n > 1 and os.environ.get("RANK", "0") == "0":
         print(f"warning: --greedy_sampling with --best_of_n {args.best_of_n}: the {args.best_of_n} completions of a "
               "prompt are identical", flush=True)
@@ -138,18 +141,19 @@ def generation_records(records, completions, tokenizer, eval_task: str, generato
 
 
 def run_generate(args, strategy, tokenizer) -> None:
-    from xright.generation import Progress, gather_ordered, generate, write_records
+    from xright.generation import Progress, eos_ids, gather_ordered, generate, write_records
     from xright.models import load_for_inference
 
     records, ids = prompts(args, tokenizer)
     model = load_for_inference(args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
                                load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
                                seed=args.seed, vocab_size=len(tokenizer))
+    stop = eos_ids(tokenizer, model)
     model = strategy.prepare_reference(model)
     synced = strategy.zero_stage == 3 and strategy.world_size > 1
     bar = Progress(len(records), strategy.is_rank0, "generate (rank 0)")
     start = time.perf_counter()
-    local = generate(model, ids, sampling(args), args.micro_batch_size, eos_id=tokenizer.eos_token_id,
+    local = generate(model, ids, sampling(args), args.micro_batch_size, eos_ids=stop,
                      pad_id=tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size, synced=synced,
                      device=strategy.device, progress=bar)
     bar.close()
@@ -168,7 +172,7 @@ def run_generate(args, strategy, tokenizer) -> None:
 
 def run_vllm(args) -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise common.UsageError("--eval_task generate_vllm needs vLLM, which is not installed: "
+        raise lifecycle.UsageError("--eval_task generate_vllm needs vLLM, which is not installed: "
                                 "pip install 'xright[vllm]' (CUDA GPU only), or use --eval_task generate")
     from vllm import LLM, SamplingParams
 
@@ -198,6 +202,9 @@ def run_rm(args, strategy, tokenizer) -> None:
     spec.check()
     answers = read_answers(spec)
     examples, counts = tokenize_answers(answers, tokenizer, spec)
+    if not examples:
+        raise lifecycle.UsageError(f"rm: no answers to score: the prompts of all {len(answers)} are longer than "
+                                f"--max_len {args.max_len}")
     if counts["dropped_prompt"] or counts["truncated"]:
         strategy.print(f"rm: {counts['truncated']} answers cut to --max_len {args.max_len}, "
                        f"{counts['dropped_prompt']} left out: prompt longer than --max_len")
@@ -220,7 +227,14 @@ def run_rm(args, strategy, tokenizer) -> None:
     kept = [i for i in range(len(answers)) if i in scores]
     rewards = [scores[i] for i in kept]
     if args.normalize_reward:
-        rewards, how = normalize(rewards, getattr(config, "mean", None), getattr(config, "std", None))
+        # train_rm writes reward_stats.json beside every save (a LoRA save has no config.json to hold them)
+        stats = os.path.join(os.path.expanduser(args.pretrain or ""), "reward_stats.json")
+        saved = {}
+        if args.pretrain and os.path.isfile(stats):
+            with open(stats) as f:
+                saved = json.load(f)
+        rewards, how = normalize(rewards, saved.get("mean", getattr(config, "mean", None)),
+                                 saved.get("std", getattr(config, "std", None)))
         print(f"rm: rewards normalised with {how}", flush=True)
     records = [{"id": answers[i]["id"], "prompt_id": answers[i]["prompt_id"], "input": answers[i]["prompt"],
                 "output": answers[i]["response"], "reward": r} for i, r in zip(kept, rewards)]
@@ -263,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

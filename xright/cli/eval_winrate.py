@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import replace
 
-from xright.cli import common
+from xright.cli import lifecycle
 
 
 def parser():
@@ -63,7 +63,7 @@ def aligned(files: dict, answers: dict) -> list[str]:
         ids = [r["prompt_id"] for r in recs]
         dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
         if dup:
-            raise common.UsageError(f"{files[name]}: {len(dup)} prompts have several answers (first {dup[0]!r}); "
+            raise lifecycle.UsageError(f"{files[name]}: {len(dup)} prompts have several answers (first {dup[0]!r}); "
                                     "the judge compares one answer per prompt (generate without --best_of_n)")
         if order is None:
             order = ids
@@ -72,7 +72,7 @@ def aligned(files: dict, answers: dict) -> list[str]:
         if missing or extra:
             what = f"misses {len(missing)} (first {sorted(missing)[0]!r})" if missing else \
                 f"has {len(extra)} extra (first {sorted(extra)[0]!r})"
-            raise common.UsageError(f"{files[name]} {what} prompts of the baseline {next(iter(files.values()))}: "
+            raise lifecycle.UsageError(f"{files[name]} {what} prompts of the baseline {next(iter(files.values()))}: "
                                     "generate both for the same prompts")
     return order
 
@@ -129,11 +129,11 @@ def main(argv=None):
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     names = [n.strip() for n in args.names.split(",")] if args.names else [_name(c) for c in candidates]
     if len(names) != len(candidates):
-        raise common.UsageError(f"{len(candidates)} --candidates but {len(names)} --names")
+        raise lifecycle.UsageError(f"{len(candidates)} --candidates but {len(names)} --names")
     baseline = args.baseline_name or _name(args.baseline)
     files = {baseline: args.baseline, **dict(zip(names, candidates))}
     if len(files) != len(candidates) + 1:
-        raise common.UsageError(f"names must differ: {baseline}, {', '.join(names)}")
+        raise lifecycle.UsageError(f"names must differ: {baseline}, {', '.join(names)}")
     files = {n: answers_file(f, n, args) for n, f in files.items()}
     strategy = Strategy(seed=args.seed)
     configure_inference(strategy, args.zero_stage, args.bf16)
@@ -148,7 +148,7 @@ def main(argv=None):
     flat = [r for n in files for r in answers[n]]
     examples, counts = tokenize_answers(flat, tokenizer, spec)
     if len(examples) != len(flat):
-        raise common.UsageError(f"{len(flat) - len(examples)} answers have a prompt longer than --max_len "
+        raise lifecycle.UsageError(f"{len(flat) - len(examples)} answers have a prompt longer than --max_len "
                                 f"{args.max_len}: raise it")
     model = strategy.prepare_reference(load_for_inference(args.reward_pretrain, task="reward", bf16=args.bf16,
                                                           flash_attn=args.flash_attn, vocab_size=len(tokenizer)))
@@ -196,4 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -6,13 +6,15 @@ Type a message and Enter. ``clear`` forgets the conversation, ``exit`` (or Ctrl-
 The conversation is rendered as the trainers render a prompt: with ``--apply_chat_template`` the
 tokenizer's chat template over all turns; otherwise each turn is ``--input_template`` with the user's
 text, followed by the model's answer and a newline. ``--ta_prompt FILE`` puts that file's text in front of
-the conversation (as XRIGHT). When the conversation outgrows ``--max_len`` the oldest turns are dropped.
+the conversation (as XRIGHT). When the conversation outgrows ``--max_len`` the oldest turns are dropped (a
+single message that is still too long keeps its BOS and its end). An answer ends at the tokenizer's eos or
+at any eos id of the model's generation config.
 """
 
 import argparse
 import sys
 
-from xright.cli import common
+from xright.cli import lifecycle
 
 CLEAR, EXIT = "clear", ("exit", "quit")
 
@@ -39,6 +41,28 @@ def parser():
     return p
 
 
+class Streamer:
+    """Prints the answer as it is generated (transformers' ``TextStreamer``), without the eos that ends it: an
+    eos id of the model's generation config need not be a special token that decoding skips."""
+
+    def __init__(self, tokenizer, stop: list[int]):
+        from transformers import TextStreamer
+
+        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop, self.prompt = set(stop), True
+
+    def put(self, value):  # generate() puts the prompt first, then each new token
+        if self.prompt:
+            self.prompt = False
+            return self.text.put(value)
+        keep = [t for t in value.reshape(-1).tolist() if t not in self.stop]
+        if keep:
+            self.text.put(value.new_tensor(keep))
+
+    def end(self):
+        self.text.end()
+
+
 def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble: str = "") -> str:
     """The prompt text for ``user`` after the (user, assistant) turns of ``history``."""
     if args.apply_chat_template:
@@ -54,27 +78,27 @@ def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble:
 def main(argv=None, stdin=None):
     args = parser().parse_args(argv)
     import torch
-    from transformers import TextStreamer
 
-    from xright.generation import Sampling, encode_prompts, generate_batch
+    from xright.generation import Sampling, encode_prompts, eos_ids, generate_batch
     from xright.data import DataSpec
     from xright.models import load_for_inference, load_tokenizer
 
     if args.input_template and "{}" not in args.input_template:
-        raise common.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
+        raise lifecycle.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
     preamble = ""
     if args.ta_prompt:
         try:
             with open(args.ta_prompt) as f:
                 preamble = f.read()
         except OSError as e:
-            raise common.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
+            raise lifecycle.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
     tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
                                trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_inference(args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn, load_in_4bit=args.load_in_4bit,
                                trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer)).to(device)
     raw = DataSpec(kind="sft", input_template=None)  # render() has templated the text already
+    stop = eos_ids(tokenizer, model)
     stdin = stdin or sys.stdin
     history: list[tuple[str, str]] = []
     print("xright chat: 'clear' forgets the conversation, 'exit' or Ctrl-D quits", flush=True)
@@ -95,18 +119,19 @@ def main(argv=None, stdin=None):
             if not user.strip():
                 continue
             while True:  # drop the oldest turns until the conversation leaves room to answer
-                ids = encode_prompts([{"prompt": render(history, user, tokenizer, args, preamble), "raw_prompt": True}],
-                                     tokenizer, raw, 0)[0]
+                prompt = [{"prompt": render(history, user, tokenizer, args, preamble), "raw_prompt": True}]
+                ids = encode_prompts(prompt, tokenizer, raw, 0)[0]
                 room = args.max_len - len(ids)
                 if room >= min(args.max_new_tokens, 16) or not history:
                     break
                 history = history[1:]
-            ids = ids[-(args.max_len - 1):]
+            if len(ids) > args.max_len - 1:  # one message alone is too long: keep BOS and its end
+                ids = encode_prompts(prompt, tokenizer, raw, args.max_len - 1)[0]
             sampling = Sampling(max_new_tokens=max(1, min(args.max_new_tokens, args.max_len - len(ids))),
                                 greedy=args.greedy_sampling, top_p=args.top_p, temperature=args.temperature,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed + len(history))
-            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            out = generate_batch(model, [ids], sampling, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            streamer = Streamer(tokenizer, stop)
+            out = generate_batch(model, [ids], sampling, eos_ids=stop, pad_id=tokenizer.pad_token_id,
                                  seed=sampling.seed, device=device, streamer=streamer)
             answer = tokenizer.decode(out[0][0], skip_special_tokens=True)
             history.append((user, answer))
@@ -115,4 +140,4 @@ def main(argv=None, stdin=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -11,10 +11,11 @@ w_sft = 1 − λ (Fernando et al. 2024).
 
 from __future__ import annotations
 
-from xright.cli import common, train_joint
-from xright.cli.train_dpo import add_pair_loss_flags, pair_objective
-from xright.objectives import SFT
-from xright.schedules import SCHEDULES, paper_weights
+import sys
+
+from xright.cli import common, flags, lifecycle, train_joint
+from xright.objectives import SFT, pairwise_losses
+from xright.schedules import SCHEDULES, Stopping, paper_weights
 
 PREF = "dpo"  # the preference objective's name in metrics (eval/dpo/loss), as in the paper's code
 
@@ -24,78 +25,68 @@ def parser(description: str, schedule: str | None, **defaults):
     # XRIGHT's joint CLIs have no --micro_train_batch_size: their DeepSpeed micro batch is 1 (loader batch)
     defaults = {"learning_rate": 1e-5, "max_epochs": 1, "wandb_project": "xright_maxright",
                 "ckpt_path": "./ckpt/checkpoints_dpo", "micro_train_batch_size": 1, **defaults}
-    p = common.base_parser(description, batch_meaning="xright", **defaults)
-    common.add_data_flags(p, "sft_", max_len=2048)
-    common.add_data_flags(p, "rlhf_", max_len=512, keys=False)
+    p = flags.base_parser(description, batch_meaning="xright", **defaults)
+    flags.add_data_flags(p, "sft_", max_len=2048)
+    flags.add_data_flags(p, "rlhf_", max_len=512, keys=False)
     p.add_argument("--sft_tokenizer_chat_template", dest="tokenizer_chat_template", type=str, default=None)
     p.add_argument("--sft_micro_train_batch_size", type=int, default=8, help="SFT examples per rank per loader batch")
     p.add_argument("--rlhf_micro_train_batch_size", type=int, default=8,
                    help="preference pairs per rank per loader batch")
-    common.add_pref_flags(p, rlhf_aliases=True)
-    add_pair_loss_flags(p)
-    g = p.add_argument_group("joint schedule (Fernando et al. 2024)")
-    if schedule is None:
-        g.add_argument("--schedule", choices=sorted(set(SCHEDULES) - {"single"}), default="alright",
-                       help="(one objective: --train_only)")
-    else:
-        p.set_defaults(schedule=schedule)
+    # XRIGHT's seq CLIs also spell the preference flags --rlhf_beta, --rlhf_ipo, --rlhf_label_smoothing
+    flags.add_objective_flags(p, pairwise_losses(), default="dpo", alias="rlhf_",
+                               aliased=("beta", "ipo", "label_smoothing"))
+    g = train_joint.add_schedule_flags(p, schedule, default="alright", choices=set(SCHEDULES) - {"single"},
+                                       order=f"sft,{PREF}")
     g.add_argument("--lambd", type=float, default=0.5, help="weight of the preference objective (1 − λ for SFT)")
-    g.add_argument("--max_eval_steps", type=int, default=-1,
-                   help="MAXRIGHT: recompute every objective's loss (no grad) every N steps; -1: only at the start")
     g.add_argument("--sft_opt", type=float, default=0.0, help="optimal SFT loss L*_sft (MAXRIGHT, ideal distance)")
     g.add_argument("--dpo_opt", type=float, default=0.0, help="optimal preference loss L*_dpo")
-    g.add_argument("--eps", type=float, default=0.0001,
-                   help="stop when both eval losses are within eps of --sft_opt/--dpo_opt (if either is set)")
-    g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {common.COMPAT}")
+    g.add_argument("--ideal_dist", type=float, default=0.0, help=f"the ideal distance is logged; {flags.COMPAT}")
     g.add_argument("--ref_pareto_sft", type=str, default="",
                    help="SFT losses of a reference front, separated by spaces or commas")
     g.add_argument("--ref_pareto_dpo", type=str, default="", help="matching preference losses; dominating a point stops")
-    g.add_argument("--steps_per_epoch", type=int, default=None,
-                   help="optimizer steps in a joint epoch (default: one pass over the SFT data, as XRIGHT)")
-    g.add_argument("--equal_length", action="store_true", default=False,
-                   help="XRIGHT's pairing: epoch = shorter loader, every loader restarts each epoch and the "
-                        "unpicked objective's batch is drawn and discarded (exact reproduction only)")
-    g.add_argument("--order", type=str, default=f"sft,{PREF}", help="sequential schedule: phase order")
-    g.add_argument("--train_only", type=str, default=None,
-                   help="train this objective only and evaluate both (train_sft_seq / train_dpo_seq)")
     return p
 
 
 def _front(args) -> dict:
     if not args.ref_pareto_sft and not args.ref_pareto_dpo:
         return {}
-    # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
-    split = lambda text: text.replace(",", " ").split()  # noqa: E731
-    try:
-        sft = [float(x) for x in split(args.ref_pareto_sft)]
-        pref = [float(x) for x in split(args.ref_pareto_dpo)]
+    try:  # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
+        sft, pref = ([float(x) for x in text.replace(",", " ").split()] for text in (args.ref_pareto_sft,
+                                                                                     args.ref_pareto_dpo))
     except ValueError as e:
-        raise common.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
+        raise lifecycle.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
                                 f"spaces: {e}") from e
     if len(sft) != len(pref):
-        raise common.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
+        raise lifecycle.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
     return {"sft": sft, PREF: pref}
 
 
 def main(argv=None, schedule: str | None = None, description: str = __doc__, **defaults):
     p = parser(description, schedule, **defaults)
-    args = common.parse(p, argv)
+    args = flags.parse(p, argv)
     if not 0.0 <= args.lambd <= 1.0:
-        raise common.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
-    args.ref_pareto = _front(args)
-    args.stop_at_optimum = bool(args.sft_opt or args.dpo_opt)
+        raise lifecycle.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
     specs = [
-        common.ObjectiveSpec("sft", SFT(), common.data_spec(args, "sft", "sft_", name="sft"),
+        common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", "sft_", name="sft"),
                              args.sft_micro_train_batch_size, args.sft_opt),
-        common.ObjectiveSpec(PREF, pair_objective(args), common.data_spec(args, "pairwise", "rlhf_", name=PREF),
+        common.ObjectiveSpec(PREF, flags.build_objective(args), flags.data_spec(args, "pairwise", "rlhf_", name=PREF),
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     if args.train_only and args.train_only not in ("sft", PREF):
-        raise common.UsageError(f"--train_only must be sft or {PREF}")
+        raise lifecycle.UsageError(f"--train_only must be sft or {PREF}")
     weights = paper_weights(args.lambd, sft="sft", pref=PREF)
     common.run(args, specs, lambda total, per_epoch, tasks: train_joint.make_schedule(args, weights, tasks),
-               steps_per_epoch=train_joint.epoch_steps(args, "sft"))
+               steps_per_epoch=train_joint.epoch_steps(args, "sft"),
+               stopping=Stopping(args.eps, at_optimum=bool(args.sft_opt or args.dpo_opt), front=_front(args)))
+
+
+def seq_main(argv, only: str, description: str):
+    """XRIGHT's train_sft_seq / train_dpo_seq: train ``only``, evaluate both, with their defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main(["--train_only", only, *argv], schedule="sequential", description=description,
+                learning_rate=5e-6, max_epochs=2, lr_scheduler="cosine_with_min_lr", wandb_project="xright_sft_seq",
+                ckpt_path="./ckpt/checkpoints_sft")
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -5,7 +5,8 @@
 Reads every RUN_DIR's ``metrics.jsonl`` and ``xright_args.json`` (written by the training CLIs) and
 writes ``<out>/pareto.png`` (one point per run: method by colour and marker, λ as a label, the
 ideal point ★, sequential runs' eval trajectories as dashed lines) and ``<out>/pareto.md`` (run,
-method, λ, final eval losses, ideal distance, optimizer steps, wall time).
+method, λ, final eval losses, ideal distance, optimizer steps, wall time). The figure needs
+matplotlib (``pip install 'xright[plot]'``); the table does not (``--table_only``).
 
 How runs are recognised, from ``xright_args.json``:
 
@@ -21,7 +22,7 @@ How runs are recognised, from ``xright_args.json``:
 
 The ideal point (L*_sft, L*_dpo) is ``--sft_opt/--dpo_opt``; else the ``--sft_opt/--dpo_opt`` the
 joint runs were given (if they agree); else the best final losses of the single-objective runs.
-The ideal distance in the table is recomputed from that point (DESIGN.md §1), so every row uses the
+The ideal distance in the table is recomputed from that point (docs/DESIGN.md §1), so every row uses the
 same one. Wall time is the training loop's (the ``done`` record), without process start-up.
 """
 
@@ -335,6 +336,7 @@ def main(argv=None) -> dict:
     p.add_argument("--inset", action="store_true", help="add a magnified view of the joint runs and the ideal point")
     p.add_argument("--title", default="SFT vs DPO loss: final eval losses per method and λ")
     p.add_argument("--dpi", type=int, default=110)
+    p.add_argument("--table_only", action="store_true", help="write only the markdown table (needs no matplotlib)")
     args = p.parse_args(argv)
     try:
         runs = [read_run(d) for d in args.runs]
@@ -345,14 +347,24 @@ def main(argv=None) -> dict:
     s_opt, d_opt, source = optimum(points, args.sft_opt, args.dpo_opt)
     os.makedirs(args.out, exist_ok=True)
     md = table(rows, s_opt, d_opt, source)
-    png = os.path.join(args.out, f"{args.name}.png")
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+    png, md_path = os.path.join(args.out, f"{args.name}.png"), os.path.join(args.out, f"{args.name}.md")
+    with open(md_path, "w") as f:
         f.write(md)
+    print(md, end="")
+    result = {"points": points, "rows": rows, "optimum": (s_opt, d_opt), "table": md}
+    if args.table_only:
+        print(f"wrote {md_path}")
+        return result
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"plot_pareto: error: the figure needs matplotlib, which is not installed: pip install 'xright[plot]' "
+              f"(wrote {md_path}; --table_only writes only the table)", file=sys.stderr)
+        sys.exit(2)
     plot(points, rows, s_opt, d_opt, png, args.trajectories, args.title, args.yscale, args.equal_axes,
          args.inset, args.dpi)
-    print(md, end="")
-    print(f"wrote {png} and {os.path.join(args.out, args.name + '.md')}")
-    return {"points": points, "rows": rows, "optimum": (s_opt, d_opt), "table": md}
+    print(f"wrote {png} and {md_path}")
+    return result
 
 
 if __name__ == "__main__":

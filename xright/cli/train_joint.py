@@ -19,107 +19,88 @@ from __future__ import annotations
 import argparse
 import re
 
-from xright.cli import common
-from xright.cli.train_exo import add_exo_flags
-from xright.cli.train_kto import add_kto_flags, warn_balance
-from xright.objectives import EXO, EXO_LOSSES, KTO, PAIR_LOSSES, SFT, Pairwise, PrefParams
-from xright.schedules import SCHEDULES, Alright, Maxright, Mix, Sequential, Single
-
-LOSSES = ["sft", *PAIR_LOSSES, "kto", *EXO_LOSSES]
-BETA = {"simpo": 2.0}  # default β per loss; 0.1 otherwise
+from xright.cli import common, flags, lifecycle
+from xright.objectives import OBJECTIVES
+from xright.schedules import SCHEDULES, ScheduleInputs, Single, Stopping
 
 
 def parse_objectives(text: str) -> dict[str, str]:
     """'sft,dpo,hh:dpo' -> {name: loss}, in order."""
-    out = {}
+    out, losses = {}, list(OBJECTIVES)
     for entry in (e.strip() for e in (text or "").split(",")):
         if not entry:
             continue
         name, _, loss = entry.partition(":")
         loss = loss or name
         if loss == "rm":
-            raise common.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
+            raise lifecycle.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
                                     "objectives share; train it on its own with xright.cli.train_rm")
-        if loss not in LOSSES:
-            raise common.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {LOSSES}")
+        if loss not in losses:
+            raise lifecycle.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-            raise common.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
+            raise lifecycle.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
         if name in out:
-            raise common.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
+            raise lifecycle.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
         out[name] = loss
     if not out:
-        raise common.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
+        raise lifecycle.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
     return out
 
 
-def prefix(name: str) -> str:
-    return name.replace("-", "_") + "_"
+def add_schedule_flags(p: argparse.ArgumentParser, schedule: str | None = None, *, default: str = "maxright",
+                       choices=None, order: str | None = None):
+    """The schedule flags of the joint CLIs (this one and the paper's presets, :mod:`xright.cli.joint`).
+    ``schedule`` fixes the schedule (no ``--schedule`` flag). Returns the group, for a CLI's own flags."""
+    g = p.add_argument_group("schedule")
+    if schedule is None:
+        g.add_argument("--schedule", choices=sorted(choices or SCHEDULES), default=default,
+                       help="(one objective: --train_only)")
+    else:
+        p.set_defaults(schedule=schedule)
+    g.add_argument("--max_eval_steps", type=int, default=-1,
+                   help="MAXRIGHT: recompute every objective's loss (no grad) every N steps; -1: only at the start")
+    g.add_argument("--train_only", type=str, default=None,
+                   help="train this objective only and evaluate all (train_sft_seq / train_dpo_seq)")
+    g.add_argument("--order", type=str, default=order, help="sequential: phase order (default: the objectives' order)")
+    g.add_argument("--steps_per_epoch", type=int, default=None,
+                   help="optimizer steps in a joint epoch (default: one pass over the first objective's data, "
+                        "SFT's in the paper's CLIs; sequential: all phases)")
+    g.add_argument("--eps", type=float, default=0.0001,
+                   help="stop when every eval loss is within eps of its optimum (if any optimum is set)")
+    g.add_argument("--equal_length", action="store_true", default=False,
+                   help="XRIGHT's pairing: epoch = shorter loader, every loader restarts each epoch and the "
+                        "unpicked objective's batch is drawn and discarded (exact reproduction only)")
+    return g
 
 
 def parser(objectives: dict[str, str]) -> argparse.ArgumentParser:
-    p = common.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="xright_joint",
+    p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="xright_joint",
                            ckpt_path="./ckpt/checkpoints_joint")
     p.add_argument("--objectives", type=str, required=True, help="comma-separated NAME or NAME:LOSS; LOSS in "
-                   + ", ".join(LOSSES))
+                   + ", ".join(OBJECTIVES))
     for i, (name, loss) in enumerate(objectives.items()):
-        pre = prefix(name)
-        common.add_data_flags(p, pre, max_len=2048 if loss == "sft" else 512, keys=i == 0)
+        pre = flags.flag_prefix(name)
+        flags.add_data_flags(p, pre, max_len=2048 if loss == "sft" else 512, keys=i == 0)
         g = p.add_argument_group(f"objective {name} ({loss})")
         g.add_argument(f"--{pre}micro_train_batch_size", type=int, default=None, help="default --micro_train_batch_size")
         g.add_argument(f"--{pre}weight", type=float, default=1.0, help="schedule weight w")
         g.add_argument(f"--{pre}opt", type=float, default=0.0, help="optimal loss L* (MAXRIGHT, stopping)")
-        if loss != "sft":
-            g.add_argument(f"--{pre}beta", type=float, default=BETA.get(loss, 0.1))
-    g = p.add_argument_group("loss hyperparameters (shared by the objectives that use them)")
-    g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO ε")
-    g.add_argument("--ipo_average", action="store_true", default=False)
-    g.add_argument("--slic_delta", type=float, default=1.0)
-    g.add_argument("--slic_lambda", type=float, default=0.0)
-    g.add_argument("--simpo_gamma", type=float, default=0.5)
-    g.add_argument("--ref_pretrain", type=str, default=None, help="reference model; default: --pretrain")
-    add_kto_flags(p)
-    add_exo_flags(p)
-    g = p.add_argument_group("schedule")
-    g.add_argument("--schedule", choices=sorted(SCHEDULES), default="maxright")
-    g.add_argument("--max_eval_steps", type=int, default=-1,
-                   help="MAXRIGHT: recompute every objective's loss (no grad) every N steps; -1: only at the start")
-    g.add_argument("--train_only", type=str, default=None, help="single: the objective trained (default: the first)")
-    g.add_argument("--order", type=str, default=None, help="sequential: phase order (default: --objectives order)")
-    g.add_argument("--steps_per_epoch", type=int, default=None,
-                   help="optimizer steps in an epoch (default: one pass over the first objective's data; "
-                        "sequential: all phases)")
-    g.add_argument("--eps", type=float, default=0.0001, help="stop when every eval loss is within eps of its --*_opt")
+    # every objective's shared hyperparameters, as before: a script may pass them whatever it trains
+    flags.add_objective_flags(p, list(OBJECTIVES), own=objectives)
+    add_schedule_flags(p)
     return p
-
-
-def build(loss: str, beta: float | None, args):
-    if loss == "sft":
-        return SFT()
-    if loss in PAIR_LOSSES:
-        return Pairwise(loss, PrefParams(beta=beta, label_smoothing=args.label_smoothing, ipo_average=args.ipo_average,
-                                         slic_delta=args.slic_delta, slic_lambda=args.slic_lambda,
-                                         simpo_gamma=args.simpo_gamma))
-    if loss == "kto":
-        return KTO(beta, args.desirable_loss_weight, args.undesirable_loss_weight)
-    return EXO(loss, beta, args.beta_r, args.exo_epsilon)
 
 
 def make_schedule(args, weights: dict[str, float], tasks: dict):
     """The schedule named by ``--schedule`` over ``weights`` (also used by the paper's presets)."""
-    names = list(weights)
-    if args.train_only or args.schedule == "single":
-        return Single(args.train_only or names[0])
-    if args.schedule == "sequential":
-        order = [n.strip() for n in (args.order or ",".join(names)).split(",")]
-        if sorted(order) != sorted(names):
-            raise common.UsageError(f"--order must name {names}, got {order}")
-        return Sequential([(n, args.max_epochs * (len(tasks[n].loader) // tasks[n].grad_accum)) for n in order])
-    if args.schedule == "mix":
-        return Mix(weights)
-    if args.schedule == "alright":
-        return Alright(weights, seed=args.seed)
-    return Maxright(weights, {n: t.optimum for n, t in tasks.items()}, seed=args.seed,
-                    refresh_every=max(args.max_eval_steps, 0))
+    inputs = ScheduleInputs(
+        weights, {n: t.optimum for n, t in tasks.items()}, args.seed, refresh_every=max(args.max_eval_steps, 0),
+        phase_steps={n: args.max_epochs * (len(t.loader) // t.grad_accum) for n, t in tasks.items()},
+        order=tuple(n.strip() for n in args.order.split(",")) if args.order else (), only=args.train_only)
+    try:
+        return (Single if args.train_only else SCHEDULES[args.schedule]).build(inputs)
+    except ValueError as e:
+        raise lifecycle.UsageError(str(e)) from None
 
 
 def epoch_steps(args, first: str):
@@ -130,7 +111,7 @@ def epoch_steps(args, first: str):
         per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
         if args.steps_per_epoch:
             return args.steps_per_epoch
-        if getattr(args, "equal_length", False):
+        if args.equal_length:
             return min(per.values())
         if args.train_only:
             return per[args.train_only]
@@ -145,30 +126,26 @@ def main(argv=None):
     pre.add_argument("--objectives", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     objectives = parse_objectives(known.objectives) if known.objectives else {}
-    args = common.parse(parser(objectives), argv)
+    args = flags.parse(parser(objectives), argv)
     names = list(objectives)
     if args.train_only and args.train_only not in names:
-        raise common.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
+        raise lifecycle.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
     specs = []
     for name, loss in objectives.items():
-        pre = prefix(name)
-        try:
-            objective = build(loss, getattr(args, pre + "beta", None), args)
-        except ValueError as e:
-            raise common.UsageError(f"{name}: {e}") from None
+        pre = flags.flag_prefix(name)
+        objective = flags.build_objective(args, loss, name)
         micro = getattr(args, pre + "micro_train_batch_size") or args.micro_train_batch_size
-        specs.append(common.ObjectiveSpec(name, objective, common.data_spec(args, objective.kind, pre, name=name),
+        specs.append(common.ObjectiveSpec(name, objective, flags.data_spec(args, objective.kind, pre, name=name),
                                           micro, getattr(args, pre + "opt")))
-    args.stop_at_optimum = any(sp.optimum for sp in specs)
 
     def schedule(total, per_epoch, tasks):  # the data is loaded by now
         for sp in specs:
-            if sp.objective.kind == "binary":
-                warn_balance(tasks[sp.name].loader.examples, args)
-        return make_schedule(args, {n: getattr(args, prefix(n) + "weight") for n in names}, tasks)
+            sp.objective.check_data(tasks[sp.name].loader.examples)
+        return make_schedule(args, {n: getattr(args, flags.flag_prefix(n) + "weight") for n in names}, tasks)
 
-    common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]))
+    common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]),
+               stopping=Stopping(args.eps, at_optimum=any(sp.optimum for sp in specs)))
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -10,15 +10,15 @@ forward unless the tokenizer pads with its eos token, see there).
 
 import math
 
-from xright.cli import common
+from xright.cli import common, flags, lifecycle
 from xright.objectives import RewardModel
 from xright.schedules import Single
 
 
 def main(argv=None):
-    p = common.base_parser(__doc__, learning_rate=9e-6, max_epochs=1, micro_train_batch_size=1,
+    p = flags.base_parser(__doc__, learning_rate=9e-6, max_epochs=1, micro_train_batch_size=1,
                            wandb_project="openrlhf_train_rm", ckpt_path="./ckpt/checkpoints_rm")
-    common.add_data_flags(p, max_len=512, kind="pairwise")
+    flags.add_data_flags(p, max_len=512, kind="pairwise")
     p.set_defaults(prompt_key=None)  # OpenRLHF: HH-style pairs by default
     g = p.add_argument_group("reward model")
     g.add_argument("--loss", choices=["sigmoid", "logexp"], default="sigmoid")
@@ -27,12 +27,12 @@ def main(argv=None):
     g.add_argument("--compute_fp32_loss", action="store_true", default=False, help="upcast scores to fp32 for the loss")
     g.add_argument("--value_head_prefix", type=str, default="value_head",
                    help="the head is HF's sequence-classification head ('score'), so that "
-                        f"AutoModelForSequenceClassification loads it; {common.COMPAT}")
-    args = common.parse(p, argv)
+                        f"AutoModelForSequenceClassification loads it; {flags.COMPAT}")
+    args = flags.parse(p, argv)
     if args.margin_loss and not args.margin_key:
         args.margin_key = "margin"
     objective = RewardModel(args.loss, use_margin=args.margin_loss, fp32=args.compute_fp32_loss)
-    spec = common.ObjectiveSpec("rm", objective, common.data_spec(args, "pairwise", name="rm"),
+    spec = common.ObjectiveSpec("rm", objective, flags.data_spec(args, "pairwise", name="rm"),
                                 args.micro_train_batch_size)
 
     def stats(trainer):
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -3,7 +3,7 @@
     deepspeed --module xright.cli.train_sft_dpo_maxright --lambd 0.5 --save_path ./ckpt/maxright
 """
 
-from xright.cli import common, joint
+from xright.cli import joint, lifecycle
 
 
 def main(argv=None):
@@ -11,4 +11,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    lifecycle.main_guard(main)

@@ -17,7 +17,8 @@ validates and blends the records as without a cache (same file/line/field errors
 ``skip_bad_records`` counts), renders the prompts, then tokenises with ``datasets.map`` (batched,
 ``num_proc`` = the machine's cores for large sets) into a temporary directory that is renamed into
 place when complete; the others block on the lock meanwhile, then map the result. So on one
-machine, however many ranks start at once, one tokenises. The log lines of the build are stored
+machine, however many ranks start at once, one tokenises. The temporary directory of a build whose
+process was killed is removed by the next load (:func:`_remove_stale_builds`). The log lines of the build are stored
 and printed again on every later run, followed by where the tables came from.
 """
 
@@ -230,6 +231,34 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     return (ExampleTable.open(path, kind, spec.max_len) if os.path.exists(path) else []), counts
 
 
+def _remove_stale_builds(cache_dir: str, root: str) -> None:
+    """Remove the temporary directories (``<root>.tmp-<pid>-<tid>``, each a whole tokenised copy) of builds
+    whose process died without cleaning up (SIGKILL, out of memory, a node lost).
+
+    A build runs while its process holds ``<root>.lock``, and the kernel drops that lock when the process
+    dies, so the lock, not a pid, says whether a build is alive (pids say nothing about processes of other
+    machines sharing the cache directory). The caller holds ``root``'s lock: its temporaries are stale. Those
+    of other roots go when their lock can be taken without waiting; a held one is a live build, left alone.
+    """
+    stale: dict[str, list[str]] = {}
+    for name in os.listdir(cache_dir):
+        base, sep, owner = name.rpartition(".tmp-")
+        if sep and base and owner.replace("-", "").isdigit() and owner.count("-") == 1:
+            stale.setdefault(os.path.join(cache_dir, base), []).append(os.path.join(cache_dir, name))
+    for other, dirs in stale.items():
+        if other == root:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            continue
+        with open(other + ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # building now
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | None]:
     """(train, eval) tables for ``spec`` from its cache directory, built first if absent.
 
@@ -242,6 +271,7 @@ def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | Non
     built = False
     with open(root + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        _remove_stale_builds(spec.cache_dir, root)
         if not os.path.exists(os.path.join(root, META)):
             tmp = f"{root}.tmp-{os.getpid()}-{threading.get_ident()}"
             shutil.rmtree(tmp, ignore_errors=True)

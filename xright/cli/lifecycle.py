@@ -1,0 +1,85 @@
+"""The process lifecycle of every CLI: exit codes, the errors that choose them, the ordered teardown."""
+
+import os
+import sys
+from typing import Callable
+
+
+class UsageError(ValueError):
+    pass
+
+
+# Exit codes of every CLI (README "Exit codes"): the code the run decided, on every rank.
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+
+class Terminated(Exception):
+    """SIGTERM: the run checkpointed and stopped before its last step (resume with --load_checkpoint)."""
+
+
+def main_guard(fn: Callable[[], None]) -> None:
+    """Run a CLI, then tear down in order and exit with the code the run decided.
+
+    Input and configuration errors end it with one clear line, not a traceback. Whatever happened,
+    the engines and process groups are torn down while the interpreter is intact
+    (``strategy.close_process_group``), after the exception and its frames are released, so that no
+    communication thread outlives ``main`` to abort the process at exit and replace the code.
+    """
+    shutdown(guarded(fn))
+
+
+def guarded(fn: Callable[[], None]) -> int:
+    """Run ``fn`` and return the exit code its outcome means (``main_guard``'s, without the exit)."""
+    from xright.data import DataError
+    from xright.models import ModelLoadError
+    from xright.strategy import ConfigError
+    from xright.trainer import NonFiniteLoss
+
+    try:
+        fn()
+        code = EXIT_OK
+    except (DataError, ConfigError, ModelLoadError, UsageError) as e:
+        print(f"xright: error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_USAGE
+    except NonFiniteLoss as e:
+        print(f"xright: error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_NONFINITE
+    except Terminated as e:
+        print(f"xright: {e}", file=sys.stderr, flush=True)
+        code = EXIT_TERMINATED
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_BUG
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except Exception:  # a bug: its traceback, and exit 1 rather than whatever finalisation makes of it
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_BUG
+    return code
+
+
+def shutdown(code: int) -> None:
+    """Tear down (engines, process groups, their threads) and exit with ``code``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "xright.strategy" not in sys.modules:  # stopped before any process group (e.g. --help)
+        sys.exit(code)
+    from xright.strategy import close_process_group
+
+    left = close_process_group()
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if left and main is not None and main.name.startswith("xright."):  # never inside a host process (pytest)
+        # A group outlived the teardown (ZeRO-3: see close_process_group). Its threads would be torn
+        # down by interpreter finalisation, which can abort the process and replace the code; everything
+        # is written, closed and flushed by now, so end the process without finalisation.
+        if os.environ.get("XRIGHT_DEBUG_EXIT"):
+            print(f"xright: {len(left)} gloo threads alive at exit ({', '.join(left)}): os._exit({code})",
+                  file=sys.stderr, flush=True)
+        import atexit
+
+        atexit._run_exitfuncs()  # Python-level exit handlers (logging, wandb, tqdm) still run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
