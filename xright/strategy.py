@@ -582,7 +582,7 @@ class Strategy:
             return
         tag, state = latest
         saved = len(state["ranks"])
-        if saved == self.world_size:
+        if saved == self.world_size or self.zero_stage == 0:  # stage 0 saves whole states: they load on any count
             return
         universal = f"{tag}_universal"
         out = os.path.join(ckpt_dir, universal)
@@ -615,7 +615,7 @@ class Strategy:
         if latest is None:
             return None
         tag, state = latest
-        if len(state["ranks"]) != self.world_size and self._universal != f"{tag}_universal":
+        if len(state["ranks"]) != self.world_size and self.zero_stage and self._universal != f"{tag}_universal":
             raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was saved by {len(state['ranks'])} ranks and "
                               f"this run has {self.world_size}, but it was not converted before the engine was built")
         loaded, _ = engine.load_checkpoint(ckpt_dir, tag=self._universal or tag, load_module_strict=True,

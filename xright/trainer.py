@@ -279,9 +279,10 @@ class Trainer:
         self.logger.truncate(self.step)
         moved = ""
         if saved != W:  # loader positions and schedule state are global: they need no conversion
+            ranks = lambda a, b: f"rank {a}" if a == b else f"ranks {a}–{b}"  # noqa: E731
             moved = (f" (saved by {saved} rank{'s' * (saved != 1)}, now {W}: data positions and schedule state "
-                     f"taken as they are, RNG states of ranks 0–{min(saved, W) - 1} restored" +
-                     (f", ranks {saved}–{W - 1} seeded afresh)" if W > saved else ")"))
+                     f"taken as they are, the RNG states of {ranks(0, min(saved, W) - 1)} restored" +
+                     (f", {ranks(saved, W - 1)} seeded afresh)" if W > saved else ")"))
         self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}{moved}")
         return True
 
