@@ -197,19 +197,26 @@ def one_prompt_binary(tmp_path):
     return str(root)
 
 
-def kto_eval(model_dir, data, examples_per_batch):
-    """The KTO eval loss of a saved policy against the initial reference, batches as given (sizes)."""
+def kto_eval(model_dir, data, rounds):
+    """The KTO eval loss of a saved policy against the initial reference. ``rounds``: the eval forwards, each
+    a list of every rank's batch (record indices, counted: False for a rank's repeat that only keeps the ranks'
+    forwards in step); within a round z is the mean over the ranks' batches, as the collective makes it."""
     tok = load_tokenizer("tiny")
     _, ev = load_data(DataSpec(kind="binary", dataset=data, max_len=2048), tok, log=lambda *a: None)
     policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = Reference(model=load_model("tiny", seed=42, trainable=False))
-    total, start = 0.0, 0
+    kto, total, n = KTO(beta=0.1, desirable_weight=2.0), 0.0, 0
     with torch.no_grad():
-        for n in examples_per_batch:
-            total += float(KTO(beta=0.1, desirable_weight=2.0)(policy, ref, collate("binary", ev[start:start + n],
-                                                                                     tok.pad_token_id))[0])
-            start += n
-    return total / start
+        for ranks in rounds:
+            batches = [collate("binary", [ev[i] for i in idx], tok.pad_token_id) for idx, _ in ranks]
+            local = []
+            kto.reduce_mean = lambda z: local.append(z) or z  # noqa: E731 (each rank's own z first)
+            for b in batches:
+                kto(policy, ref, b)
+            kto.reduce_mean = lambda z: torch.stack(local).mean()  # noqa: E731
+            total += sum(float(kto(policy, ref, b)[0]) for b, (_, counted) in zip(batches, ranks) if counted)
+            n += sum(len(idx) for idx, counted in ranks if counted)
+    return total / n
 
 
 def test_kto_trains_and_two_ranks_equal_one_process(runs):
@@ -220,15 +227,19 @@ def test_kto_trains_and_two_ranks_equal_one_process(runs):
     # z (logged as kl) is the mean over both ranks: were it rank-local, the losses would part after step 1
     steps_equal(out, one, "kto", ("loss", "kl", "reward"), evals=False)
     assert max(abs(r["train/kto/kl"]) for r in train_records(out)) > 1e-3
-    # the eval cut: 2 ranks evaluate 6 of the 7 records (each rank 3 in one batch, z over both ranks' 6);
-    # 1 process all 7, in micro-batches of 4 and 3. At step 0 (π = ρ) every loss is λ/2: λ_D = 2, λ_U = 1
-    # and the records alternate desirable, undesirable
-    assert [r for r in metrics(out) if r.get("step") == 0][0]["eval/kto/loss"] == pytest.approx((3 * 1 + 3 * 0.5) / 6)
-    assert [r for r in metrics(one) if r.get("step") == 0][0]["eval/kto/loss"] == pytest.approx((4 * 1 + 3 * 0.5) / 7)
+    # every eval record counts on any number of ranks: 2 ranks (micro 2) evaluate records 0, 2 | 4, 6 and 1, 3, 5
+    # (a batch of 1 joins the one before; rank 1 repeats its batch in the second round, z over both ranks), 1
+    # process (micro 4) all 7 in batches of 4 and 3. At step 0 (π = ρ) every loss is λ/2: λ_D = 2, λ_U = 1 and
+    # the records alternate desirable, undesirable
+    for o in (out, one):
+        assert [r for r in metrics(o) if r.get("step") == 0][0]["eval/kto/loss"] == pytest.approx((4 * 1 + 3 * 0.5) / 7)
     two_final, one_final = ([r for r in metrics(o) if r.get("final")][-1]["eval/kto/loss"] for o in (out, one))
-    assert two_final == pytest.approx(kto_eval(out, data, [6]), rel=1e-4)
-    assert one_final == pytest.approx(kto_eval(one, data, [4, 3]), rel=1e-4)
-    assert abs(kto_eval(out, data, [6]) - kto_eval(out, data, [4, 3])) > 1e-4
+    two_ranks = [[([0, 2], True), ([1, 3, 5], True)], [([4, 6], True), ([1, 3, 5], False)]]
+    one_process = [[([0, 1, 2, 3], True)], [([4, 5, 6], True)]]
+    assert two_final == pytest.approx(kto_eval(out, data, two_ranks), rel=1e-4)
+    assert one_final == pytest.approx(kto_eval(one, data, one_process), rel=1e-4)
+    # KTO's z pairs records within a micro-batch: its eval depends on the batching (the one exception)
+    assert abs(kto_eval(out, data, two_ranks) - kto_eval(out, data, one_process)) > 1e-4
 
 
 def test_chunked_head_logs_the_full_logits_losses(runs):

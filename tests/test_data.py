@@ -452,7 +452,7 @@ def test_loader_ranks_partition_each_epoch():
         perm = torch.randperm(23, generator=torch.Generator().manual_seed(5 + e)).tolist()[:18]
         assert per_rank[1] == [f"e{i}" for i in perm[1::3]]
         epochs.append(flat)
-        assert all(ld.epoch == e and ld.position == 3 for ld in loaders)
+        assert all(ld.epoch == e and ld.state_dict()["examples"] == 18 for ld in loaders)
     assert epochs[0] != epochs[1]  # a new order every epoch
 
 
@@ -462,7 +462,7 @@ def test_loader_state_dict_roundtrip():
     for _ in range(5):  # crosses an epoch boundary (3 batches per epoch)
         next(a)
     state = json.loads(json.dumps(a.state_dict()))
-    assert state == {"epoch": 1, "position": 2, "seed": 1}
+    assert state == {"epoch": 1, "examples": 6, "seed": 1}  # global counts: 2 micro-batches of 3 examples
     b = CyclingLoader(ex, "sft", 3, 0, seed=1)
     b.load_state_dict(state)
     for _ in range(7):
@@ -479,7 +479,7 @@ def test_loaders_of_different_lengths_never_stop():
 
 
 def test_loader_too_small():
-    with pytest.raises(ValueError, match="fewer than world_size"):
+    with pytest.raises(ValueError, match="fewer than one optimizer step's world_size"):
         CyclingLoader(fake_examples(3), "sft", 2, 0, world_size=2)
 
 

@@ -444,7 +444,7 @@ def test_equal_length_and_steps_per_epoch(tmp_path):
         "3", "--max_epochs", "1", "--equal_length", "--save_steps", "3")
     assert [r["step"] for r in train_records(str(out))] == [1, 2, 3]
     state = json.load(open(out / "ckpt" / "global_step3" / "xright_state.json"))
-    assert {k: (v["epoch"], v["position"]) for k, v in state["loaders"].items()} == {"sft": (1, 0), "dpo": (1, 0)}
+    assert {k: (v["epoch"], v["examples"]) for k, v in state["loaders"].items()} == {"sft": (1, 0), "dpo": (1, 0)}
 
 
 def test_lora_rank_alpha_dropout_and_one_target_module(tmp_path):

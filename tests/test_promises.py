@@ -175,7 +175,7 @@ def test_equal_length_trains_on_xrights_zip_of_the_loaders(tmp_path):
         loader = CyclingLoader(examples, kind, 2, TOK.pad_token_id, seed=42)
         zipped[name] = []
         for epoch in range(EQ_STEPS // EQ_PER_EPOCH + 1):
-            loader.load_state_dict({"epoch": epoch, "position": 0, "seed": 42})
+            loader.load_state_dict({"epoch": epoch, "examples": 0, "seed": 42})
             zipped[name] += [loader.next()["ids"] for _ in range(EQ_PER_EPOCH)]
     assert trained == [{p[0]: zipped[p[0]][s]} for s, p in enumerate(picks)]
 

@@ -193,26 +193,36 @@ def test_skip_nonfinite_needs_a_zero_optimizer_that_checks(tmp_path):
     assert bf16.returncode == 2 and "contradicts bf16.check_grad_overflow = false" in bf16.stderr
 
 
-def test_checkpoint_from_other_world_size_or_model_is_refused(tmp_path):
+def test_checkpoint_from_other_model_batch_or_data_is_refused(tmp_path):
+    """Another world size or micro batch at the same global batch resumes (tests/test_ranks.py); what would
+    give the saved state another meaning is refused before training, saying why."""
     out = str(tmp_path / "one")
     args = ["--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"), "--max_steps", "2", "--save_steps", "2",
             "--train_batch_size", "4", "--micro_train_batch_size", "2", "--zero_stage", "2"]
-    # one process: the run, then three resumes that must be refused (each in its own fresh CLI main)
-    first, lora, micro, data = run_many([
+    # one process: the run, then resumes that must be refused (each in its own fresh CLI main), then one that works
+    first, lora, batch, data, split, micro = run_many([
         {"module": "train_sft", "args": args},
         {"module": "train_sft", "args": [*args, "--load_checkpoint", "--lora_rank", "4"], "check": False},
-        # another micro batch or other data would silently give the saved loader position another meaning
-        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--micro_train_batch_size", "1"], "check": False},
+        # another global batch or other data would silently give the saved loader position another meaning
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--train_batch_size", "8"], "check": False},
         {"module": "train_sft", "args": [*args, "--load_checkpoint", "--max_samples", "40"], "check": False},
+        # a global batch that the world size × micro batch does not divide
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--micro_train_batch_size", "3"], "check": False},
+        {"module": "train_sft", "args": [*args, "--load_checkpoint", "--micro_train_batch_size", "1",
+                                         "--max_steps", "3"]},
     ], str(tmp_path / "launch"), nproc=1)
     assert first.returncode == 0
     assert lora.returncode == 2 and "has lora_rank=0 but this run has lora_rank=4" in lora.stderr
-    assert micro.returncode == 2 and ("has batches={'sft': {'micro': 2, 'accumulation': 2}} but this run has "
-                                      "batches={'sft': {'micro': 1, 'accumulation': 4}}") in micro.stderr, micro.stderr
+    assert batch.returncode == 2 and ("has examples_per_step={'sft': 4} but this run has examples_per_step={'sft': 8}; "
+                                      "its loader positions count optimizer steps of that many examples: resume with "
+                                      "the same --train_batch_size") in batch.stderr, batch.stderr
     assert data.returncode == 2 and re.search(r"has data=\{'sft': '\d+ examples, ids sha256 \w+'\} but this run has "
                                               r"data=\{'sft': '40 examples, ids sha256 \w+'\}", data.stderr), data.stderr
-    proc = run_cli("train_sft", [*args, "--load_checkpoint"], nproc=2, check=False)
-    assert proc.returncode != 0 and "has world_size=1 but this run has world_size=2" in proc.stdout + proc.stderr
+    assert split.returncode == 2 and (
+        "--train_batch_size 4 must be a positive multiple of sft micro batch size 3 × world size 1 = 3 (each optimizer "
+        "step splits its examples evenly over ranks and micro-batches); with 1 rank a micro batch size of 1, 2, 4 "
+        "would work") in split.stderr, split.stderr
+    assert micro.returncode == 0 and f"resumed from {os.path.join(out, 'ckpt')}/global_step2 at step 2" in micro.stdout
 
 
 def test_prune_keeps_the_newest(tmp_path):

@@ -181,7 +181,8 @@ def test_sft_pref_masks_prompt_and_trains(launched):
 
 def rank_batches(examples, micro, world, accum, steps, seed=42):
     """The example ids each optimizer step sees over all ranks, from the loaders the CLIs build."""
-    loaders = [CyclingLoader(examples, "sft", micro, 0, rank=r, world_size=world, seed=seed) for r in range(world)]
+    loaders = [CyclingLoader(examples, "sft", micro, 0, rank=r, world_size=world, seed=seed, accumulation=accum)
+               for r in range(world)]
     return [sorted(i for ld in loaders for _ in range(accum) for i in ld.next()["ids"]) for _ in range(steps)]
 
 

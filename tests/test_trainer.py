@@ -85,9 +85,10 @@ def setup():
 def make(setup, schedule, sft_mb=2, pref_mb=2, accum=(2, 3), steps=20):
     tok, sft, pref, model, ref = setup
     tasks = {
-        "sft": Task(SFT(), CyclingLoader(sft, "sft", sft_mb, tok.pad_token_id, seed=1), None, sft_mb, accum[0]),
-        "dpo": Task(Pairwise("dpo"), CyclingLoader(pref, "pairwise", pref_mb, tok.pad_token_id, seed=1), None,
-                    pref_mb, accum[1]),
+        "sft": Task(SFT(), CyclingLoader(sft, "sft", sft_mb, tok.pad_token_id, seed=1, accumulation=accum[0]),
+                    None, sft_mb, accum[0]),
+        "dpo": Task(Pairwise("dpo"), CyclingLoader(pref, "pairwise", pref_mb, tok.pad_token_id, seed=1,
+                                                   accumulation=accum[1]), None, pref_mb, accum[1]),
     }
     engine = RecordingEngine(model)
     trainer = Trainer(FakeStrategy(), engine, ref, tasks, schedule,
@@ -307,9 +308,11 @@ def test_maxright_probes_draw_no_training_batch(setup):
         assert consumed[k] == expected, k
         assert t.loader.epoch * len(t.loader) + t.loader.position == len(consumed[k]) * t.grad_accum
     assert consumed["sft"] and consumed["dpo"]
-    # the probes' own position is part of the resumable state
+    # the probes' own position is part of the resumable state (global examples); each of the 4 probes takes
+    # a whole optimizer step's examples: sft 2 micro-batches of 2, dpo 1 of 2
     probes = trainer.state_dict()["probe_loaders"]
-    assert {k: v["epoch"] * len(tasks[k].loader) + v["position"] for k, v in probes.items()} == {"sft": 4, "dpo": 4}
+    assert {k: v["epoch"] * len(tasks[k].loader) * tasks[k].loader.mb + v["examples"]
+            for k, v in probes.items()} == {"sft": 16, "dpo": 8}
 
 
 def test_logged_lr_is_the_rate_the_step_applied(setup):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -160,9 +161,16 @@ def accumulation_steps(train_batch_size: int, micro_batch_size: int, world_size:
     """Micro-batches per rank per optimizer step: train_batch_size / (micro × world), which must divide."""
     per_step = micro_batch_size * world_size
     if micro_batch_size < 1 or train_batch_size < 1 or train_batch_size % per_step:
+        micros = [m for m in range(1, train_batch_size + 1) if train_batch_size % (m * world_size) == 0]
+        worlds = [w for w in range(1, train_batch_size + 1) if micro_batch_size >= 1 and
+                  train_batch_size % (micro_batch_size * w) == 0]
         raise ConfigError(
             f"--train_batch_size {train_batch_size} must be a positive multiple of "
-            f"{what} {micro_batch_size} × world size {world_size} = {per_step}")
+            f"{what} {micro_batch_size} × world size {world_size} = {per_step} (each optimizer step splits its "
+            f"examples evenly over ranks and micro-batches); with {world_size} rank{'s' * (world_size != 1)} a "
+            f"micro batch size of {', '.join(map(str, micros)) or 'none'} would work" +
+            (f", with micro batch size {micro_batch_size} a world size of {', '.join(map(str, worlds))}"
+             if worlds else ""))
     return train_batch_size // per_step
 
 
@@ -538,12 +546,10 @@ class Strategy:
         self._last_checkpoint = saving
         return tag
 
-    def load_checkpoint(self, engine, ckpt_dir: str, expect: dict) -> dict | None:
-        """Restore the latest checkpoint in ``ckpt_dir``; None if there is none.
+    _universal: str | None = None  # the converted copy of the checkpoint to resume from (plan_resume)
 
-        ``expect`` holds facts the checkpoint must agree with (world size, model signature): a
-        mismatch is a clear error before DeepSpeed tries to load incompatible shards.
-        """
+    def _latest(self, ckpt_dir: str, expect: dict) -> tuple[str, dict] | None:
+        """The latest checkpoint's tag and xright state, once it agrees with ``expect``; None if there is none."""
         pointer = os.path.join(ckpt_dir, "latest")
         if not os.path.exists(pointer):
             return None
@@ -558,13 +564,73 @@ class Strategy:
                               "remove it or point --ckpt_path elsewhere") from e
         for key, value in expect.items():
             if state.get(key) != value:
+                hint = ("its loader positions count optimizer steps of that many examples: resume with the same "
+                        "--train_batch_size (any number of ranks and micro batch size that divides it works)"
+                        if key == "examples_per_step" else "resume with the same settings")
                 raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} has {key}={state.get(key)!r} but this "
-                                  f"run has {key}={value!r}; resume with the same settings or use a new --ckpt_path")
-        loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+                                  f"run has {key}={value!r}; {hint} or use a new --ckpt_path")
+        return tag, state
+
+    def plan_resume(self, ckpt_dir: str, expect: dict) -> None:
+        """Before the engines are built: if the latest checkpoint of ``ckpt_dir`` (checked against ``expect``) was
+        saved by another number of ranks, convert its engine state (weights, optimizer, ZeRO-2 or ZeRO-3 shards)
+        once into DeepSpeed's universal format beside it (``<tag>_universal``; the original stays) and make the
+        engine load that (``checkpoint.load_universal`` in the DeepSpeed config). xright's own state needs no
+        conversion: its loader positions and schedule state are global counts."""
+        latest = self._latest(ckpt_dir, expect)
+        if latest is None:
+            return
+        tag, state = latest
+        saved = len(state["ranks"])
+        if saved == self.world_size or self.zero_stage == 0:  # stage 0 saves whole states: they load on any count
+            return
+        universal = f"{tag}_universal"
+        out = os.path.join(ckpt_dir, universal)
+        if self.is_rank0 and not os.path.exists(out):
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = os.path.join(ckpt_dir, f".tmp-{universal}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # the ZeRO model-states files carry no universal_checkpoint_info (DeepSpeed 0.19.8 refuses it in
+            # save_checkpoint's client_state); the converter injects the default
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp, num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            os.replace(tmp, out)
+        self.barrier()
+        self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self._universal = universal
+        self.print(f"checkpoint {os.path.join(ckpt_dir, tag)} was saved by {saved} rank{'s' * (saved != 1)}, this run "
+                   f"has {self.world_size}: its weights and optimizer states were converted to DeepSpeed's universal "
+                   f"checkpoint {out} (the original is kept) and are resharded from it")
+
+    def load_checkpoint(self, engine, ckpt_dir: str, expect: dict) -> dict | None:
+        """Restore the latest checkpoint in ``ckpt_dir``; None if there is none.
+
+        ``expect`` holds facts the checkpoint must agree with (model signature, examples per step, data):
+        a mismatch is a clear error before DeepSpeed tries to load incompatible shards. A checkpoint of
+        another world size loads from the universal copy :meth:`plan_resume` made.
+        """
+        latest = self._latest(ckpt_dir, expect)
+        if latest is None:
+            return None
+        tag, state = latest
+        if len(state["ranks"]) != self.world_size and self.zero_stage and self._universal != f"{tag}_universal":
+            raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was saved by {len(state['ranks'])} ranks and "
+                              f"this run has {self.world_size}, but it was not converted before the engine was built")
+        loaded, _ = engine.load_checkpoint(ckpt_dir, tag=self._universal or tag, load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:
             raise ConfigError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-        get_accelerator().set_rng_state(torch.tensor(state["ranks"][self.rank]["accelerator"], dtype=torch.uint8))
+        if self._universal:
+            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group one shared 'step' tensor; Adam
+            # increments it in place once per group, so the bias correction would run ahead (1.4 % off in the
+            # loss two steps after a resume, tests/test_ranks.py). One tensor each, as a native load has.
+            for st in getattr(getattr(engine.optimizer, "optimizer", None), "state", {}).values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+        if self.rank < len(state["ranks"]):
+            get_accelerator().set_rng_state(torch.tensor(state["ranks"][self.rank]["accelerator"], dtype=torch.uint8))
         state["tag"] = tag
         return state
 

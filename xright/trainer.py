@@ -81,13 +81,20 @@ class Trainer:
         # debug: "STEP" makes every rank's loss (or only its gradients) NaN at that step, "STEP:RANK" only that rank's
         self._debug_nan_step = _debug_step("XRIGHT_DEBUG_NAN_AT_STEP", strategy.rank)
         self._debug_nan_grad_step = _debug_step("XRIGHT_DEBUG_NAN_GRAD_AT_STEP", strategy.rank)
+        # debug: rank 0 sends itself SIGTERM after this step (a scheduler's pre-emption, inside a shared launch)
+        self._debug_sigterm_step = int(os.environ.get("XRIGHT_DEBUG_SIGTERM_AT_STEP", "0")) if strategy.rank == 0 else 0
         self._last_ids: dict[str, list] = {}
         # MAXRIGHT's stale-loss probes read their own pass over each objective's data, so the training
         # loaders never lose a batch to a probe (docs/DESIGN.md §2.3); another seed gives another order
         self.probe_loaders = {k: copy.copy(t.loader) for k, t in tasks.items()}  # same examples and layout
         for k, p in self.probe_loaders.items():
-            p.load_state_dict({"epoch": 0, "position": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
+            p.load_state_dict({"epoch": 0, "examples": 0, "seed": tasks[k].loader.seed + PROBE_SEED})
         for name, t in tasks.items():
+            # the loader's epochs are cut at its global batch, which must be the step's
+            accum = getattr(t.loader, "accumulation", t.grad_accum)
+            if accum != t.grad_accum:
+                raise ValueError(f"{name}: the loader accumulates {accum} micro-batches per step, the task "
+                                 f"{t.grad_accum}")
             need, share = t.objective.min_micro_batch, len(t.eval_examples or []) // strategy.world_size
             if t.eval_examples and share < need:
                 strategy.print(f"warning: {name}: {len(t.eval_examples)} eval examples give each of the "
@@ -163,8 +170,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Every objective's loss on its eval set (global means over all eval units).
 
-        The eval set is cut to a multiple of the world size so every rank runs the same number of
-        forwards (ZeRO-3 gathers parameters collectively); at most W − 1 examples are left out.
+        Every eval example counts once whatever the world size: rank r takes examples r, r + W, …; a rank
+        with fewer batches than another repeats its first one and discards the result, so every rank runs
+        the same number of forwards (ZeRO-3 gathers parameters collectively).
         """
         module = self.engine.module
         module.eval()
@@ -174,20 +182,27 @@ class Trainer:
                 task = self.tasks[name]
                 if not task.eval_examples:
                     continue
-                W, r = self.s.world_size, self.s.rank
-                usable = task.eval_examples[: len(task.eval_examples) - len(task.eval_examples) % W]
-                if len(usable) // W < task.objective.min_micro_batch:  # too few per rank (warned at start)
+                W, r, need = self.s.world_size, self.s.rank, task.objective.min_micro_batch
+                if len(task.eval_examples) // W < need:  # too few per rank (warned at start)
                     continue
-                mine = usable[r::W]
+
+                def batches(rank):  # [start, end) of each batch of this rank's examples
+                    n = len(task.eval_examples[rank::W])
+                    starts = list(range(0, n, task.micro_batch_size))
+                    if len(starts) > 1 and n - starts[-1] < need:
+                        starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
+                    return [(i, starts[j + 1] if j + 1 < len(starts) else n) for j, i in enumerate(starts)]
+
+                mine, spans = task.eval_examples[r::W], batches(r)
+                rounds = max(len(batches(q)) for q in range(W))
                 sums: dict[str, torch.Tensor] = {}
                 units = torch.zeros((), device=self.s.device)
-                starts = list(range(0, len(mine), task.micro_batch_size))
-                if len(starts) > 1 and len(mine) - starts[-1] < task.objective.min_micro_batch:
-                    starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
-                for j, i in enumerate(starts):
-                    end = starts[j + 1] if j + 1 < len(starts) else len(mine)
+                for j in range(rounds):
+                    i, end = spans[j] if j < len(spans) else spans[0]
                     batch = self._to_device(task.loader.collate(mine[i:end]))  # the training layout
                     _, metrics = task.objective(self.engine, self.reference, batch)
+                    if j >= len(spans):
+                        continue  # a repeat that keeps the ranks' forwards in step
                     units += task.objective.units(batch).to(self.s.device)
                     for m, v in metrics.items():
                         sums[m] = sums.get(m, 0.0) + v
@@ -203,27 +218,36 @@ class Trainer:
 
     @torch.no_grad()
     def probe_losses(self) -> dict[str, float]:
-        """Each objective's loss on its next batch, without grad (MAXRIGHT's stale-loss refresh).
+        """Each objective's loss on its next global batch, without grad (MAXRIGHT's stale-loss refresh).
 
-        Each probe takes the next batch of the objective's probe loader (its own pass over the same
-        examples, saved with the checkpoint so a resume probes the same batches); no training batch is used.
+        Each probe takes the next optimizer step's worth of examples (all its micro-batches, every rank)
+        from the objective's probe loader (its own pass over the same examples, saved with the checkpoint
+        so a resume probes the same batches), so the probe is the same on any number of ranks; no
+        training batch is used.
         """
         out = {}
         for name in self.schedule.names:
             task = self.tasks[name]
-            batch = self._to_device(self.probe_loaders[name].next())
-            value, _ = task.objective(self.engine, self.reference, batch)
-            units = self.s.all_reduce(task.objective.units(batch).to(self.s.device))
-            out[name] = float(self.s.all_reduce(value.detach()) / units)
+            value = torch.zeros((), device=self.s.device)
+            units = torch.zeros((), device=self.s.device)
+            for _ in range(task.grad_accum):
+                batch = self._to_device(self.probe_loaders[name].next())
+                loss, _ = task.objective(self.engine, self.reference, batch)
+                value += loss.detach()
+                units += task.objective.units(batch).to(self.s.device)
+            reduced = self.s.all_reduce(torch.stack([value, units]))
+            out[name] = float(reduced[0] / reduced[1])
         return out
 
     # ---- exact resume ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything besides the engine that the next step depends on (identical on every rank)."""
+        """Everything besides the engine that the next step depends on (identical on every rank; loader
+        positions are global counts, so it means the same on any number of ranks)."""
         return {"step": self.step, "skipped_nonfinite": self.skipped, "schedule": self.schedule.state_dict(),
                 "loaders": {k: t.loader.state_dict() for k, t in self.tasks.items()},
-                "probe_loaders": {k: p.state_dict() for k, p in self.probe_loaders.items()}, **self.args.signature}
+                "probe_loaders": {k: p.state_dict() for k, p in self.probe_loaders.items()},
+                "world_size": self.s.world_size, **self.args.signature}
 
     def save_checkpoint(self) -> None:
         a = self.args
@@ -244,9 +268,22 @@ class Trainer:
         for k, t in self.tasks.items():
             t.loader.load_state_dict(state["loaders"][k])
             self.probe_loaders[k].load_state_dict(state["probe_loaders"][k])
-        _set_rng_state(state["ranks"][self.s.rank])
+        saved, W = len(state["ranks"]), self.s.world_size
+        if self.s.rank < saved:
+            _set_rng_state(state["ranks"][self.s.rank])
+        else:  # a rank the saving run did not have: a seed of its own (only dropout reads it)
+            seed = self.s.seed + 1_000_003 * self.s.rank + self.step
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
         self.logger.truncate(self.step)
-        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}")
+        moved = ""
+        if saved != W:  # loader positions and schedule state are global: they need no conversion
+            ranks = lambda a, b: f"rank {a}" if a == b else f"ranks {a}–{b}"  # noqa: E731
+            moved = (f" (saved by {saved} rank{'s' * (saved != 1)}, now {W}: data positions and schedule state "
+                     f"taken as they are, the RNG states of {ranks(0, min(saved, W) - 1)} restored" +
+                     (f", {ranks(saved, W - 1)} seeded afresh)" if W > saved else ")"))
+        self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}{moved}")
         return True
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -302,6 +339,8 @@ class Trainer:
             sums, units, tokens = self.train_step(plan)
             tokens_since += tokens  # on the device: no host sync outside logging steps
             self.step += 1
+            if self.step == self._debug_sigterm_step:
+                os.kill(os.getpid(), signal.SIGTERM)
             if args.equal_length:
                 self._advance_in_lockstep(plan)
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
@@ -355,7 +394,7 @@ class Trainer:
                     t.loader.next()
         if self.step % self.args.steps_per_epoch == 0:
             for t in self.tasks.values():
-                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "position": 0,
+                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "examples": 0,
                                           "seed": t.loader.seed})
 
     def _nonfinite(self, reduced: dict, sums: dict) -> str | None:

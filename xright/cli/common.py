@@ -109,18 +109,20 @@ def _data(args, specs: list[ObjectiveSpec], strategy, batches):
                                trust_remote_code=args.trust_remote_code,
                                chat_template=getattr(args, "tokenizer_chat_template", None))
     data = {sp.name: load_data(sp.data, tokenizer, log=strategy.print) for sp in specs}
-    loaders = {sp.name: CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
-                                      tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size,
-                                      seed=args.seed, packed=args.packing_samples,
-                                      group_by_length=args.group_by_length) for sp in specs}
+    loaders = {}
+    for sp in specs:
+        try:
+            loaders[sp.name] = CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
+                                             tokenizer.pad_token_id, rank=strategy.rank,
+                                             world_size=strategy.world_size, seed=args.seed,
+                                             packed=args.packing_samples, group_by_length=args.group_by_length,
+                                             accumulation=accum[sp.name])
+        except ValueError as e:
+            raise UsageError(f"{sp.name}: {e}") from None
     for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
         sp.objective.bind(strategy)
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
-    for name, t in tasks.items():  # (too small eval sets are reported by the Trainer, which skips them)
-        if len(t.loader) < t.grad_accum:
-            raise UsageError(f"{name}: {len(t.loader)} micro-batches per rank per epoch are fewer than the "
-                             f"{t.grad_accum} one optimizer step needs; lower --train_batch_size or add data")
     return tokenizer, data, tasks
 
 
@@ -139,11 +141,13 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
                        load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
                        seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples,
                        pad_token_id=tokenizer.pad_token_id)
-    signature = {"world_size": strategy.world_size, "model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
+    # the world size is not part of it: a checkpoint moves to another rank count (Strategy.plan_resume)
+    signature = {"model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
                  "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                  "objectives": sorted(tasks),
-                 # a loader position means other examples under another batch geometry or other data
-                 "batches": {k: {"micro": t.micro_batch_size, "accumulation": t.grad_accum} for k, t in tasks.items()},
+                 # loader positions are global counts: they mean the same examples under any world size ×
+                 # micro batch × accumulation of the same examples per optimizer step, and other data elsewhere
+                 "examples_per_step": {k: t.loader.global_batch for k, t in tasks.items()},
                  "group_by_length": args.group_by_length,
                  "data": {k: f"{len(t.loader.examples)} examples, ids sha256 " +
                           hashlib.sha256("\n".join(e["id"] for e in t.loader.examples).encode()).hexdigest()[:16]
@@ -154,6 +158,8 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
         num_training_steps=total,
         scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
         if args.lr_scheduler == "cosine_with_min_lr" else None)
+    if args.load_checkpoint:  # another world size: convert to a universal checkpoint before the engine exists
+        strategy.plan_resume(args.ckpt_path, signature)
     engine = strategy.prepare(model, optimizer, scheduler)
     # after prepare: on the device, and under ZeRO-3 every rank probes the partitioned engine in lockstep
     strategy.print("xright: " + check_model(engine, packing=args.packing_samples))

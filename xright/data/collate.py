@@ -116,64 +116,75 @@ def _padded(kind: str, examples: list[dict], pad_id: int) -> dict:
 
 
 class CyclingLoader:
-    """Endless micro-batches of one objective's data for one rank.
+    """Endless micro-batches of one objective's data for one rank, from one global order of examples.
 
-    Epoch e uses the permutation ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))``
-    (identity when ``shuffle=False``), the same on every rank. Its usable prefix is cut to a
-    multiple of ``world_size * micro_batch_size``, so every rank has ``len(loader)`` micro-batches
-    per epoch; rank r takes ``perm[:usable][r::world_size]`` in consecutive micro-batches. At the end
-    of an epoch the loader moves on to the next one by itself: ``next()`` never raises StopIteration.
+    The global order does not depend on the rank count: epoch e is the permutation
+    ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`` (identity when
+    ``shuffle=False``) cut to a multiple of the optimizer step's examples, ``G = world_size ×
+    micro_batch_size × accumulation`` (the global batch), so an epoch is ``n // G`` optimizer steps on any
+    number of ranks. Optimizer step s takes the next G examples, ``order[s*G:(s+1)*G]``; its micro-step m
+    takes the next ``world_size × micro_batch_size`` of them and rank r every world_size-th of those
+    (``[r::world_size]``). Two runs with the same G therefore see the same examples at every step, whatever
+    ``world_size × micro_batch_size × accumulation`` decomposition they use: their losses differ only by the
+    order of summation. At the end of an epoch the loader moves on to the next one by itself: ``next()``
+    never raises StopIteration.
 
-    ``group_by_length``: the epoch's usable prefix is cut into windows of ``group_window`` global
-    micro-batches (world_size × micro_batch_size examples each); each window is sorted by length
-    (longest first, ties in the shuffled order) and cut into global micro-batches, and the order of all
-    the epoch's global micro-batches is then shuffled with the same generator. So a micro-batch holds
-    examples of similar lengths (little padding), the order stays random, every rank still takes
-    ``len(loader)`` micro-batches, and the order is a pure function of (seed, epoch).
+    ``group_by_length``: the epoch's usable prefix is cut into windows of ``group_window`` global batches;
+    each window is sorted by length (longest first, ties in the shuffled order) and cut into global batches,
+    and the order of the epoch's global batches is then shuffled with the same generator. A micro-batch,
+    a slice of a sorted global batch, holds examples of similar lengths (little padding); the order stays
+    random and is a pure function of (seed, epoch, G).
 
     ``packed``: micro-batches come in the packed layout (:func:`pack`) instead of padded rows.
 
-    ``epoch`` is the epoch of the last batch drawn and ``position`` the number of micro-batches drawn
-    from it; :meth:`state_dict` / :meth:`load_state_dict` save and restore them exactly (resume with
-    the same ``group_by_length``: it changes what a position means).
+    ``epoch`` is the epoch of the last batch drawn and ``examples`` the number of its examples drawn by all
+    ranks together: global counts, so :meth:`state_dict` means the same on any number of ranks and
+    :meth:`load_state_dict` accepts it under another ``world_size × micro_batch_size`` at the same G (resume
+    with the same ``group_by_length``: it changes what a position means).
 
-    A loader over fewer than ``world_size * micro_batch_size`` examples is an error. (Evaluation
-    does not use loaders: the trainer walks the eval set in a fixed order, see ``Trainer.evaluate``.)
+    A loader over fewer than G examples is an error. (Evaluation does not use loaders: the trainer walks
+    the eval set in a fixed order, see ``Trainer.evaluate``.)
     """
 
     def __init__(self, examples: list[dict], kind: str, micro_batch_size: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, seed: int = 42, shuffle: bool = True, packed: bool = False,
-                 group_by_length: bool = False, group_window: int = 64):
-        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+                 group_by_length: bool = False, group_window: int = 64, accumulation: int = 1):
+        if micro_batch_size < 1 or world_size < 1 or accumulation < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader geometry: micro_batch_size={micro_batch_size}, rank={rank}, "
-                             f"world_size={world_size}")
+                             f"world_size={world_size}, accumulation={accumulation}")
         if not examples:
             raise ValueError("CyclingLoader needs at least one example")
         self.examples, self.kind, self.mb, self.pad_id = examples, kind, micro_batch_size, pad_id
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.accumulation = accumulation
         self.packed, self.group_by_length, self.group_window = packed, group_by_length, group_window
         self._lengths = [example_length(e) for e in examples] if group_by_length else None
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position = 0, 0  # position: micro-batches of the epoch drawn by this rank
         self._cache: tuple[int, list[int]] | None = None
         self._check_size()
 
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all ranks (G)."""
+        return self.world_size * self.mb * self.accumulation
+
     def _check_size(self) -> None:
-        need = self.world_size * self.mb
+        need = self.global_batch
         if len(self.examples) < need:
-            raise ValueError(f"{len(self.examples)} examples are fewer than world_size × micro_batch_size = "
-                             f"{self.world_size} × {self.mb} = {need}: every rank needs a full micro-batch; "
-                             "use a smaller micro batch size or more data")
+            raise ValueError(f"{len(self.examples)} examples are fewer than one optimizer step's world_size × "
+                             f"micro_batch_size × accumulation = {self.world_size} × {self.mb} × "
+                             f"{self.accumulation} = {need}: use a smaller batch or more data")
 
     def _order(self, epoch: int) -> list[int]:
-        """The epoch's usable examples, in the order of its global micro-batches."""
+        """The epoch's usable examples in their global order."""
         n = len(self.examples)
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        order = order[: len(self) * self.world_size * self.mb]
+        order = order[: n // self.global_batch * self.global_batch]
         return self._grouped(order, g) if self.group_by_length else order
 
     def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
-        step = self.world_size * self.mb
+        step = self.global_batch
         window = step * self.group_window
         batches = []
         for w in range(0, len(order), window):
@@ -183,6 +194,7 @@ class CyclingLoader:
         return [i for b in shuffled for i in batches[b]]
 
     def _rank_indices(self, epoch: int) -> list[int]:
+        # global micro-batch k is order[k*W*mb:(k+1)*W*mb]; this rank's share of it is [rank::W]
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, self._order(epoch)[self.rank::self.world_size])
         return self._cache[1]
@@ -192,8 +204,9 @@ class CyclingLoader:
         return collate(self.kind, examples, self.pad_id, packed=self.packed)
 
     def __len__(self) -> int:
+        """Micro-batches per rank per epoch (``accumulation`` × the epoch's optimizer steps)."""
         self._check_size()
-        return len(self.examples) // (self.world_size * self.mb)
+        return len(self.examples) // self.global_batch * self.accumulation
 
     def __iter__(self):
         return self
@@ -209,8 +222,14 @@ class CyclingLoader:
     next = __next__
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """Global counts: the epoch and how many of its examples all ranks together have drawn."""
+        return {"epoch": self.epoch, "examples": self.position * self.world_size * self.mb, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        per_micro = self.world_size * self.mb
+        if int(state["examples"]) % per_micro:
+            raise ValueError(f"a loader position of {state['examples']} examples is not a whole number of "
+                             f"micro-batches of world_size × micro_batch_size = {per_micro}")
+        self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
+        self.position = int(state["examples"]) // per_micro
         self._cache = None
