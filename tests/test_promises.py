@@ -113,11 +113,14 @@ def test_exo_runs_its_k_completions_in_one_forward(tmp_path, packed):
     batch = collate("scored", exs, TOK.pad_token_id, packed=packed)
     policy = load_model("tiny", seed=1, packing=packed).eval()
     reference = Reference(model=load_model("tiny", seed=2, trainable=False, packing=packed))
+    exo = EXO("exo-rw", beta=0.1, beta_r=0.5)
+    with torch.no_grad():  # the first call also checks each model's head once (xright.logprobs): not counted
+        exo(policy, reference, batch)
     rows = []  # counted at the input embedding: every forward of the decoder passes it, whatever calls it
     hook = policy.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape))
     try:
         with torch.no_grad():
-            EXO("exo-rw", beta=0.1, beta_r=0.5)(policy, reference, batch)
+            exo(policy, reference, batch)
     finally:
         hook.remove()
     tokens = sum(len(e["prompt_ids"]) + len(r) for e in exs for r in e["responses"])
