@@ -229,7 +229,9 @@ def test_sft_deepspeed_keys_and_gradient_checkpointing(sft_run):
 
 # ---- SFT data shaping: pretrain mode, chat templates, eval_fraction, blends, max_ckpt_mem ----------------------
 
-CHAT = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+# prefix-consistent, as chat rendering requires: the generation prompt "=>" is also what opens an assistant turn
+CHAT = ("{% for m in messages %}{% if m['role'] == 'assistant' %}=>{% endif %}<<{{ m['content'] }}>>{% endfor %}"
+        "{% if add_generation_prompt %}=>{% endif %}")
 
 
 def test_pretrain_mode_chat_template_eval_fraction_and_probs(files, tmp_path):
