@@ -8,6 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from test_packing import rand_examples
+
 from xright import logprobs
 from xright.data import collate
 from xright.logprobs import Head, output_head, sequence_logps, target_logps, token_logps
@@ -15,25 +17,6 @@ from xright.models import load_model, register_varlen_attention
 from xright.objectives import EXO, KTO, SFT, Pairwise, Reference
 
 PAD, V = 256, 258
-
-
-def rand_examples(kind, n, seed=0, K=2):
-    g = torch.Generator().manual_seed(seed)
-    ints = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
-    toks = lambda m: torch.randint(0, 256, (m,), generator=g).tolist()  # noqa: E731
-    out = []
-    for i in range(n):
-        e = {"id": f"{kind}{i}", "prompt_ids": toks(0 if i == 1 else ints(1, 12))}
-        if kind in ("pairwise", "scored"):
-            e["responses"] = [toks(ints(1, 15)) for _ in range(K)]
-            if kind == "scored":
-                e["rewards"] = torch.randn(K, generator=g).tolist()
-        else:
-            e["response_ids"] = toks(ints(1, 15))
-            if kind == "binary":
-                e["label"] = i % 3 != 0
-        out.append(e)
-    return out
 
 
 def family(name, packing=False, attn=None, **extra):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from launch import ROOT, assert_no_shm_left, env, free_port, train_records
-from xright import strategy as S
+from test_flags import _no_process_group_after_this_module, in_process  # noqa: F401 (an autouse fixture)
 from xright.data import CyclingLoader, DataSpec, collate, load_data
 from xright.data.synthetic import preference_records
 from xright.models import load_model, load_tokenizer
@@ -33,23 +33,6 @@ TOK = load_tokenizer("tiny")
 QUIET = dict(log=lambda *a: None)
 
 
-@contextlib.contextmanager
-def in_process():
-    """A CLI run in this process as a world of one; its environment variables are restored afterwards."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_process_group_after_this_module():
-    yield
-    S.close_process_group()
 
 
 # ---- flags kept for compatibility: XRIGHT's defaults, and --help says they do nothing ----------------------
