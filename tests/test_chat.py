@@ -408,12 +408,12 @@ def run_main(module, args):
     """A CLI's main in this process, as tests/multirun.py runs it: (exit code, its metrics)."""
     import importlib
 
-    from xright.cli import common
+    from xright.cli import lifecycle
     from xright.strategy import release_engines
 
     cli = importlib.import_module(f"xright.cli.{module}")
     try:
-        code = common.guarded(lambda: cli.main(args))
+        code = lifecycle.guarded(lambda: cli.main(args))
     finally:
         release_engines()
     save = args[args.index("--save_path") + 1]
@@ -504,12 +504,12 @@ def test_bad_conversational_input_exits_2_before_training(tmp_path, capsys, case
     extra = []
     if rec is None:
         extra = ["--tokenizer_chat_template", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"]
-    from xright.cli import common, train_dpo
+    from xright.cli import lifecycle, train_dpo
 
     capsys.readouterr()
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        common.main_guard(lambda: train_dpo.main([*SMALL, "--dataset", path, *extra, "--save_path", str(out)]))
+        lifecycle.main_guard(lambda: train_dpo.main([*SMALL, "--dataset", path, *extra, "--save_path", str(out)]))
     err = capsys.readouterr().err
     assert e.value.code == 2
     line = [x for x in err.splitlines() if x.startswith("xright: error: ")]
