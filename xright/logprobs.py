@@ -209,7 +209,9 @@ def token_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = N
     return logps, mask
 
 
-_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model → its Head, or None (checked once)
+# model → its head's (scale, cap), or None (checked once). Not the Head itself: its module refers back to the
+# model (ZeRO-3 links every submodule to its parent), which would keep a weak key alive forever
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def output_head(model) -> Head | None:
@@ -221,8 +223,9 @@ def output_head(model) -> Head | None:
         head, why = _find_head(model, root)
         if why:
             say(f"xright: log-probs of {type(root).__name__} take the full [tokens, vocab] path: {why}")
-        _HEADS[root] = head
-    return _HEADS[root]
+        _HEADS[root] = None if head is None else (head.scale, head.cap)
+    found = _HEADS[root]
+    return None if found is None else Head(root.get_output_embeddings(), *found)
 
 
 def _find_head(model, root) -> tuple[Head | None, str]:
