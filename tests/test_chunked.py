@@ -140,9 +140,9 @@ def test_the_logit_transforms_matter(name):
         want, mask = token_logps(policy, batch, chunk_size=0)
         want = want * mask  # the chunked path computes the response tokens only
         torch.testing.assert_close(token_logps(policy, batch, chunk_size=3)[0], want, atol=1e-5, rtol=1e-5)
-        logprobs._HEADS[policy] = Head(head.module)  # a head that forgot the transform
+        logprobs._HEADS[policy] = (1.0, None)  # a head that forgot the transform
         assert (token_logps(policy, batch, chunk_size=3)[0] - want).abs().max() > 0.05
-        logprobs._HEADS[policy] = head
+        logprobs._HEADS[policy] = (head.scale, head.cap)
 
 
 def test_token_logps_in_bf16_are_close(monkeypatch):
@@ -189,7 +189,7 @@ def test_only_response_tokens_are_computed():
     batch = collate("pairwise", rand_examples("pairwise", 4, seed=5), PAD)
     seen = []
     head = output_head(policy)
-    logprobs._HEADS[policy] = Head(head.module)
+    logprobs._HEADS[policy] = (1.0, None)
     original = Head.logits
     try:
         Head.logits = lambda self, h: seen.append(h.shape[0]) or original(self, h)
