@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MARK = "<!-- bench_vocab -->"
 
+from bench_packing import write_section  # noqa: E402 (one way to rewrite a section of RESULTS.md)
+
 
 def build(v: int, root: str) -> str:
     import torch
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
                 rows.append((v, job, runs))
     section = report(args, rows, started, load_before, os.getloadavg(), argv)
     print(section)
-    write_section(args.results, section)
+    write_section(args.results, section, MARK)
 
 
 def report(args, rows, started, load_before, load_after, argv) -> str:
@@ -160,19 +162,6 @@ def report(args, rows, started, load_before, load_after, argv) -> str:
                      f"{'yes' if same else 'NO'} ({', '.join(f'{x:.4f}' for x in b)}) |")
     lines.append("")
     return "\n".join(lines)
-
-
-def write_section(path: str, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (from its marker to the next marker), or append it."""
-    text = open(path).read() if os.path.exists(path) else ""
-    if MARK in text:
-        head, rest = text.split(MARK, 1)
-        end = rest.find("\n<!-- ", 1)
-        text = head + section + (rest[end:] if end >= 0 else "\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":
