@@ -9,8 +9,9 @@ import torch
 
 from xright.data import CyclingLoader, DataError, DataSpec, collate, load_data
 from xright.data import synthetic
-from xright.data.loading import tokenize
-from xright.data.records import read_source, split_hh
+from xright.data.loading import read_source
+from xright.data.records import split_hh
+from xright.data.tokenise import tokenize
 from xright.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -170,7 +170,7 @@ def test_model_fingerprint_follows_the_files(tmp_path):
 # every module whose code reaches a reference log-prob (listed here, not read from refcache.LOGP_MODULES,
 # so that a module dropped from that list fails)
 @pytest.mark.parametrize("module", ["xright.logprobs", "xright.models", "xright.objectives", "xright.strategy",
-                                    "xright.data.collate", "xright.refcache"])
+                                    "xright.data.collate", "xright.data.kinds", "xright.refcache"])
 def test_code_fingerprint_follows_every_log_prob_source(tmp_path, monkeypatch, module):
     import importlib
     from types import SimpleNamespace

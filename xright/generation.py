@@ -42,10 +42,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from xright.data.chat import ChatRenderer
-from xright.data.loading import (BUILTIN_TRAIN, NO_TEMPLATE, DataSpec, blend, is_chat, parse_probs, prompt_text,
-                                 source_labels, tokenize)
-from xright.data.records import (BadRecord, DataError, canonicalize, describe, generation_prompt, get_field,
-                                 iter_raw, text_field)
+from xright.data.kinds import canonicalize
+from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend, parse_probs, source_labels
+from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
+from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
 from xright.data import synthetic
 
 

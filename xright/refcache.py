@@ -99,7 +99,8 @@ LOGP_MODULES = (
     "xright.models",        # model building, attention implementations, adapters_disabled
     "xright.objectives",    # Reference: a separate model or the LoRA policy with its adapters off
     "xright.strategy",      # the reference's DeepSpeed config and dtype cast
-    "xright.data.collate",  # batch layout: padding, packing, position ids
+    "xright.data.collate",  # batch layout: packing, position ids
+    "xright.data.kinds",    # batch layout: padding, K-major rows
     "xright.refcache",      # this pass: batching, row order
 )
 

@@ -1,16 +1,14 @@
-"""Data: record formats and validation, loading (files and hub), tokenisation and masking,
-collators, cycling loaders, built-in synthetic data; tokenised examples on disk (:mod:`.store`).
-
-Public API: :class:`DataError`, :class:`DataSpec`, :func:`load_data`, :func:`collate`,
-:class:`CyclingLoader`, :class:`ExampleTable` (what load_data returns with ``DataSpec.cache_dir``);
-:mod:`xright.data.synthetic` for the built-in data.
+"""Data: records and validation (:mod:`.records`), one definition per data kind (:mod:`.kinds`), tokenisation
+(:mod:`.tokenise`), tokenised examples on disk (:mod:`.store`), loading and blending (:mod:`.loading`), collation
+and cycling loaders (:mod:`.collate`), built-in synthetic data (:mod:`.synthetic`). See docs/data.md.
 """
 
 from .collate import CyclingLoader, collate
+from .kinds import KINDS, DataKind
 from .loading import DataSpec, load_data
 from .records import DataError
 from .store import ExampleTable
 from .synthetic import preference_records, sft_records
 
-__all__ = ["CyclingLoader", "DataError", "DataSpec", "ExampleTable", "collate", "load_data", "preference_records",
-           "sft_records"]
+__all__ = ["KINDS", "CyclingLoader", "DataError", "DataKind", "DataSpec", "ExampleTable", "collate", "load_data",
+           "preference_records", "sft_records"]

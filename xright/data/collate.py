@@ -5,32 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _pad(pairs: list[tuple[list[int], list[int]]], pad_id: int, masks: list | None = None) -> dict:
-    """Right-padded input_ids / attention_mask / loss_mask for (prompt_ids, response_ids) pairs.
-
-    ``loss_mask[b, t]`` is True when token t is a response token (the model predicts it from
-    position t-1; the log-prob code does the shift) that ``masks[b]`` (a 0/1 list over the response,
-    multi-turn SFT) does not exclude.
-    """
-    T = max(len(p) + len(r) for p, r in pairs)
-    B = len(pairs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, r) in enumerate(pairs):
-        n = len(p) + len(r)
-        input_ids[b, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attention_mask[b, :n] = 1
-        m = masks[b] if masks else None
-        loss_mask[b, len(p):n] = True if m is None else torch.tensor(list(m), dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+from .kinds import get_kind, responses
 
 
 def collate(kind: str, examples: list[dict], pad_id: int, packed: bool = False) -> dict:
     """A micro-batch of tokenised examples -> tensors: right-padded rows, or with ``packed`` one
     padding-free row (:func:`pack`) holding the same sequences in the same order."""
-    out = _padded(kind, examples, pad_id)
+    out = get_kind(kind).collate(examples, pad_id)
     return pack(out) if packed else out
 
 
@@ -59,60 +40,7 @@ def pack(batch: dict) -> dict:
 
 def example_length(example: dict) -> int:
     """Tokens of an example's longest row (prompt + its longest completion): its padded row length."""
-    responses = example["responses"] if "responses" in example else [example["response_ids"]]
-    return len(example["prompt_ids"]) + max(len(r) for r in responses)
-
-
-def _padded(kind: str, examples: list[dict], pad_id: int) -> dict:
-    """A micro-batch of tokenised examples -> tensors (right padding).
-
-    sft / binary: ``input_ids`` [B,T] long, ``attention_mask`` [B,T] long, ``loss_mask`` [B,T]
-    bool (response tokens incl. eos), ``ids`` list[str]. binary adds ``label`` [B] bool and the
-    KTO mismatched pairs ``kl_input_ids`` / ``kl_attention_mask`` / ``kl_loss_mask`` built from
-    (prompt_i, response_{(i+1) mod B}), the response cut on the right to the example's ``max_len``
-    (binary examples carry it); it needs B >= 2.
-
-    pairwise / scored: the K completions of each prompt laid out K-major, row ``k*B + b`` is
-    completion k of example b (for pairs: rows [0,B) chosen, [B,2B) rejected), so one forward
-    covers all. ``input_ids`` / ``attention_mask`` / ``loss_mask`` [K*B,T], ``ids`` (B),
-    ``num_choices`` = K, ``rewards`` [B,K] float32 and ``margin`` [B] float32 when the examples
-    have them (all or none).
-    """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    B = len(examples)
-    ids = [e["id"] for e in examples]
-    if kind in ("sft", "binary"):
-        out = _pad([(e["prompt_ids"], e["response_ids"]) for e in examples], pad_id,
-                   [e.get("response_mask") for e in examples])
-        out["ids"] = ids
-        if kind == "binary":
-            if B < 2:
-                raise ValueError("KTO needs micro batch size >= 2: its KL estimate pairs each prompt with "
-                                 "the next example's completion in the same micro-batch")
-            out["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
-            # truncated as loading.tokenize truncates: the response cut on the right to fit max_len
-            kl = _pad([(e["prompt_ids"], examples[(i + 1) % B]["response_ids"][: e.get("max_len", 1 << 62)
-                                                                               - len(e["prompt_ids"])])
-                       for i, e in enumerate(examples)], pad_id)
-            out.update({f"kl_{k}": v for k, v in kl.items()})
-        return out
-    if kind in ("pairwise", "scored"):
-        K = len(examples[0]["responses"])
-        if any(len(e["responses"]) != K for e in examples):
-            raise ValueError(f"all examples of a micro-batch must have the same number of completions; got "
-                             f"{sorted({len(e['responses']) for e in examples})} in {ids}")
-        out = _pad([(e["prompt_ids"], e["responses"][k]) for k in range(K) for e in examples], pad_id)
-        out["ids"] = ids
-        out["num_choices"] = K
-        for key, shape in (("rewards", (B, K)), ("margin", (B,))):
-            have = [key in e for e in examples]
-            if any(have) and not all(have):
-                raise ValueError(f"some examples of the micro-batch have {key!r} and some do not: {ids}")
-            if all(have):
-                out[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32).reshape(shape)
-        return out
-    raise ValueError(f"unknown data kind {kind!r}")
+    return len(example["prompt_ids"]) + max(len(r) for r in responses(example))
 
 
 class CyclingLoader:

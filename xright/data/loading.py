@@ -72,20 +72,17 @@ Eval set
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .chat import ChatRenderer
-from .records import MAX_REASONS, BadRecord, DataError, SourceStats, describe, k_mismatch, read_source, source_id
-from . import synthetic
+from . import store
+from .kinds import KINDS, canonicalize, get_kind
+from .records import BadRecord, DataError, _EmptyResponse, _Identical, describe, iter_raw, source_id
+from .tokenise import NO_TEMPLATE, tokenize
 
-KINDS = ("sft", "pairwise", "binary", "scored")
-NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
-               "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
+MAX_REASONS = 5
 BUILTIN_TRAIN, BUILTIN_EVAL = 2000, 200
 DUMMY_FRACTION = 0.03
 
@@ -125,8 +122,7 @@ class DataSpec:
     cache_dir: str | None = None   # tokenised examples on disk, memory-mapped (xright.data.store)
 
     def check(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown data kind {self.kind!r}; expected one of {KINDS}")
+        get_kind(self.kind)
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
         if self.max_len < 2:
@@ -139,203 +135,85 @@ class DataSpec:
             raise ValueError(f"input_template must contain '{{}}' where the prompt goes: {self.input_template!r}")
 
 
-# ------------------------------------------------------------------------------ tokenisation
+@dataclass
+class SourceStats:
+    """What reading one split of one source found."""
+
+    source: str
+    split: str
+    read: int = 0            # raw records seen
+    bad: int = 0             # skipped (skip_bad_records=True)
+    identical: int = 0       # pairs with chosen == rejected, dropped
+    differ_early: int = 0    # HH pairs diverging before their own last "\n\nAssistant:"
+    empty_response: int = 0  # HH pairs with a blank answer after the shared prompt, dropped
+    reasons: list[str] = field(default_factory=list)
+    identical_ids: list[str] = field(default_factory=list)
+    k: int | None = None     # scored: the number of completions of every record
+    k_where: str = ""        # scored: where the first record (which set k) is
+
+    def add(self, other: "SourceStats") -> None:
+        self.read += other.read
+        self.bad += other.bad
+        self.identical += other.identical
+        self.differ_early += other.differ_early
+        self.empty_response += other.empty_response
+        self.reasons += other.reasons[: MAX_REASONS - len(self.reasons)]
+        self.identical_ids += other.identical_ids[: MAX_REASONS - len(self.identical_ids)]
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(NO_TEMPLATE)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def k_mismatch(k: int, first_k: int, first_where: str) -> str:
+    return (f"has K={k} completions but the first record ({first_where}) has K={first_k}; every scored "
+            "record of a dataset needs the same K (a micro-batch stacks K completions per prompt)")
 
 
-def prompt_text(rec: dict, tokenizer, spec: DataSpec) -> str:
-    p = rec["prompt"]
-    if isinstance(p, list):
-        return _render_chat(tokenizer, p)
-    if rec.get("raw_prompt"):
-        return p
-    if spec.apply_chat_template:
-        return _render_chat(tokenizer, [{"role": "user", "content": p}])
-    if spec.input_template:
-        return spec.input_template.format(p)
-    return p
+def read_source(source: str, split: str, spec, required: bool = True,
+                label: str | None = None) -> tuple[list[dict], SourceStats] | None:
+    """Canonical records of one split of one source, validated; None if an optional split is absent.
 
-
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    if not special:
-        return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-    bos = getattr(tokenizer, "bos_token", None)
-    out: list[list[int] | None] = [None] * len(texts)
-    for flag in (True, False):
-        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == flag]
-        if idx:
-            enc = tokenizer([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
-            for i, ids in zip(idx, enc):
-                out[i] = list(ids)
-    return out  # type: ignore[return-value]
-
-
-def _special_head(tokenizer) -> list[int]:
-    """The special tokens the tokenizer adds at the start of a text (e.g. [BOS]); [] if none."""
-    with_ = list(tokenizer(["a"], add_special_tokens=True, verbose=False)["input_ids"][0])
-    without = list(tokenizer(["a"], add_special_tokens=False, verbose=False)["input_ids"][0])
-    for i in range(len(with_) - len(without) + 1):
-        if with_[i:i + len(without)] == without:
-            return with_[:i]
-    return []
-
-
-def _common_prefix(a: list[int], b: list[int], n: int) -> int:
-    """Length of the common prefix of a and b, at most n."""
-    m = min(n, len(a), len(b))
-    if a[:m] == b[:m]:  # the usual case, at C speed
-        return m
-    return next(i for i in range(m) if a[i] != b[i])
-
-
-def _token_at(encoding, pos: int, end: int, n: int) -> int:
-    """Index of the token holding character ``pos`` (or the next character that has one), else n."""
-    for c in range(pos, end):
-        t = encoding.char_to_token(c)
-        if t is not None:
-            return t
-    return n
-
-
-def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
-    """(prompt ids, [K response ids]) per prompt and its K responses, with the ids of the whole texts
-    (see the module docstring for the boundary and special tokens)."""
-    if not prompts:
-        return [], []
-    bos = getattr(tokenizer, "bos_token", None)
-    head = _special_head(tokenizer)
-    texts = [p + r for p, g in zip(prompts, groups) for r in g]
-    enc = tokenizer(texts, add_special_tokens=False, verbose=False)
-    wholes = enc["input_ids"]
-    fast = getattr(enc, "encodings", None)  # a fast tokenizer's encodings know each character's token
-    alone = None if fast else _encode(tokenizer, prompts, False)
-    out_p, out_r, i = [], [], 0
-    for j, (text, g) in enumerate(zip(prompts, groups)):
-        ws = [list(w) for w in wholes[i:i + len(g)]]
-        if fast:
-            p = ws[0]
-            b = min(_token_at(fast[i + k], len(text), len(texts[i + k]), len(w)) for k, w in enumerate(ws))
-        else:
-            p = alone[j]
-            b = len(p)
-        for w in ws:  # one prompt for all K: the tokens every whole text agrees on
-            b = _common_prefix(p, w, b)
-        i += len(g)
-        out_p.append((head if not (bos and text.startswith(bos)) else []) + p[:b])
-        out_r.append([w[b:] for w in ws])
-    return out_p, out_r
-
-
-def _token_hash(prompt: list[int], responses: list[list[int]]) -> str:
-    """The ``<tokens>`` part of an example id: 8 hex digits of a hash of its token ids."""
-    h = hashlib.blake2b(struct.pack(f"<{1 + len(responses)}i", len(prompt), *map(len, responses)), digest_size=4)
-    for ids in (prompt, *responses):
-        h.update(struct.pack(f"<{len(ids)}i", *ids))
-    return h.hexdigest()
-
-
-def tokenize(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
-    """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
-    rows = tokenize_rows(records, tokenizer, spec)
-    status = Counter(s for _, s in rows)
-    return [ex for ex, _ in rows if ex is not None], {k: status[k] for k in ("truncated", "dropped_prompt",
-                                                                             "dropped_long")}
-
-
-def _answers(rec: dict, spec: DataSpec) -> tuple[list, list[str]]:
-    """A canonical record's K answers and their field names (for errors)."""
-    kind = spec.kind
-    if kind == "sft":
-        return [rec["response"]], [spec.messages_key if isinstance(rec["response"], list) else spec.output_key]
-    if kind == "binary":
-        return [rec["completion"]], [spec.completion_key]
-    if kind == "pairwise":
-        return [rec["chosen"], rec["rejected"]], [spec.chosen_key, spec.rejected_key]
-    return rec["completions"], [f"{spec.completions_key}[{k}]" for k in range(len(rec["completions"]))]
-
-
-def is_chat(rec: dict, spec: DataSpec) -> bool:
-    return isinstance(rec["prompt"], list) or (spec.apply_chat_template and not rec.get("raw_prompt"))
-
-
-def _encoded(records: list[dict], tokenizer, spec: DataSpec, chunk: int = 1024):
-    """(record, prompt ids, [K response ids], [K masks or None]) per record, each response ending with eos or
-    the chat template's end of turn; encoded a chunk at a time (so the whole texts' token lists of a big set
-    never all exist at once)."""
-    eos = tokenizer.eos_token_id
-    renderer = None
-    for start in range(0, len(records), chunk):
-        recs = records[start:start + chunk]
-        chat = [is_chat(r, spec) for r in recs]
-        plain = [r for r, c in zip(recs, chat) if not c]
-        prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in plain],
-                                              [_answers(r, spec)[0] for r in plain])
-        text = iter(zip(prompts, responses))
-        for rec, c in zip(recs, chat):
-            if not c:
-                p, rs = next(text)
-                yield rec, p, [r + [eos] for r in rs], [None] * len(rs)
-                continue
-            answers, fields = _answers(rec, spec)
-            prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
-            answers = [a if isinstance(a, list) else [{"role": "assistant", "content": a}] for a in answers]
-            try:
-                if renderer is None:
-                    try:
-                        renderer = ChatRenderer(tokenizer)
-                    except ValueError:
-                        raise BadRecord(NO_TEMPLATE, fields[0]) from None
-                yield rec, *renderer.encode(prompt, answers, fields, mask_roles=spec.kind == "sft")
-            except BadRecord as e:
-                raise DataError(describe(rec.get("where") or rec["id"], None, e)) from None
-
-
-def tokenize_rows(records: list[dict], tokenizer, spec: DataSpec) -> list[tuple[dict | None, str]]:
-    """(example or None, status) per record; status "ok", "truncated", "dropped_prompt" or "dropped_long"."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token id")
-    kind = spec.kind
-    no_source = source_id("")
-    out: list[tuple[dict | None, str]] = []
-    for rec, p, rs, masks in _encoded(records, tokenizer, spec):
-        if kind == "sft" and spec.pretrain_mode:
-            p, rs, masks = [], [p + rs[0]], [None]
-        room = spec.max_len - len(p)
-        status = "ok"
-        if any(len(r) > room for r in rs):
-            if spec.truncation == "drop":
-                out.append((None, "dropped_long"))
-                continue
-            if room < 1:
-                out.append((None, "dropped_prompt"))
-                continue
-            rs = [r[:room] for r in rs]
-            masks = [m if m is None else m[:room] for m in masks]
-            status = "truncated"
-        ex = {"id": f"{rec['id']}@{rec.get('source', no_source)}.{_token_hash(p, rs)}", "prompt_ids": p}
-        if kind in ("sft", "binary"):
-            ex["response_ids"] = rs[0]
-            if masks[0] is not None:
-                ex["response_mask"] = masks[0]
-            if kind == "binary":
-                ex["label"] = rec["label"]
-                ex["max_len"] = spec.max_len
-        else:
-            ex["responses"] = rs
-            if "rewards" in rec:
-                ex["rewards"] = [float(x) for x in rec["rewards"]]
-            if "margin" in rec:
-                ex["margin"] = float(rec["margin"])
-        out.append((ex, status))
-    return out
+    A bad record raises DataError, unless ``spec.skip_bad_records`` (then it is counted in the stats
+    with its reason). Pairs with chosen == rejected are dropped and counted.
+    """
+    raw = iter_raw(source, split, spec, required, label)
+    if raw is None:
+        return None
+    stats = SourceStats(source, split)
+    records: list[dict] = []
+    sources: dict[str, str] = {}
+    for where, loc, rid, obj, err in raw:
+        stats.read += 1
+        try:
+            if err is not None:
+                raise err
+            recs, early = canonicalize(spec.kind, obj, rid, spec)
+            k = len(KINDS[spec.kind].answers(recs[0], spec)[0])  # the same K everywhere (only scored can differ)
+            if stats.k is None:
+                stats.k, stats.k_where = k, f"{where} {loc}"
+            elif k != stats.k:
+                raise BadRecord(k_mismatch(k, stats.k, stats.k_where), spec.completions_key)
+        except _EmptyResponse:
+            stats.empty_response += 1
+            continue
+        except _Identical:
+            stats.identical += 1
+            if len(stats.identical_ids) < MAX_REASONS:
+                stats.identical_ids.append(rid)
+            continue
+        except BadRecord as e:
+            msg = describe(where, loc, e)
+            if not spec.skip_bad_records:
+                raise DataError(msg + " (skip_bad_records=True skips such records)") from None
+            stats.bad += 1
+            if len(stats.reasons) < MAX_REASONS:
+                stats.reasons.append(msg)
+            continue
+        stats.differ_early += early
+        if where not in sources:  # a file by its resolved path; a hub dataset by name and split
+            sources[where] = source_id(f"file:{os.path.realpath(where)}" if os.path.isfile(where)
+                                       else f"hub:{where}:{split}")
+        for r in recs:
+            r["source"], r["where"] = sources[where], f"{where} {loc}"
+        records += recs
+    return records, stats
 
 
 # ------------------------------------------------------------------------------ sources
@@ -419,37 +297,9 @@ def _number_copies(records: list[dict]) -> list[dict]:
     return out
 
 
-def _unpaired_shuffle(records: list[dict], seed: int) -> list[dict]:
-    """Binary records unpaired from pairs come as (chosen, rejected) neighbours; shuffle them so that
-    KTO's mismatched pairs (x_i, y_{i+1}) rarely share a prompt, even without loader shuffling."""
-    if any("#" in r["id"] for r in records):
-        records = list(records)
-        random.Random(f"{seed}/unpair").shuffle(records)
-    return records
-
-
 def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
-    return [{**r, "source": source_id(f"builtin:{spec.seed}")} for r in _builtin_records(spec, split, n)]
-
-
-def _builtin_records(spec: DataSpec, split: str, n: int) -> list[dict]:
-    if spec.kind == "sft" and not spec.sft_from_chosen:
-        return [{**r, "raw_prompt": False} for r in synthetic.sft_records(n, spec.seed, split)]
-    pairs = synthetic.preference_records(n, spec.seed, split)
-    if spec.kind == "sft":
-        return [{"id": r["id"], "prompt": r["prompt"], "response": r["chosen"], "raw_prompt": False} for r in pairs]
-    if spec.kind == "pairwise":
-        return [{**r, "raw_prompt": False} for r in pairs]
-    if spec.kind == "scored":
-        # Rewards so that exo-rw / dpo-rw run on the default data: hedged 1, terse 0.
-        return [{"id": r["id"], "prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]],
-                 "rewards": [1.0, 0.0], "raw_prompt": False} for r in pairs]
-    out = []
-    for r in pairs:
-        for which, label in (("chosen", True), ("rejected", False)):
-            out.append({"id": f"{r['id']}#{which}", "prompt": r["prompt"], "completion": r[which],
-                        "label": label, "raw_prompt": False})
-    return _unpaired_shuffle(out, spec.seed)
+    recs = KINDS[spec.kind].builtin(spec, split, n)
+    return KINDS[spec.kind].prepare([{**r, "source": source_id(f"builtin:{spec.seed}")} for r in recs], spec)
 
 
 def _check_same_k(stats: list[SourceStats]) -> None:
@@ -511,8 +361,7 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
             continue
         recs, st = got
         _log_source(spec, st, len(recs), log)
-        if spec.kind == "binary":
-            recs = _unpaired_shuffle(recs, spec.seed)
+        recs = KINDS[spec.kind].prepare(recs, spec)
         parts.append(recs)
         total.add(st)
         each.append(st)
@@ -539,8 +388,6 @@ def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[di
     if spec.apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{spec.name}: --apply_chat_template: {NO_TEMPLATE}")
     if spec.cache_dir:
-        from . import store
-
         return store.cached(spec, tokenizer, log, lambda lg, tok: _load(spec, tokenizer, lg, tok))
     return _load(spec, tokenizer, log, lambda records, split: tokenize(records, tokenizer, spec))
 
@@ -568,8 +415,7 @@ def _load(spec: DataSpec, tokenizer, log, tok):
                 log(f"{spec.name}: no {spec.eval_split!r} split in {where}: no eval set")
             else:
                 eval_recs = [r for p in eparts if p for r in p][: spec.max_samples]
-        if spec.kind == "scored":
-            _check_same_k(per_source)
+        _check_same_k(per_source)
     train_recs, held, contributions = blend_split(parts, probs, spec.max_samples, spec.seed, spec.eval_fraction)
     if spec.dataset and (len(parts) > 1 or any(c["held"] or c["distinct"] < c["valid"] for c in contributions)):
         for source, c in zip(sources, contributions):

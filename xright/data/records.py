@@ -69,11 +69,9 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
 
 HH_MARK = "\n\nAssistant:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-MAX_REASONS = 5
 
 
 class DataError(ValueError):
@@ -93,40 +91,9 @@ def source_id(identity: str) -> str:
     return hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=3).hexdigest()
 
 
-def k_mismatch(k: int, first_k: int, first_where: str) -> str:
-    return (f"has K={k} completions but the first record ({first_where}) has K={first_k}; every scored "
-            "record of a dataset needs the same K (a micro-batch stacks K completions per prompt)")
-
-
 def describe(source: str, loc: str | None, err: BadRecord) -> str:
     where = f"{source} {loc}" if loc else source
     return f"{where}: field {err.field!r}: {err.reason}" if err.field else f"{where}: {err.reason}"
-
-
-@dataclass
-class SourceStats:
-    """What reading one split of one source found."""
-
-    source: str
-    split: str
-    read: int = 0            # raw records seen
-    bad: int = 0             # skipped (skip_bad_records=True)
-    identical: int = 0       # pairs with chosen == rejected, dropped
-    differ_early: int = 0    # HH pairs diverging before their own last "\n\nAssistant:"
-    empty_response: int = 0  # HH pairs with a blank answer after the shared prompt, dropped
-    reasons: list[str] = field(default_factory=list)
-    identical_ids: list[str] = field(default_factory=list)
-    k: int | None = None     # scored: the number of completions of every record
-    k_where: str = ""        # scored: where the first record (which set k) is
-
-    def add(self, other: "SourceStats") -> None:
-        self.read += other.read
-        self.bad += other.bad
-        self.identical += other.identical
-        self.differ_early += other.differ_early
-        self.empty_response += other.empty_response
-        self.reasons += other.reasons[: MAX_REASONS - len(self.reasons)]
-        self.identical_ids += other.identical_ids[: MAX_REASONS - len(self.identical_ids)]
 
 
 # ------------------------------------------------------------------------------ reading files
@@ -411,21 +378,21 @@ def text_field(value, name: str) -> str:
     if value is None:
         raise BadRecord("is None (null)", name)
     if not isinstance(value, str):
-        raise BadRecord(f"must be a string, got {type(value).__name__} {_short(value)}", name)
+        raise BadRecord(f"must be a string, got {type(value).__name__} {short(value)}", name)
     if not value.strip():
         raise BadRecord("is empty" if value == "" else "is whitespace-only", name)
     return value
 
 
-def _number(value, name: str) -> float:
+def number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRecord(f"must be a number, got {type(value).__name__} {_short(value)}", name)
+        raise BadRecord(f"must be a number, got {type(value).__name__} {short(value)}", name)
     if not math.isfinite(value):
         raise BadRecord(f"must be finite, got {value}", name)
     return float(value)
 
 
-def _short(value) -> str:
+def short(value) -> str:
     r = repr(value)
     return r if len(r) <= 40 else r[:37] + "..."
 
@@ -456,7 +423,7 @@ class _EmptyResponse(Exception):
     """An HH pair whose fields are fine but whose answer after the shared prompt is blank."""
 
 
-def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
+def pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
     """(prompt, chosen, rejected, raw_prompt, differ_early) from a pairwise record; conversational records
     (see :func:`chat_answers`) give message lists."""
     chat = chat_answers(rec, spec, [(get_field(rec, spec.chosen_key), spec.chosen_key),
@@ -485,12 +452,12 @@ def _message_list(value, key: str) -> list[dict]:
     """Validated ``{role, content}`` messages (only those two keys kept). Content is a string; an assistant
     message's content must not be blank (it is what a model is trained or scored on)."""
     if not isinstance(value, list) or not value:
-        raise BadRecord(f"must be a non-empty list of {{role, content}} messages, got {_short(value)}", key)
+        raise BadRecord(f"must be a non-empty list of {{role, content}} messages, got {short(value)}", key)
     msgs = []
     for i, m in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise BadRecord(f"must be an object with role and content, got {_short(m)}", where)
+            raise BadRecord(f"must be an object with role and content, got {short(m)}", where)
         for k in ("role", "content"):
             if k not in m:
                 raise BadRecord(f"missing; message has keys {list(m)}", f"{where}.{k}")
@@ -510,7 +477,7 @@ def _ends_with_assistant(msgs: list[dict], key: str) -> list[dict]:
     return msgs
 
 
-def _messages(value, key: str) -> list[dict]:
+def conversation(value, key: str) -> list[dict]:
     """A whole conversation: at least one message before the final assistant message."""
     msgs = _ends_with_assistant(_message_list(value, key), key)
     if len(msgs) < 2:
@@ -518,7 +485,7 @@ def _messages(value, key: str) -> list[dict]:
     return msgs
 
 
-def _chat_prompt(value, key: str) -> list[dict]:
+def chat_prompt(value, key: str) -> list[dict]:
     msgs = _message_list(value, key)
     if msgs[-1]["role"] == "assistant":
         raise BadRecord("the prompt's last message is the assistant's; the answer follows the prompt",
@@ -544,7 +511,7 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
         if v is None or not isinstance(v, (str, list)):
             text_field(v, name)  # the usual message for null / a non-string
     if isinstance(p_raw, list):
-        prompt = _chat_prompt(p_raw, key)
+        prompt = chat_prompt(p_raw, key)
         out = []
         for v, name in answers:
             if isinstance(v, str):
@@ -565,7 +532,7 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
         if key is None:
             raise BadRecord("the answers are assistant messages only and need the record's prompt, but prompt_key "
                             "is None (train_rm's default, as OpenRLHF): pass --prompt_key prompt", answers[0][1])
-        prompt = [{"role": "user", "content": _prompt(rec, spec, "conversational")}]
+        prompt = [{"role": "user", "content": prompt_field(rec, spec, "conversational")}]
         return prompt, [m if isinstance(m, list) else [{"role": "assistant", "content": text_field(m, name)}]
                         for m, name in lists]
     for m, name in lists:
@@ -589,7 +556,7 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
     return convs[0][:n], [c[n:] for c in convs]
 
 
-def _prompt(rec: dict, spec, kind: str) -> str:
+def prompt_field(rec: dict, spec, kind: str) -> str:
     if spec.prompt_key is None:
         raise BadRecord(f"prompt_key is None, which only suits HH-style pairwise records; {kind} records "
                         "need a prompt field")
@@ -604,7 +571,7 @@ def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
     if spec.input_key in rec or not ({spec.messages_key, spec.chosen_key, spec.rejected_key} & set(rec)):
         value = get_field(rec, spec.input_key)
         if isinstance(value, list):
-            return _chat_prompt(value, spec.input_key), False
+            return chat_prompt(value, spec.input_key), False
         text = text_field(value, spec.input_key)
         return text, text.endswith(HH_MARK)
     if spec.messages_key in rec:
@@ -614,141 +581,5 @@ def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
         if not msgs:
             raise BadRecord("holds no prompt: every message is the assistant's", spec.messages_key)
         return msgs, False
-    prompt, _, _, raw, _ = _pair(rec, spec, allow_identical=True)
+    prompt, _, _, raw, _ = pair(rec, spec, allow_identical=True)
     return prompt, raw
-
-
-def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
-    """Validated canonical records from one raw record, and whether it is an HH pair that differs early.
-
-    Raises BadRecord for an unusable record and _Identical for a pair with chosen == rejected.
-    """
-    if not isinstance(rec, dict):
-        raise BadRecord(f"record is not an object (got {type(rec).__name__} {_short(rec)})")
-    has_pair = spec.chosen_key in rec or spec.rejected_key in rec
-    if kind == "sft":
-        if spec.sft_from_chosen:
-            # chosen == rejected does not matter when only chosen is trained on
-            prompt, chosen, _, raw, early = _pair(rec, spec, allow_identical=True)
-            return [{"id": rid, "prompt": prompt, "response": chosen, "raw_prompt": raw}], early
-        if spec.messages_key in rec and spec.input_key not in rec:
-            msgs = _messages(rec[spec.messages_key], spec.messages_key)
-            # the answer: the last assistant message, or (multiturn) everything from the first assistant turn
-            cut = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if spec.multiturn else -1
-            if cut == 0:
-                raise BadRecord("the first message is the assistant's: the conversation has no prompt",
-                                f"{spec.messages_key}[0].role")
-            return [{"id": rid, "prompt": msgs[:cut], "response": msgs[cut:], "raw_prompt": False}], False
-        if isinstance(rec.get(spec.input_key), list):  # prompt messages + the answer as text
-            return [{"id": rid, "prompt": _chat_prompt(rec[spec.input_key], spec.input_key),
-                     "response": text_field(get_field(rec, spec.output_key), spec.output_key),
-                     "raw_prompt": False}], False
-        prompt = text_field(get_field(rec, spec.input_key), spec.input_key)
-        if spec.pretrain_mode and spec.output_key not in rec:
-            response = ""
-        else:
-            response = get_field(rec, spec.output_key)
-            response = text_field(response, spec.output_key) if not spec.pretrain_mode or response != "" else ""
-        return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": False}], False
-    if kind == "pairwise":
-        prompt, chosen, rejected, raw, early = _pair(rec, spec)
-        out = {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "raw_prompt": raw}
-        if spec.margin_key:
-            out["margin"] = _number(get_field(rec, spec.margin_key), spec.margin_key)
-        return [out], early
-    if kind == "binary":
-        if has_pair and spec.completion_key not in rec and spec.label_key not in rec:
-            prompt, chosen, rejected, raw, early = _pair(rec, spec)
-            return [{"id": f"{rid}#chosen", "prompt": prompt, "completion": chosen, "label": True, "raw_prompt": raw},
-                    {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
-                     "raw_prompt": raw}], early
-        completion = get_field(rec, spec.completion_key)
-        chat = chat_answers(rec, spec, [(completion, spec.completion_key)])
-        if chat is not None:
-            prompt, (completion,) = chat
-        else:
-            prompt = _prompt(rec, spec, kind)
-            completion = text_field(completion, spec.completion_key)
-        label = get_field(rec, spec.label_key)
-        if not isinstance(label, bool):
-            raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {_short(label)}",
-                            spec.label_key)
-        return [{"id": rid, "prompt": prompt, "completion": completion, "label": label, "raw_prompt": False}], False
-    if kind == "scored":
-        if has_pair and spec.completions_key not in rec:
-            prompt, chosen, rejected, raw, early = _pair(rec, spec)
-            return [{"id": rid, "prompt": prompt, "completions": [chosen, rejected], "raw_prompt": raw}], early
-        comps = get_field(rec, spec.completions_key)
-        if not isinstance(comps, list):
-            raise BadRecord(f"must be a list of strings, got {type(comps).__name__} {_short(comps)}",
-                            spec.completions_key)
-        if len(comps) < 2:
-            raise BadRecord(f"needs K >= 2 completions, got K={len(comps)}", spec.completions_key)
-        chat = chat_answers(rec, spec, [(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)])
-        if chat is not None:
-            prompt, comps = chat
-        else:
-            prompt = _prompt(rec, spec, kind)
-            comps = [text_field(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
-        rewards = get_field(rec, spec.rewards_key)
-        if not isinstance(rewards, list):
-            raise BadRecord(f"must be a list of numbers, got {type(rewards).__name__} {_short(rewards)}",
-                            spec.rewards_key)
-        if len(rewards) != len(comps):
-            raise BadRecord(f"has {len(rewards)} values but {spec.completions_key!r} has K={len(comps)}",
-                            spec.rewards_key)
-        rewards = [_number(r, f"{spec.rewards_key}[{i}]") for i, r in enumerate(rewards)]
-        return [{"id": rid, "prompt": prompt, "completions": comps, "rewards": rewards, "raw_prompt": False}], False
-    raise ValueError(f"unknown data kind {kind!r}")
-
-
-def read_source(source: str, split: str, spec, required: bool = True,
-                label: str | None = None) -> tuple[list[dict], SourceStats] | None:
-    """Canonical records of one split of one source, validated; None if an optional split is absent.
-
-    A bad record raises DataError, unless ``spec.skip_bad_records`` (then it is counted in the stats
-    with its reason). Pairs with chosen == rejected are dropped and counted.
-    """
-    raw = iter_raw(source, split, spec, required, label)
-    if raw is None:
-        return None
-    stats = SourceStats(source, split)
-    records: list[dict] = []
-    sources: dict[str, str] = {}
-    for where, loc, rid, obj, err in raw:
-        stats.read += 1
-        try:
-            if err is not None:
-                raise err
-            recs, early = canonicalize(spec.kind, obj, rid, spec)
-            if spec.kind == "scored":
-                k = len(recs[0]["completions"])
-                if stats.k is None:
-                    stats.k, stats.k_where = k, f"{where} {loc}"
-                elif k != stats.k:
-                    raise BadRecord(k_mismatch(k, stats.k, stats.k_where), spec.completions_key)
-        except _EmptyResponse:
-            stats.empty_response += 1
-            continue
-        except _Identical:
-            stats.identical += 1
-            if len(stats.identical_ids) < MAX_REASONS:
-                stats.identical_ids.append(rid)
-            continue
-        except BadRecord as e:
-            msg = describe(where, loc, e)
-            if not spec.skip_bad_records:
-                raise DataError(msg + " (skip_bad_records=True skips such records)") from None
-            stats.bad += 1
-            if len(stats.reasons) < MAX_REASONS:
-                stats.reasons.append(msg)
-            continue
-        stats.differ_early += early
-        if where not in sources:  # a file by its resolved path; a hub dataset by name and split
-            sources[where] = source_id(f"file:{os.path.realpath(where)}" if os.path.isfile(where)
-                                       else f"hub:{where}:{split}")
-        for r in recs:
-            r["source"], r["where"] = sources[where], f"{where} {loc}"
-        records += recs
-    return records, stats
-

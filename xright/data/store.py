@@ -34,29 +34,28 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from .kinds import KINDS, responses
+from .tokenise import tokenize_rows
+
 FORMAT = 2  # 2: chat records rendered at token level (xright.data.chat)
 META = "meta.json"
 STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
 PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
 
 
-def _features(kind: str):
+def _features(kind):
     from datasets import Features, List, Value
 
-    cols = {"id": Value("string"), "prompt_ids": List(Value("int32")), "responses": List(List(Value("int32")))}
-    if kind == "binary":
-        cols["label"] = Value("bool")
-    if kind == "sft":
-        cols["response_mask"] = List(Value("int8"))  # multi-turn SFT only; null elsewhere
-    if kind in ("pairwise", "scored"):
-        cols["rewards"] = List(Value("float64"))
-        cols["margin"] = Value("float64")
-    return Features(cols)
+    def feature(t: str):
+        return List(feature(t[1:-1])) if t.startswith("[") else Value(t)
+
+    return Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
+                     "responses": List(List(Value("int32"))), **{k: feature(t) for k, t in kind.columns.items()}})
 
 
 class ExampleTable(Sequence):
     """The examples of one split, read from a memory-mapped Arrow table; ``table[i]`` is the dict
-    :func:`xright.data.loading.tokenize` would have made. A slice is a view (no copy)."""
+    :func:`xright.data.tokenise.tokenize` would have made. A slice is a view (no copy)."""
 
     def __init__(self, ds, kind: str, max_len: int, index: range | None = None):
         self.ds, self.kind, self.max_len = ds, kind, max_len
@@ -98,20 +97,7 @@ class ExampleTable(Sequence):
         return (prompt + longest)[np.asarray(self.index, dtype=np.int64)].tolist()
 
     def _example(self, row: dict) -> dict:
-        ex = {"id": row["id"], "prompt_ids": row["prompt_ids"]}
-        if self.kind in ("sft", "binary"):
-            ex["response_ids"] = row["responses"][0]
-            if row.get("response_mask") is not None:
-                ex["response_mask"] = row["response_mask"]
-            if self.kind == "binary":
-                ex["label"] = row["label"]
-                ex["max_len"] = self.max_len
-        else:
-            ex["responses"] = row["responses"]
-            for key in ("rewards", "margin"):
-                if row.get(key) is not None:
-                    ex[key] = row[key]
-        return ex
+        return KINDS[self.kind].example(row["id"], row["prompt_ids"], row["responses"], row, self.max_len)
 
     def __repr__(self) -> str:
         return f"ExampleTable({len(self)} {self.kind} examples from {self.ds.cache_files[0]['filename']})"
@@ -158,9 +144,7 @@ def fingerprint(spec, tokenizer) -> str:
 
 def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
     """datasets.map function: canonical records (JSON) -> token columns and a status."""
-    from .loading import tokenize_rows
-
-    kind = spec.kind
+    kind = KINDS[spec.kind]
     records = [json.loads(r) for r in batch["record"]]
     out = {k: [] for k in _features(kind)}
     out["status"] = []
@@ -169,30 +153,24 @@ def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
         ex = ex or {"id": "", "prompt_ids": [], "response_ids": []}
         out["id"].append(ex["id"])
         out["prompt_ids"].append(ex["prompt_ids"])
-        out["responses"].append(ex["responses"] if "responses" in ex else [ex["response_ids"]])
-        if kind == "binary":
-            out["label"].append(bool(ex.get("label", False)))
-        if kind == "sft":
-            out["response_mask"].append(ex.get("response_mask"))
-        if kind in ("pairwise", "scored"):
-            out["rewards"].append(ex.get("rewards"))
-            out["margin"].append(ex.get("margin"))
+        out["responses"].append(responses(ex))
+        for k in kind.columns:
+            out[k].append(ex.get(k))
     return out
 
 
 def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTable, dict]:
-    """Tokenise ``records`` (as loading.tokenize) into an Arrow table at ``path``; (table, counts)."""
+    """Tokenise ``records`` (as tokenise.tokenize) into an Arrow table at ``path``; (table, counts)."""
     import datasets
     from datasets import Value
 
-    kind = spec.kind
     if not records:  # (an empty table cannot be saved; load_data treats an empty split as none)
         return [], {name: 0 for name in STATUS[1:]}
     work = path + ".work"
     os.makedirs(work, exist_ok=True)
-    # one JSON column: text and conversational records alike are tokenised by loading.tokenize_rows
+    # one JSON column: text and conversational records alike are tokenised by tokenise.tokenize_rows
     source = datasets.Dataset.from_dict({"record": [json.dumps(r) for r in records]})
-    features = _features(kind).copy()
+    features = _features(KINDS[spec.kind]).copy()
     features["status"] = Value("int8")
     num_proc = min(os.cpu_count() or 1, len(records) // PER_PROCESS)
     num_proc = num_proc if num_proc > 1 else None  # (num_proc=1 would still start a worker process)
@@ -208,7 +186,7 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
         kept.remove_columns("status").save_to_disk(path)
     del source, mapped, kept
     shutil.rmtree(work, ignore_errors=True)
-    return (ExampleTable.open(path, kind, spec.max_len) if os.path.exists(path) else []), counts
+    return (ExampleTable.open(path, spec.kind, spec.max_len) if os.path.exists(path) else []), counts
 
 
 def _remove_stale_builds(cache_dir: str, root: str) -> None:

@@ -1,0 +1,192 @@
+"""Tokenisation: canonical records -> examples of token ids, truncated to ``max_len`` (rules: docs/data.md).
+
+Plain text: prompt and each answer are tokenised together as one text (the boundary by character offsets,
+else by agreement with the prompt alone), the tokenizer's leading special tokens prepended to the prompt
+unless it already starts with BOS, eos appended to each answer. Chat records (message lists, or any record
+with ``apply_chat_template`` but HH dialogue prefixes) are rendered at token level by
+:class:`xright.data.chat.ChatRenderer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter
+
+from .chat import ChatRenderer
+from .kinds import KINDS
+from .records import BadRecord, DataError, describe, source_id
+
+NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
+               "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(NO_TEMPLATE)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_text(rec: dict, tokenizer, spec) -> str:
+    p = rec["prompt"]
+    if isinstance(p, list):
+        return _render_chat(tokenizer, p)
+    if rec.get("raw_prompt"):
+        return p
+    if spec.apply_chat_template:
+        return _render_chat(tokenizer, [{"role": "user", "content": p}])
+    if spec.input_template:
+        return spec.input_template.format(p)
+    return p
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    if not special:
+        return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    bos = getattr(tokenizer, "bos_token", None)
+    out: list[list[int] | None] = [None] * len(texts)
+    for flag in (True, False):
+        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == flag]
+        if idx:
+            enc = tokenizer([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
+            for i, ids in zip(idx, enc):
+                out[i] = list(ids)
+    return out  # type: ignore[return-value]
+
+
+def _special_head(tokenizer) -> list[int]:
+    """The special tokens the tokenizer adds at the start of a text (e.g. [BOS]); [] if none."""
+    with_ = list(tokenizer(["a"], add_special_tokens=True, verbose=False)["input_ids"][0])
+    without = list(tokenizer(["a"], add_special_tokens=False, verbose=False)["input_ids"][0])
+    for i in range(len(with_) - len(without) + 1):
+        if with_[i:i + len(without)] == without:
+            return with_[:i]
+    return []
+
+
+def _common_prefix(a: list[int], b: list[int], n: int) -> int:
+    """Length of the common prefix of a and b, at most n."""
+    m = min(n, len(a), len(b))
+    if a[:m] == b[:m]:  # the usual case, at C speed
+        return m
+    return next(i for i in range(m) if a[i] != b[i])
+
+
+def _token_at(encoding, pos: int, end: int, n: int) -> int:
+    """Index of the token holding character ``pos`` (or the next character that has one), else n."""
+    for c in range(pos, end):
+        t = encoding.char_to_token(c)
+        if t is not None:
+            return t
+    return n
+
+
+def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
+    """(prompt ids, [K response ids]) per prompt and its K responses, with the ids of the whole texts
+    (see the module docstring for the boundary and special tokens)."""
+    if not prompts:
+        return [], []
+    bos = getattr(tokenizer, "bos_token", None)
+    head = _special_head(tokenizer)
+    texts = [p + r for p, g in zip(prompts, groups) for r in g]
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False)
+    wholes = enc["input_ids"]
+    fast = getattr(enc, "encodings", None)  # a fast tokenizer's encodings know each character's token
+    alone = None if fast else _encode(tokenizer, prompts, False)
+    out_p, out_r, i = [], [], 0
+    for j, (text, g) in enumerate(zip(prompts, groups)):
+        ws = [list(w) for w in wholes[i:i + len(g)]]
+        if fast:
+            p = ws[0]
+            b = min(_token_at(fast[i + k], len(text), len(texts[i + k]), len(w)) for k, w in enumerate(ws))
+        else:
+            p = alone[j]
+            b = len(p)
+        for w in ws:  # one prompt for all K: the tokens every whole text agrees on
+            b = _common_prefix(p, w, b)
+        i += len(g)
+        out_p.append((head if not (bos and text.startswith(bos)) else []) + p[:b])
+        out_r.append([w[b:] for w in ws])
+    return out_p, out_r
+
+
+def _token_hash(prompt: list[int], responses: list[list[int]]) -> str:
+    """The ``<tokens>`` part of an example id: 8 hex digits of a hash of its token ids."""
+    h = hashlib.blake2b(struct.pack(f"<{1 + len(responses)}i", len(prompt), *map(len, responses)), digest_size=4)
+    for ids in (prompt, *responses):
+        h.update(struct.pack(f"<{len(ids)}i", *ids))
+    return h.hexdigest()
+
+
+def tokenize(records: list[dict], tokenizer, spec) -> tuple[list[dict], dict]:
+    """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
+    rows = tokenize_rows(records, tokenizer, spec)
+    status = Counter(s for _, s in rows)
+    return [ex for ex, _ in rows if ex is not None], {k: status[k] for k in ("truncated", "dropped_prompt",
+                                                                             "dropped_long")}
+
+
+def is_chat(rec: dict, spec) -> bool:
+    return isinstance(rec["prompt"], list) or (spec.apply_chat_template and not rec.get("raw_prompt"))
+
+
+def _encoded(records: list[dict], tokenizer, spec, chunk: int = 1024):
+    """(record, prompt ids, [K response ids], [K masks or None]) per record, each response ending with eos or
+    the chat template's end of turn; encoded a chunk at a time (so the whole texts' token lists of a big set
+    never all exist at once)."""
+    eos = tokenizer.eos_token_id
+    kind, renderer = KINDS[spec.kind], None
+    for start in range(0, len(records), chunk):
+        recs = records[start:start + chunk]
+        chat = [is_chat(r, spec) for r in recs]
+        plain = [r for r, c in zip(recs, chat) if not c]
+        prompts, responses = _encode_together(tokenizer, [prompt_text(r, tokenizer, spec) for r in plain],
+                                              [kind.answers(r, spec)[0] for r in plain])
+        text = iter(zip(prompts, responses))
+        for rec, c in zip(recs, chat):
+            if not c:
+                p, rs = next(text)
+                yield rec, p, [r + [eos] for r in rs], [None] * len(rs)
+                continue
+            answers, fields = kind.answers(rec, spec)
+            prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+            answers = [a if isinstance(a, list) else [{"role": "assistant", "content": a}] for a in answers]
+            try:
+                if renderer is None:
+                    try:
+                        renderer = ChatRenderer(tokenizer)
+                    except ValueError:
+                        raise BadRecord(NO_TEMPLATE, fields[0]) from None
+                yield rec, *renderer.encode(prompt, answers, fields, mask_roles=kind.mask_roles)
+            except BadRecord as e:
+                raise DataError(describe(rec.get("where") or rec["id"], None, e)) from None
+
+
+def tokenize_rows(records: list[dict], tokenizer, spec) -> list[tuple[dict | None, str]]:
+    """(example or None, status) per record; status "ok", "truncated", "dropped_prompt" or "dropped_long"."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token id")
+    kind = KINDS[spec.kind]
+    no_source = source_id("")
+    out: list[tuple[dict | None, str]] = []
+    for rec, p, rs, masks in _encoded(records, tokenizer, spec):
+        p, rs, masks = kind.ids(p, rs, masks, spec)
+        room = spec.max_len - len(p)
+        status = "ok"
+        if any(len(r) > room for r in rs):
+            if spec.truncation == "drop":
+                out.append((None, "dropped_long"))
+                continue
+            if room < 1:
+                out.append((None, "dropped_prompt"))
+                continue
+            rs = [r[:room] for r in rs]
+            masks = [m if m is None else m[:room] for m in masks]
+            status = "truncated"
+        extra = {**{k: rec.get(k) for k in kind.columns}, "response_mask": masks[0]}
+        out.append((kind.example(f"{rec['id']}@{rec.get('source', no_source)}.{_token_hash(p, rs)}", p, rs, extra,
+                                 spec.max_len), status))
+    return out
