@@ -1,34 +1,9 @@
 """Chat templates at token level: messages -> (prompt ids, answer ids), the one rendering every caller uses.
 
-For a prompt (messages ending with a non-assistant turn) and K answers (each one or more messages, the last
-the assistant's), :meth:`ChatRenderer.encode` renders
-
-- the prompt with the generation prompt (``add_generation_prompt=True``), and
-- each whole conversation, prompt + answer (``add_generation_prompt=False``),
-
-tokenises every rendered text with ``add_special_tokens=False`` (a template that writes BOS gets no second
-one: the template owns the special tokens, as ``apply_chat_template(tokenize=True)``), and requires the
-prompt's tokens to be a *token* prefix of each conversation's tokens. The answer is the rest of the
-conversation's tokens, so it ends with the template's end-of-turn tokens (``<|im_end|>\\n``,
-``<|eot_id|>``, ``</s>``, ``<end_of_turn>\\n`` …); the tokenizer's eos is appended only when the template
-renders no special token after the answer's text (so the model always learns to stop, and the reward
-model's last token is the same end of turn).
-
-A record whose rendering breaks these rules is refused (:class:`~xright.data.records.BadRecord`, which the
-loader turns into one line with the file and line), never cut at a shifted boundary:
-
-- the prompt rendered with the generation prompt is not a prefix of the conversation (text or tokens: a
-  template that renders turns differently once an answer follows, or a tokenizer that merges across the
-  boundary);
-- the template renders no generation prompt (``add_generation_prompt`` changes nothing) and puts
-  something other than whitespace between the prompt and the answer's text, which would then be trained
-  as part of the answer and be missing from every generation prompt;
-- the template raises on the record (e.g. a role it does not support).
-
-Masks (multi-turn SFT): with ``mask_roles``, of each answer only the assistant turns are trained. Turn i
-spans from the end of ``render(messages[:i], generation prompt)`` (which must be a token prefix of the whole
-conversation) to where ``render(messages[:i+1])`` stops agreeing with the whole conversation (Phi-3 ends a
-conversation with eos, but not a turn followed by another).
+The prompt is rendered with the generation prompt, each whole conversation without; the prompt's tokens must
+be a token prefix of each conversation's, the answer is the rest (ending with the template's end of turn, eos
+appended only where the template renders no special token after it). A record that breaks these rules is
+refused (:class:`~xright.data.records.BadRecord`), never cut at a shifted boundary. Rules: docs/data.md.
 """
 
 from __future__ import annotations

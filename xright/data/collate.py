@@ -46,32 +46,11 @@ def example_length(example: dict) -> int:
 class CyclingLoader:
     """Endless micro-batches of one objective's data for one rank, from one global order of examples.
 
-    The global order does not depend on the rank count: epoch e is the permutation
-    ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`` (identity when
-    ``shuffle=False``) cut to a multiple of the optimizer step's examples, ``G = world_size ×
-    micro_batch_size × accumulation`` (the global batch), so an epoch is ``n // G`` optimizer steps on any
-    number of ranks. Optimizer step s takes the next G examples, ``order[s*G:(s+1)*G]``; its micro-step m
-    takes the next ``world_size × micro_batch_size`` of them and rank r every world_size-th of those
-    (``[r::world_size]``). Two runs with the same G therefore see the same examples at every step, whatever
-    ``world_size × micro_batch_size × accumulation`` decomposition they use: their losses differ only by the
-    order of summation. At the end of an epoch the loader moves on to the next one by itself: ``next()``
-    never raises StopIteration.
-
-    ``group_by_length``: the epoch's usable prefix is cut into windows of ``group_window`` global batches;
-    each window is sorted by length (longest first, ties in the shuffled order) and cut into global batches,
-    and the order of the epoch's global batches is then shuffled with the same generator. A micro-batch,
-    a slice of a sorted global batch, holds examples of similar lengths (little padding); the order stays
-    random and is a pure function of (seed, epoch, G).
-
-    ``packed``: micro-batches come in the packed layout (:func:`pack`) instead of padded rows.
-
-    ``epoch`` is the epoch of the last batch drawn and ``examples`` the number of its examples drawn by all
-    ranks together: global counts, so :meth:`state_dict` means the same on any number of ranks and
-    :meth:`load_state_dict` accepts it under another ``world_size × micro_batch_size`` at the same G (resume
-    with the same ``group_by_length``: it changes what a position means).
-
-    A loader over fewer than G examples is an error. (Evaluation does not use loaders: the trainer walks
-    the eval set in a fixed order, see ``Trainer.evaluate``.)
+    Epoch e is ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`` (identity without
+    ``shuffle``) cut to a multiple of ``G = world_size × micro_batch_size × accumulation``; rank r takes every
+    world_size-th example of each micro-step's share, so runs with the same G see the same examples at every
+    step. ``group_by_length`` sorts windows of ``group_window`` global batches by length; ``packed`` gives the
+    packed layout (:func:`pack`). The state is global (epoch, examples drawn by all ranks): docs/data.md.
     """
 
     def __init__(self, examples: list[dict], kind: str, micro_batch_size: int, pad_id: int, rank: int = 0,

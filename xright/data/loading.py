@@ -1,73 +1,8 @@
-"""DataSpec and load_data: sources -> blended, split, tokenised and truncated examples.
+"""DataSpec and load_data: sources -> validated, blended, split, tokenised and truncated examples.
 
-Tokenisation
-    Conversational records (message lists, see :mod:`xright.data.records`), and with ``apply_chat_template``
-    every record but HH-style dialogue prefixes (the prompt then is ``[{"role": "user", "content": prompt}]``
-    and each answer one assistant message), are rendered with the tokenizer's chat template at token level
-    by :class:`xright.data.chat.ChatRenderer`: the prompt with the generation prompt, each whole
-    conversation, the prompt's tokens a token prefix of the conversation's (else the record is refused with
-    its file and line), no special tokens added by the tokenizer, each answer ending with the template's end
-    of turn (eos appended only where the template renders no special token after the answer). SFT answers
-    with several turns (``multiturn``) train only their assistant turns: the example then carries
-    ``"response_mask"`` (1 = trained) over ``response_ids``. A template fault is found while tokenising
-    and stops the run even with ``skip_bad_records`` (it is usually the template's, not the record's).
-
-    Plain text: the prompt text is ``input_template.format(prompt)`` when ``input_template`` is set; else
-    the raw prompt. HH-style dialogue prefixes (``raw_prompt``) are never templated. Prompt and response are tokenised
-    *together* (``prompt + response`` as one text, no special tokens) so that the ids are those of
-    the whole text: tokenised apart, a SentencePiece tokenizer (Llama-2, Mistral) puts a spurious lone
-    "▁" at the start of every response. The boundary: with a fast tokenizer, the prompt's tokens
-    are those of ``prompt + response_k`` before the token that holds the response's first character
-    (character offsets); with a slow one, the longest common prefix of the prompt tokenised alone and
-    of the whole text. Either way a token that straddles the boundary (``"▁Sure"`` after a prompt
-    ending in a space) goes to the response (and is trained on), and the K responses of an example
-    share one prompt: the tokens all K whole texts agree on. The rest of each whole text is its
-    response, so prompt + response are exactly the whole text's ids. Then the special tokens
-    the tokenizer adds at the start of a text (BOS; measured once per call) are prepended to the
-    prompt — unless the rendered prompt already starts with the BOS text, so a chat template that
-    writes BOS does not get a second one; special tokens added at the end of a text are not used —
-    and the eos id is appended to each response. For a byte-level tokenizer without merges (the
-    built-in one) this gives exactly the ids of tokenising prompt and response apart.
-
-    Examples: sft ``{"id", "prompt_ids", "response_ids"}`` (``pretrain_mode``: prompt_ids = [] and
-    response_ids = prompt + response + eos, all trained); binary adds ``"label"`` and ``"max_len"``
-    (collate cuts KTO's mismatched KL rows to it, by the truncate rule below); pairwise and scored
-    ``{"id", "prompt_ids", "responses": [K id lists]}`` (+ ``"rewards"``, ``"margin"`` if present).
-    ``id`` is ``<record>[~<copy>]@<source>.<tokens>`` (see :mod:`xright.data.records`), unique
-    within a split.
-
-Truncation to ``max_len`` (prompt + each response <= max_len)
-    ``"truncate"``: responses are cut on the right to fit (losing the eos when cut); an example whose
-    prompt leaves fewer than one response token is dropped ("prompt too long").
-    ``"drop"``: an example with any over-long prompt + response is dropped ("too long").
-    KTO's KL rows (prompt_i + completion_{i+1}) are always cut as ``"truncate"`` cuts (a row made of
-    two examples that each fit cannot be dropped alone).
-
-Blending (comma-separated sources, ``dataset_probs``)
-    One source: its records in file order, the first ``max_samples`` kept. Several sources: probs
-    are normalised; total T = min(sum of the sources' record counts, max_samples); source i
-    contributes n_i = its largest-remainder share of T (so proportions follow the probs exactly, up
-    to rounding). Its n_i records are taken from successive seeded permutations of it
-    (``random.Random(f"{seed}/blend/{i}/{pass}")``): a subset when n_i is below its size, whole
-    repeated passes plus a subset when above (later passes permute the records in file order with
-    ``.../{pass}``). The blend is then shuffled with ``random.Random(f"{seed}/blend")``. Eval
-    splits of several sources are concatenated, not resampled (each eval record counts once), and
-    capped at ``max_samples``. The log says, per source, how many train examples it contributes
-    from how many distinct records, how many of its valid records are unused and how many are held
-    out. The n-th copy (n >= 2) of a record in a split gets the id suffix ``~n``.
-
-Eval set
-    ``eval_fraction > 0``: held out by record, before blending, so no copy of an eval record is in
-    train. Source i uses u_i = min(n_i, its size) distinct records (the first u_i of its first
-    permutation; its first u_i records for a single source); k = max(1, round(f · Σ u_i)) records
-    are held out, apportioned to the sources by u_i (largest remainder; an oversampled source keeps
-    at least one record to repeat), each source's k_i drawn from its u_i by
-    ``random.Random(f"{seed}/eval_fraction/{i}")``. Source i then contributes n_i − k_i train
-    examples from its other records, by the blending rule. Eval is the held-out records, per source
-    in file order. Else ``eval_split == "dummy"``: the first 3 % of train (at least one record)
-    — XRIGHT's behaviour, which overlaps train (a warning says so). Else the ``eval_split`` of each
-    source; sources without it contribute nothing, and if none has it the eval set is None (logged).
-    An empty ``eval_split`` means no eval set. Built-in data (``dataset=None``) has its own eval split.
+Blending (comma-separated sources, ``dataset_probs``, seeded, exact proportions up to rounding) and the eval set
+(``eval_fraction``: a disjoint seeded hold-out; ``eval_split="dummy"``: the first 3 % of train; else each
+source's ``eval_split``): exact rules in docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,61 +1,8 @@
-"""Raw sources -> validated canonical records.
+"""Raw sources -> raw records with where they come from (file and line, id), and the field validators.
 
-Sources
-    Local ``.json`` (a JSON array, or JSON lines), ``.jsonl``, ``.parquet``, ``.csv``, each optionally
-    ``.gz``; a directory; otherwise a hub name read with ``datasets.load_dataset(name, split=...)``, or
-    ``name@data_dir`` with ``datasets.load_dataset(name, data_dir=data_dir, split=...)``.
-    A directory holds files named by split (``train.jsonl``, ``test.parquet``,
-    ``train-00000-of-00002.parquet`` …, also under ``data/``); when no file is named after the
-    requested train or eval split, all its data files together are the train split.
-    A local file is its own train split; it has no other split.
-
-Where a record comes from
-    JSON lines: ``line N`` (1-based, blank lines count); JSON arrays: ``record N (line L)``;
-    csv/parquet: ``row N`` (1-based data row, the csv header not counted); hub: ``row N`` (1-based).
-
-Example ids (what a cache, such as the reference log-prob cache, may key on)
-    ``<record>[~<copy>]@<source>.<tokens>``, e.g. ``train.jsonl:17@3f9a2c.a1b2c3d4``:
-
-    - ``<record>`` (readable; this module gives it): ``<basename>:<line>`` (JSON lines),
-      ``<basename>:<N>`` (N-th element of a JSON array), ``<basename>:<row>`` (csv/parquet),
-      ``<hub name>:<split>:<index>`` (0-based dataset index), ``builtin:<kind>:<split>:<i>``. A
-      directory's files are ``<dir>/<file>:<line>``; where two sources of one blend share a basename
-      the whole source string replaces it. A pairwise record unpaired for kind ``binary`` gives
-      ``<record>#chosen`` and ``<record>#rejected``.
-    - ``~<copy>``: the n-th occurrence (n >= 2) of one record in one split of a blend (blending
-      repeats the records of an oversampled source), so ids are unique within a split; copies
-      carry the same tokens.
-    - ``<source>``: 6 hex digits of a hash of the source's identity (:func:`source_id`): the
-      resolved absolute path of a local file, ``hub:<name>:<split>`` for the hub, the seed for the
-      built-in data. Two files both named ``train.jsonl`` give different ids.
-    - ``<tokens>``: 8 hex digits of a hash of the example's token ids (prompt and each response,
-      their lengths included), added by ``loading.tokenize``: a change of max_len, template or
-      tokenizer that changes an example's tokens changes its id.
-    Canonical records (below) carry only ``<record>[~<copy>]`` as ``id`` and the source hash as
-    ``source``; tokenised examples carry the whole id.
-
-Canonical records (what this module returns; the tokeniser consumes them)
-    sft       {"id", "source", "where", "prompt": str | list[message], "response": str | list[message], "raw_prompt"}
-    pairwise  {"id", "source", "where", "prompt", "chosen", "rejected", "raw_prompt"[, "margin": float]}
-    binary    {"id", "source", "where", "prompt", "completion", "label": bool, "raw_prompt"}
-    scored    {"id", "source", "where", "prompt", "completions": [K][, "rewards": [K float]], "raw_prompt"}
-    ``where`` is the file and line (``"/data/train.jsonl line 17"``) for errors found later (the chat
-    template's). ``raw_prompt`` is True for HH-style dialogue prefixes, which get no input template or chat
-    template. A conversational record has a message-list prompt (``{"role", "content"}`` dicts, ending with
-    a non-assistant turn) and each answer is a message list that follows it (starting and ending with the
-    assistant's message; several messages for a multi-turn answer); the tokeniser renders them with the
-    chat template (:mod:`xright.data.chat`). Which raw layouts are conversational: :func:`chat_answers`;
-    SFT ``messages``: the prompt is everything before the last message (``multiturn``: before the first
-    assistant message), the response the rest.
-
-CSV cells are text, so fields are converted by the schema: the label field from
-``true``/``false`` (any case), margin from a number, list fields (completions, rewards, messages)
-from JSON arrays; a prompt/chosen/rejected/completion/input cell that parses as a JSON array of objects
-is messages. Everything else stays a string.
-
-Scored records must all have the same K (a micro-batch stacks K completions per prompt): a record
-whose K differs from the first record's is a bad record of its file and line; across the sources
-and splits of one dataset ``loading.load_data`` checks the same.
+Sources: local ``.json`` (an array or JSON lines), ``.jsonl``, ``.parquet``, ``.csv``, each optionally ``.gz``;
+a directory (files named by split); otherwise a hub name (``name`` or ``name@data_dir``). Record ids,
+locators, CSV conversion and the canonical records the kinds (:mod:`.kinds`) build: docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,9 @@
 """Tokenised examples on disk: Arrow tables (``datasets``), memory-mapped, cached by a fingerprint.
 
-With ``DataSpec.cache_dir`` set (``--data_cache_dir``), :func:`xright.data.load_data` returns
-:class:`ExampleTable` s instead of lists: read-only sequences of the same example dicts, whose token
-ids live in int32 Arrow columns memory-mapped from ``<cache_dir>/<name>-<fingerprint>/``. Every
-rank maps the same files, so the page cache holds one copy per machine, and no rank keeps Python
-lists of token ids.
-
-Fingerprint (16 hex digits) of: every DataSpec field but ``cache_dir``; each local source file's
-resolved path, size and modification time (a directory: every file under it); a hub source's
-name (a hub dataset that changes under the same name is not detected: clear the cache); the
-tokenizer (its serialised fast tokenizer, else its class, name and vocabulary size; its special
-tokens and chat template); and :data:`FORMAT`, bumped whenever tokenisation or ids change.
-
-Building (first run): the process that takes the lock ``<dir>.lock`` (an ``flock``) reads,
-validates and blends the records as without a cache (same file/line/field errors, same
-``skip_bad_records`` counts), then tokenises with ``datasets.map`` (batched,
-``num_proc`` = the machine's cores for large sets) into a temporary directory that is renamed into
-place when complete; the others block on the lock meanwhile, then map the result. So on one
-machine, however many ranks start at once, one tokenises. The temporary directory of a build whose
-process was killed is removed by the next load (:func:`_remove_stale_builds`). The log lines of the build are stored
-and printed again on every later run, followed by where the tables came from.
+With ``DataSpec.cache_dir``, :func:`xright.data.load_data` returns :class:`ExampleTable` s: the same example
+dicts, token ids in int32 Arrow columns memory-mapped from ``<cache_dir>/<name>-<fingerprint>/``, built once
+per machine under a file lock (the others wait and map it). The fingerprint, the build and the clean-up of
+killed builds: docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Built-in synthetic data: small tasks with a real conflict between SFT and preference training.
 
-SFT records answer tersely and exactly (``"reverse 'abc'"`` -> ``"cba"``). Preference records, on
-*other* prompts of the same task kinds, prefer a wordy, hedged answer (chosen: ``"I believe the
-answer is probably cba, though you may want to check."``) over the terse exact one (rejected:
-``"cba"``). DPO therefore moves probability toward the hedged style, and the SFT loss on terse
-targets rises: the forgetting that the joint schedules exist to prevent.
-
-Determinism and disjointness: a prompt belongs to exactly one of four pools (SFT train, SFT eval,
-preference train, preference eval), decided by a hash of its text, so the four sets never share a
-prompt whatever the seeds. Within a pool, prompts are drawn from ``random.Random(seed)`` without
-repetition; ``records(n)`` is a prefix of ``records(m)`` for n < m with the same seed.
-Every prompt + response is shorter than 100 bytes so a tiny byte-level model trains fast.
+SFT records answer tersely and exactly; preference records, on other prompts, prefer a wordy hedged answer
+over the terse one. Four disjoint prompt pools (SFT/preference × train/eval), seeded: docs/data.md.
 """
 
 from __future__ import annotations
