@@ -40,40 +40,6 @@ def prompt_text(rec: dict, tokenizer, spec) -> str:
     return p
 
 
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    if not special:
-        return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-    bos = getattr(tokenizer, "bos_token", None)
-    out: list[list[int] | None] = [None] * len(texts)
-    for flag in (True, False):
-        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == flag]
-        if idx:
-            enc = tokenizer([texts[i] for i in idx], add_special_tokens=flag, verbose=False)["input_ids"]
-            for i, ids in zip(idx, enc):
-                out[i] = list(ids)
-    return out  # type: ignore[return-value]
-
-
-def _special_head(tokenizer) -> list[int]:
-    """The special tokens the tokenizer adds at the start of a text (e.g. [BOS]); [] if none."""
-    with_ = list(tokenizer(["a"], add_special_tokens=True, verbose=False)["input_ids"][0])
-    without = list(tokenizer(["a"], add_special_tokens=False, verbose=False)["input_ids"][0])
-    for i in range(len(with_) - len(without) + 1):
-        if with_[i:i + len(without)] == without:
-            return with_[:i]
-    return []
-
-
-def _common_prefix(a: list[int], b: list[int], n: int) -> int:
-    """Length of the common prefix of a and b, at most n."""
-    m = min(n, len(a), len(b))
-    if a[:m] == b[:m]:  # the usual case, at C speed
-        return m
-    return next(i for i in range(m) if a[i] != b[i])
-
-
 def _token_at(encoding, pos: int, end: int, n: int) -> int:
     """Index of the token holding character ``pos`` (or the next character that has one), else n."""
     for c in range(pos, end):
@@ -89,12 +55,15 @@ def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
     if not prompts:
         return [], []
     bos = getattr(tokenizer, "bos_token", None)
-    head = _special_head(tokenizer)
+    # the special tokens the tokenizer adds at the start of a text (e.g. [BOS]); [] if none
+    with_, without = (list(tokenizer(["a"], add_special_tokens=special, verbose=False)["input_ids"][0])
+                      for special in (True, False))
+    head = next((with_[:i] for i in range(len(with_) - len(without) + 1) if with_[i:i + len(without)] == without), [])
     texts = [p + r for p, g in zip(prompts, groups) for r in g]
     enc = tokenizer(texts, add_special_tokens=False, verbose=False)
     wholes = enc["input_ids"]
     fast = getattr(enc, "encodings", None)  # a fast tokenizer's encodings know each character's token
-    alone = None if fast else _encode(tokenizer, prompts, False)
+    alone = None if fast else tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
     out_p, out_r, i = [], [], 0
     for j, (text, g) in enumerate(zip(prompts, groups)):
         ws = [list(w) for w in wholes[i:i + len(g)]]
@@ -102,10 +71,11 @@ def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
             p = ws[0]
             b = min(_token_at(fast[i + k], len(text), len(texts[i + k]), len(w)) for k, w in enumerate(ws))
         else:
-            p = alone[j]
+            p = list(alone[j])
             b = len(p)
         for w in ws:  # one prompt for all K: the tokens every whole text agrees on
-            b = _common_prefix(p, w, b)
+            m = min(b, len(p), len(w))
+            b = m if p[:m] == w[:m] else next(t for t in range(m) if p[t] != w[t])  # usually equal, at C speed
         i += len(g)
         out_p.append((head if not (bos and text.startswith(bos)) else []) + p[:b])
         out_r.append([w[b:] for w in ws])
