@@ -13,7 +13,7 @@ import random
 import torch
 
 from . import synthetic
-from .records import (BadRecord, chat_answers, chat_prompt, conversation, get_field, number, pair, prompt_field, short,
+from .records import (BadRecord, chat_prompt, conversation, get_field, number, pair, prompt_and_answers, short,
                       text_field)
 
 
@@ -172,13 +172,8 @@ class Binary(DataKind):
             return [{"id": f"{rid}#chosen", "prompt": prompt, "completion": chosen, "label": True, "raw_prompt": raw},
                     {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
                      "raw_prompt": raw}], early
-        completion = get_field(rec, spec.completion_key)
-        chat = chat_answers(rec, spec, [(completion, spec.completion_key)])
-        if chat is not None:
-            prompt, (completion,) = chat
-        else:
-            prompt = prompt_field(rec, spec, "binary")
-            completion = text_field(completion, spec.completion_key)
+        prompt, (completion,) = prompt_and_answers(rec, spec, [(get_field(rec, spec.completion_key),
+                                                                spec.completion_key)], "binary")
         label = get_field(rec, spec.label_key)
         if not isinstance(label, bool):
             raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {short(label)}",
@@ -250,12 +245,8 @@ class Scored(Pairwise):
                             spec.completions_key)
         if len(comps) < 2:
             raise BadRecord(f"needs K >= 2 completions, got K={len(comps)}", spec.completions_key)
-        chat = chat_answers(rec, spec, [(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)])
-        if chat is not None:
-            prompt, comps = chat
-        else:
-            prompt = prompt_field(rec, spec, "scored")
-            comps = [text_field(c, f"{spec.completions_key}[{i}]") for i, c in enumerate(comps)]
+        fields = [f"{spec.completions_key}[{i}]" for i in range(len(comps))]
+        prompt, comps = prompt_and_answers(rec, spec, list(zip(comps, fields)), "scored")
         rewards = get_field(rec, spec.rewards_key)
         if not isinstance(rewards, list):
             raise BadRecord(f"must be a list of numbers, got {type(rewards).__name__} {short(rewards)}",

@@ -43,9 +43,6 @@ def describe(source: str, loc: str | None, err: BadRecord) -> str:
     return f"{where}: field {err.field!r}: {err.reason}" if err.field else f"{where}: {err.reason}"
 
 
-# ------------------------------------------------------------------------------ reading files
-
-
 def _data_suffix(path: str) -> str | None:
     name = path.lower()
     if name.endswith(".gz"):
@@ -53,19 +50,9 @@ def _data_suffix(path: str) -> str | None:
     return next((s for s in DATA_SUFFIXES if name.endswith(s)), None)
 
 
-def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    if name.lower().endswith(".gz"):
-        name = name[:-3]
-    return name[: -len(_data_suffix(path))] if _data_suffix(path) else name
-
-
 def _read_bytes(path: str) -> bytes:
     try:
-        if path.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
             return f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
@@ -99,7 +86,7 @@ def _utf8_problem(raw: bytes, obj) -> BadRecord:
     return BadRecord(what, _bad_utf8_field(obj) if obj is not None else None)
 
 
-def _iter_jsonl(path: str, data: bytes, base: str):
+def _iter_jsonl(data: bytes, base: str):
     for n, raw in enumerate(data.split(b"\n"), 1):
         if n == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]
@@ -161,18 +148,6 @@ def _iter_json_array(path: str, text: str, base: str):
         raise fail(ws.match(text, i).end(), "extra data after the array")
 
 
-def _iter_json(path: str, base: str):
-    data = _read_bytes(path)
-    head = data.lstrip(codecs.BOM_UTF8 + b" \t\r\n")[:1]
-    if head == b"[":
-        text = data.decode("utf-8", "surrogateescape")
-        if text.startswith("\ufeff"):
-            text = text[1:]
-        yield from _iter_json_array(path, text, base)
-    else:
-        yield from _iter_jsonl(path, data, base)
-
-
 def _iter_parquet(path: str, base: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -228,29 +203,23 @@ def _iter_file(path: str, spec, base: str):
     """(path, locator, id, raw record or None, BadRecord or None) for each record of one file."""
     suffix = _data_suffix(path)
     if suffix in (".json", ".jsonl"):
-        gen = _iter_json(path, base)
-    elif suffix == ".parquet":
-        gen = _iter_parquet(path, base)
-    elif suffix == ".csv":
-        gen = _iter_csv(path, spec, base)
-    else:
-        gen = None
-    if gen is not None:
+        data = _read_bytes(path)
+        if data.lstrip(codecs.BOM_UTF8 + b" \t\r\n")[:1] == b"[":
+            text = data.decode("utf-8", "surrogateescape")
+            gen = _iter_json_array(path, text[1:] if text.startswith("\ufeff") else text, base)
+        else:
+            gen = _iter_jsonl(data, base)
         return ((path, *item) for item in gen)
+    if suffix in (".parquet", ".csv"):
+        return ((path, *item) for item in (_iter_parquet(path, base) if suffix == ".parquet"
+                                           else _iter_csv(path, spec, base)))
     raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)}, optionally .gz)")
 
 
-def _dir_files(path: str) -> list[str]:
-    found = []
-    for d in (path, os.path.join(path, "data")):
-        if os.path.isdir(d):
-            found += [os.path.join(d, f) for f in sorted(os.listdir(d))
-                      if os.path.isfile(os.path.join(d, f)) and _data_suffix(f)]
-    return found
-
-
 def _split_files(files: list[str], split: str) -> list[str]:
-    return [f for f in files if re.fullmatch(re.escape(split.lower()) + r"([-_.].*)?", _stem(f).lower())]
+    """The files named after ``split`` (``train.jsonl``, ``train-00000-of-00002.parquet`` …)."""
+    stems = [re.sub(r"\.gz$", "", os.path.basename(f), flags=re.I)[: -len(_data_suffix(f))] for f in files]
+    return [f for f, stem in zip(files, stems) if re.fullmatch(re.escape(split.lower()) + r"([-_.].*)?", stem.lower())]
 
 
 def _iter_hub(name: str, split: str, required: bool):
@@ -270,11 +239,6 @@ def _iter_hub(name: str, split: str, required: bool):
     return ((name, f"row {i + 1}", f"{name}:{split}:{i}", row, None) for i, row in enumerate(ds))
 
 
-def _looks_local(source: str) -> bool:
-    return (source.startswith(("/", "./", "../", "~")) or _data_suffix(source) is not None
-            or source.lower().endswith(".gz"))
-
-
 def iter_raw(source: str, split: str, spec, required: bool = True, label: str | None = None):
     """(path, locator, id, raw record or None, BadRecord or None) for one split of one source.
 
@@ -291,7 +255,8 @@ def iter_raw(source: str, split: str, spec, required: bool = True, label: str | 
             return None
         return _iter_file(path, spec, label)
     if os.path.isdir(path):
-        files = _dir_files(path)
+        files = [os.path.join(d, f) for d in (path, os.path.join(path, "data")) if os.path.isdir(d)
+                 for f in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, f)) and _data_suffix(f)]
         if not files:
             raise DataError(f"{source}: directory holds no data files ({', '.join(DATA_SUFFIXES)}, optionally .gz)")
         chosen = _split_files(files, split)
@@ -302,12 +267,9 @@ def iter_raw(source: str, split: str, spec, required: bool = True, label: str | 
                 raise DataError(f"{source}: no file for split {split!r} among {[os.path.basename(f) for f in files]}")
             return None
         return (item for f in chosen for item in _iter_file(f, spec, f"{label}/{os.path.relpath(f, path)}"))
-    if _looks_local(source):
+    if source.startswith(("/", "./", "../", "~")) or _data_suffix(source) or source.lower().endswith(".gz"):
         raise DataError(f"{source}: no such file or directory")
     return _iter_hub(source, split, required)
-
-
-# ------------------------------------------------------------------------------ validation
 
 
 def get_field(rec: dict, key: str):
@@ -501,6 +463,15 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
                             f"must end just before an assistant message, but here {what} (compared with {others})",
                             name)
     return convs[0][:n], [c[n:] for c in convs]
+
+
+def prompt_and_answers(rec: dict, spec, answers: list[tuple[object, str]], kind: str) -> tuple:
+    """(prompt, [K answers]) of a record with a prompt field: message lists when it is conversational
+    (:func:`chat_answers`), else the prompt field's text and the answers' texts."""
+    chat = chat_answers(rec, spec, answers)
+    if chat is not None:
+        return chat
+    return prompt_field(rec, spec, kind), [text_field(v, name) for v, name in answers]
 
 
 def prompt_field(rec: dict, spec, kind: str) -> str:

@@ -174,27 +174,20 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
 
 
 def _remove_stale_builds(cache_dir: str, root: str) -> None:
-    """Remove the temporary directories (``<root>.tmp-<pid>-<tid>``, each a whole tokenised copy) of builds
-    whose process died without cleaning up (SIGKILL, out of memory, a node lost).
-
-    A build runs while its process holds ``<root>.lock``, and the kernel drops that lock when the process
-    dies, so the lock, not a pid, says whether a build is alive (pids say nothing about processes of other
-    machines sharing the cache directory). The caller holds ``root``'s lock: its temporaries are stale. Those
-    of other roots go when their lock can be taken without waiting; a held one is a live build, left alone.
-    """
+    """Remove the temporary directories (``<root>.tmp-<pid>-<tid>``, each a whole tokenised copy) of builds whose
+    process died. A build holds ``<root>.lock`` while it runs and the kernel drops the lock when its process dies,
+    so the lock, not a pid (meaningless across machines sharing the directory), says whether a build is alive.
+    The caller holds ``root``'s lock; a lock of another root that is held is a live build, left alone."""
     stale: dict[str, list[str]] = {}
     for name in os.listdir(cache_dir):
         base, sep, owner = name.rpartition(".tmp-")
         if sep and base and owner.replace("-", "").isdigit() and owner.count("-") == 1:
             stale.setdefault(os.path.join(cache_dir, base), []).append(os.path.join(cache_dir, name))
     for other, dirs in stale.items():
-        if other == root:
-            for d in dirs:
-                shutil.rmtree(d, ignore_errors=True)
-            continue
         with open(other + ".lock", "a") as lock:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if other != root:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # building now
             for d in dirs:
