@@ -36,11 +36,9 @@ class ChatRenderer:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
         self.tok = tokenizer
-        special = set(getattr(tokenizer, "all_special_ids", None) or [])
-        for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-            if getattr(t, "special", False):
-                special.add(int(i))
-        self.special = special
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or []) | {
+            int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+            if getattr(t, "special", False)}
         self.eos = tokenizer.eos_token_id
         self._blank: dict[int, bool] = {}
 

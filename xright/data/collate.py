@@ -16,15 +16,9 @@ def collate(kind: str, examples: list[dict], pad_id: int, packed: bool = False) 
 
 
 def pack(batch: dict) -> dict:
-    """A padded micro-batch -> the packed layout: its N sequences concatenated into one row.
-
-    For each prefix ("" and KTO's "kl_"), ``attention_mask`` [N,T] is replaced by ``position_ids``
-    [1,L] (restarting at 0 per sequence), ``cu_seqlens`` [N+1] int32 (sequence n is row tokens
-    cu[n]:cu[n+1]) and ``max_seqlen`` (int = T); ``input_ids`` / ``loss_mask`` become [1,L], L the
-    number of real tokens. A sequence's first token is never scored (in the padded layout the shift
-    drops it; in a packed row it would be "predicted" by the previous sequence), so its loss_mask is
-    False. Every other field (ids, label, rewards, num_choices, margin) is unchanged.
-    """
+    """A padded micro-batch -> the packed layout: its N sequences concatenated into one row, with
+    ``position_ids``, ``cu_seqlens`` and ``max_seqlen`` for each row prefix ("" and KTO's "kl_") instead of
+    ``attention_mask``; a sequence's first token is never scored (docs/data.md)."""
     out = dict(batch)
     for prefix in [k[: -len("attention_mask")] for k in batch if k.endswith("attention_mask")]:
         real = out.pop(prefix + "attention_mask").bool()

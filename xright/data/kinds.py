@@ -18,12 +18,8 @@ from .records import (BadRecord, chat_prompt, conversation, get_field, number, p
 
 
 def pad(pairs: list[tuple[list[int], list[int]]], pad_id: int, masks: list | None = None) -> dict:
-    """Right-padded input_ids / attention_mask / loss_mask for (prompt_ids, response_ids) pairs.
-
-    ``loss_mask[b, t]`` is True when token t is a response token (the model predicts it from
-    position t-1; the log-prob code does the shift) that ``masks[b]`` (a 0/1 list over the response,
-    multi-turn SFT) does not exclude.
-    """
+    """Right-padded input_ids / attention_mask / loss_mask for (prompt_ids, response_ids) pairs; ``loss_mask``
+    marks the response tokens (the log-prob code shifts) that ``masks[b]`` (0/1 over the response) keeps."""
     T = max(len(p) + len(r) for p, r in pairs)
     B = len(pairs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -24,7 +24,7 @@ DUMMY_FRACTION = 0.03
 
 @dataclass
 class DataSpec:
-    """What to load for one objective. See the module docstring for the exact rules."""
+    """What to load for one objective (the exact rules: docs/data.md)."""
 
     kind: str                      # "sft" | "pairwise" | "binary" | "scored"
     dataset: str | None = None     # comma-separated sources; None -> built-in synthetic data
@@ -86,14 +86,9 @@ class SourceStats:
     k: int | None = None     # scored: the number of completions of every record
     k_where: str = ""        # scored: where the first record (which set k) is
 
-    def add(self, other: "SourceStats") -> None:
-        self.read += other.read
-        self.bad += other.bad
-        self.identical += other.identical
-        self.differ_early += other.differ_early
-        self.empty_response += other.empty_response
-        self.reasons += other.reasons[: MAX_REASONS - len(self.reasons)]
-        self.identical_ids += other.identical_ids[: MAX_REASONS - len(self.identical_ids)]
+    def add(self, other: "SourceStats") -> None:  # (a split's totals: only the counts are logged)
+        for name in ("read", "bad", "identical", "differ_early", "empty_response"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def k_mismatch(k: int, first_k: int, first_where: str) -> str:
@@ -103,11 +98,8 @@ def k_mismatch(k: int, first_k: int, first_where: str) -> str:
 
 def read_source(source: str, split: str, spec, required: bool = True,
                 label: str | None = None) -> tuple[list[dict], SourceStats] | None:
-    """Canonical records of one split of one source, validated; None if an optional split is absent.
-
-    A bad record raises DataError, unless ``spec.skip_bad_records`` (then it is counted in the stats
-    with its reason). Pairs with chosen == rejected are dropped and counted.
-    """
+    """Canonical records of one split of one source, validated, and what reading found; None if an optional
+    split is absent. A bad record raises DataError unless ``spec.skip_bad_records`` (then it is counted)."""
     raw = iter_raw(source, split, spec, required, label)
     if raw is None:
         return None
@@ -151,9 +143,6 @@ def read_source(source: str, split: str, spec, required: bool = True,
     return records, stats
 
 
-# ------------------------------------------------------------------------------ sources
-
-
 def parse_probs(sources: list[str], probs: str) -> list[float]:
     try:
         values = [float(x) for x in str(probs).split(",") if x.strip()]
@@ -179,14 +168,14 @@ def _apportion(total: int, probs: list[float]) -> list[int]:
 
 
 def blend(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int) -> list[dict]:
-    """Blend record lists by ``probs`` (see the module docstring for the exact rule)."""
+    """Blend record lists by ``probs`` (the rule: docs/data.md)."""
     return blend_split(parts, probs, max_samples, seed)[0]
 
 
 def blend_split(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int,
                 eval_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, held-out eval, per-source contributions) by the blending and eval_fraction rules of
-    the module docstring. A contribution is ``{"draws", "distinct", "held", "valid"}``."""
+    """(train, held-out eval, per-source contributions) by the blending and eval_fraction rules (docs/data.md);
+    a contribution is ``{"draws", "distinct", "held", "valid"}``."""
     single = len(parts) == 1
     if not single:  # an empty source (everything filtered) gets no share; the others keep their relative probs
         probs = [p if part else 0.0 for p, part in zip(probs, parts)]
@@ -235,26 +224,6 @@ def _number_copies(records: list[dict]) -> list[dict]:
 def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
     recs = KINDS[spec.kind].builtin(spec, split, n)
     return KINDS[spec.kind].prepare([{**r, "source": source_id(f"builtin:{spec.seed}")} for r in recs], spec)
-
-
-def _check_same_k(stats: list[SourceStats]) -> None:
-    """Every scored record of a dataset (all sources and splits) has the same K."""
-    have = [st for st in stats if st.k is not None]
-    for st in have[1:]:
-        if st.k != have[0].k:
-            raise DataError(f"{st.k_where}: field 'completions': {k_mismatch(st.k, have[0].k, have[0].k_where)}")
-
-
-def _log_contribution(spec: DataSpec, source: str, c: dict, log) -> None:
-    msg = (f"{spec.name}: {source} contributes {c['draws']} train examples: {c['distinct']} distinct records of "
-           f"{c['valid']} valid")
-    if c["draws"] > c["distinct"]:
-        msg += f", each used {c['draws'] / c['distinct']:.1f} times on average"
-    if c["valid"] - c["distinct"] - c["held"]:
-        msg += f", {c['valid'] - c['distinct'] - c['held']} unused"
-    if spec.eval_fraction > 0:
-        msg += f", {c['held']} held out for eval"
-    log(msg)
 
 
 def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
@@ -312,13 +281,8 @@ def _empty_error(spec: DataSpec, where: str, split: str, st: SourceStats | None,
 
 
 def load_data(spec: DataSpec, tokenizer, log=print) -> tuple[list[dict], list[dict] | None]:
-    """(train, eval) tokenised examples for ``spec``; eval is None when there is no eval set.
-
-    See the module docstring for sources, blending, eval selection, tokenisation and truncation.
-    Per split it logs ``"<name> train: 1000 examples (12 truncated, 3 dropped: prompt too long,
-    2 skipped: bad records)"``. With ``spec.cache_dir`` the examples come as memory-mapped
-    :class:`xright.data.store.ExampleTable` s, tokenised once per fingerprint (see that module).
-    """
+    """(train, eval) tokenised examples for ``spec``; eval is None when there is no eval set. With
+    ``spec.cache_dir`` they are memory-mapped :class:`xright.data.store.ExampleTable` s, tokenised once."""
     spec.check()
     if spec.apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{spec.name}: --apply_chat_template: {NO_TEMPLATE}")
@@ -350,11 +314,20 @@ def _load(spec: DataSpec, tokenizer, log, tok):
                 log(f"{spec.name}: no {spec.eval_split!r} split in {where}: no eval set")
             else:
                 eval_recs = [r for p in eparts if p for r in p][: spec.max_samples]
-        _check_same_k(per_source)
+        have = [st for st in per_source if st.k is not None]  # the same K in every source and split
+        for st in have[1:]:
+            if st.k != have[0].k:
+                raise DataError(f"{st.k_where}: field 'completions': {k_mismatch(st.k, have[0].k, have[0].k_where)}")
     train_recs, held, contributions = blend_split(parts, probs, spec.max_samples, spec.seed, spec.eval_fraction)
     if spec.dataset and (len(parts) > 1 or any(c["held"] or c["distinct"] < c["valid"] for c in contributions)):
         for source, c in zip(sources, contributions):
-            _log_contribution(spec, source, c, log)
+            msg = (f"{spec.name}: {source} contributes {c['draws']} train examples: {c['distinct']} distinct records "
+                   f"of {c['valid']} valid")
+            if c["draws"] > c["distinct"]:
+                msg += f", each used {c['draws'] / c['distinct']:.1f} times on average"
+            if c["valid"] - c["distinct"] - c["held"]:
+                msg += f", {c['valid'] - c['distinct'] - c['held']} unused"
+            log(msg + (f", {c['held']} held out for eval" if spec.eval_fraction > 0 else ""))
     if not train_recs and not held:
         raise _empty_error(spec, where, spec.train_split, train_stats)
     if spec.eval_fraction > 0:

@@ -240,12 +240,8 @@ def _iter_hub(name: str, split: str, required: bool):
 
 
 def iter_raw(source: str, split: str, spec, required: bool = True, label: str | None = None):
-    """(path, locator, id, raw record or None, BadRecord or None) for one split of one source.
-
-    None when ``required`` is False and the split does not exist. ``label`` replaces the source's
-    basename in ids (load_data passes the full source when two sources share a basename); a
-    directory's files get ids ``<label>/<file name>:<line>``.
-    """
+    """(path, locator, id, raw record or None, BadRecord or None) for one split of one source; None when
+    ``required`` is False and the split does not exist. ``label`` replaces the source's basename in ids."""
     path = os.path.expanduser(source)
     label = label or os.path.basename(os.path.normpath(path))
     if os.path.isfile(path):
@@ -307,13 +303,9 @@ def short(value) -> str:
 
 
 def split_hh(chosen: str, rejected: str, field: str = "chosen") -> tuple[str, str, str, bool]:
-    """HH-RLHF pair -> (prompt, chosen response, rejected response, differ_early).
-
-    The prompt is the longest common prefix of the two dialogues, cut just after the last
-    ``"\\n\\nAssistant:"`` that lies wholly inside it. ``differ_early`` is True when that is not
-    the last ``"\\n\\nAssistant:"`` of either dialogue (the texts diverge before the final turn, so
-    each response carries more than one turn).
-    """
+    """HH-RLHF pair -> (prompt, chosen response, rejected response, differ_early): the prompt is the dialogues'
+    common prefix cut after its last ``HH_MARK``; ``differ_early`` when that is not the last ``HH_MARK`` of
+    either dialogue (each response then holds several turns)."""
     n = len(os.path.commonprefix([chosen, rejected]))
     cut = chosen.rfind(HH_MARK, 0, n)
     if cut < 0:

@@ -87,9 +87,6 @@ class ExampleTable(Sequence):
         return f"ExampleTable({len(self)} {self.kind} examples from {self.ds.cache_files[0]['filename']})"
 
 
-# ------------------------------------------------------------------------------ fingerprint
-
-
 def _source_files(source: str) -> list:
     path = os.path.expanduser(source)
     if os.path.isfile(path):
@@ -121,9 +118,6 @@ def fingerprint(spec, tokenizer) -> str:
     blob = json.dumps({"format": FORMAT, "spec": fields, "sources": sources,
                        "tokenizer": _tokenizer_identity(tokenizer)}, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
-
-
-# ------------------------------------------------------------------------------ building
 
 
 def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
@@ -195,10 +189,8 @@ def _remove_stale_builds(cache_dir: str, root: str) -> None:
 
 
 def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | None]:
-    """(train, eval) tables for ``spec`` from its cache directory, built first if absent.
-
-    ``load(log, tok)`` is load_data's reading path with ``tok(records, split) -> (examples, counts)``.
-    """
+    """(train, eval) tables for ``spec`` from its cache directory, built first if absent by ``load(log, tok)``,
+    load_data's reading path, with ``tok(records, split) -> (examples, counts)``."""
     import datasets
 
     root = os.path.join(spec.cache_dir, f"{spec.name}-{fingerprint(spec, tokenizer)}")

@@ -64,21 +64,15 @@ def _draw(n: int, seed: int, pool: int):
 
 
 def sft_records(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
-    """``n`` SFT records ``{"id", "prompt", "response"}`` with terse exact answers.
-
-    ``split`` is "train" or "eval" (disjoint prompt pools). Ids: ``builtin:sft:<split>:<index>``.
-    """
+    """``n`` SFT records ``{"id": "builtin:sft:<split>:<i>", "prompt", "response"}``, terse and exact."""
     pool = {"train": SFT_TRAIN, "eval": SFT_EVAL}[split]
     return [{"id": f"builtin:sft:{split}:{i}", "prompt": p, "response": a}
             for i, (p, a, _) in enumerate(_draw(n, seed, pool))]
 
 
 def preference_records(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
-    """``n`` pairs ``{"id", "prompt", "chosen", "rejected"}``: chosen hedged and wordy, rejected terse.
-
-    Prompts are disjoint from :func:`sft_records` and between splits.
-    Ids: ``builtin:pairwise:<split>:<index>``.
-    """
+    """``n`` pairs ``{"id": "builtin:pairwise:<split>:<i>", "prompt", "chosen", "rejected"}``: chosen hedged
+    and wordy, rejected terse."""
     pool = {"train": PREF_TRAIN, "eval": PREF_EVAL}[split]
     return [{"id": f"builtin:pairwise:{split}:{i}", "prompt": p, "chosen": rng.choice(HEDGES).format(a),
              "rejected": a}
