@@ -93,10 +93,7 @@ class ChatRenderer:
     def encode(self, prompt: list[dict], answers: list[list[dict]], fields: list[str | None] | None = None,
                mask_roles: bool = False) -> tuple[list[int], list[list[int]], list[list[int] | None]]:
         """(prompt ids, [K answer ids], [K masks or None]); each answer ends with its end of turn (or eos).
-
-        ``fields`` names each answer's record field for errors. ``mask_roles``: a mask (1 = trained) keeps
-        only the answer's assistant turns; None when every token is trained.
-        """
+        ``fields`` name the answers for errors; ``mask_roles``: a mask (1 = trained) keeps assistant turns only."""
         fields = fields or [None] * len(answers)
         p_text = self.render(prompt, True, fields[0])
         w_texts = [self.render(prompt + a, False, f) for a, f in zip(answers, fields)]

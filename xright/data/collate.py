@@ -82,9 +82,8 @@ class CyclingLoader:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         order = order[: n // self.global_batch * self.global_batch]
-        return self._grouped(order, g) if self.group_by_length else order
-
-    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        if not self.group_by_length:
+            return order
         step = self.global_batch
         window = step * self.group_window
         batches = []

@@ -1,9 +1,6 @@
-"""Data kinds: each kind defined once, a :class:`DataKind` registered by name in :data:`KINDS`.
-
-A kind says how a raw record becomes canonical records (validation, field names), which of their answers
-are tokenised, which extra fields its examples carry (also the Arrow columns of the on-disk store), how a
-micro-batch of its examples is laid out, and its built-in synthetic records. The record layouts, ids and
-batch fields are described in docs/data.md.
+"""Data kinds: each kind defined once, a :class:`DataKind` registered by name in :data:`KINDS`: validation of
+its records, the answers to tokenise, the extra fields (and stored columns) of its examples, its batch layout
+and its built-in records. Layouts and fields: docs/data.md.
 """
 
 from __future__ import annotations
@@ -47,8 +44,8 @@ class DataKind:
     columns: dict[str, str] = {}  # extra example fields, stored as Arrow columns: name -> "bool", "[float64]" …
 
     def records(self, rec: dict, rid: str, spec) -> tuple[list[dict], bool]:
-        """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early;
-        raises BadRecord for an unusable record (see :func:`canonicalize`)."""
+        """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early; raises
+        BadRecord for an unusable record."""
         raise NotImplementedError
 
     def answers(self, rec: dict, spec) -> tuple[list, list[str]]:
@@ -272,10 +269,8 @@ def get_kind(name: str) -> DataKind:
 
 
 def canonicalize(name: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
-    """Validated canonical records from one raw record, and whether it is an HH pair that differs early.
-
-    Raises BadRecord for an unusable record and ``records._Identical`` for a pair with chosen == rejected.
-    """
+    """Validated canonical records from one raw record, and whether it is an HH pair that differs early; raises
+    BadRecord for an unusable record and ``records._Identical`` for a pair with chosen == rejected."""
     if not isinstance(rec, dict):
         raise BadRecord(f"record is not an object (got {type(rec).__name__} {short(rec)})")
     return get_kind(name).records(rec, rid, spec)

@@ -226,25 +226,6 @@ def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
     return KINDS[spec.kind].prepare([{**r, "source": source_id(f"builtin:{spec.seed}")} for r in recs], spec)
 
 
-def _log_source(spec: DataSpec, st: SourceStats, kept: int, log) -> None:
-    extra = [f"{st.bad} skipped: bad records"]
-    if st.identical:
-        extra.append(f"{st.identical} dropped: chosen == rejected")
-    if st.empty_response:
-        extra.append(f"{st.empty_response} dropped: blank HH answer")
-    if st.differ_early:
-        extra.append(f"{st.differ_early} HH pairs differ early")
-    log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {kept} valid ({', '.join(extra)})")
-    if st.bad:
-        log(f"{spec.name}: first bad records skipped:\n  " + "\n  ".join(st.reasons))
-    if st.identical:
-        log(f"warning: {spec.name}: {st.source}: {st.identical} pairs with chosen identical to rejected dropped "
-            f"(first: {', '.join(st.identical_ids[:MAX_REASONS])})")
-    if st.differ_early:
-        log(f"{spec.name}: {st.source}: {st.differ_early} HH pairs diverge before their last "
-            "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
-
-
 def source_labels(sources: list[str]) -> list[str]:
     """Id prefixes: each source's basename, or the whole source string where two different sources
     share a basename, so that ids stay unique across a blend."""
@@ -264,7 +245,18 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
             parts.append(None)
             continue
         recs, st = got
-        _log_source(spec, st, len(recs), log)
+        extra = [f"{st.bad} skipped: bad records"] + [f"{n} {what}" for n, what in (
+            (st.identical, "dropped: chosen == rejected"), (st.empty_response, "dropped: blank HH answer"),
+            (st.differ_early, "HH pairs differ early")) if n]
+        log(f"{spec.name}: {st.source} [{st.split}]: {st.read} records read, {len(recs)} valid ({', '.join(extra)})")
+        if st.bad:
+            log(f"{spec.name}: first bad records skipped:\n  " + "\n  ".join(st.reasons))
+        if st.identical:
+            log(f"warning: {spec.name}: {st.source}: {st.identical} pairs with chosen identical to rejected dropped "
+                f"(first: {', '.join(st.identical_ids[:MAX_REASONS])})")
+        if st.differ_early:
+            log(f"{spec.name}: {st.source}: {st.differ_early} HH pairs diverge before their last "
+                "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
         recs = KINDS[spec.kind].prepare(recs, spec)
         parts.append(recs)
         total.add(st)
@@ -273,10 +265,8 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
 
 
 def _empty_error(spec: DataSpec, where: str, split: str, st: SourceStats | None, why: str = "") -> DataError:
-    detail = ""
-    if st is not None:
-        detail = (f" ({st.read} records read, {st.bad} skipped: bad records, "
-                  f"{st.identical} dropped: chosen == rejected)")
+    detail = f" ({st.read} records read, {st.bad} skipped: bad records, {st.identical} dropped: chosen == rejected)" \
+        if st is not None else ""
     return DataError(f"{where}: no usable {spec.kind} records in split {split!r}{detail}{why}")
 
 

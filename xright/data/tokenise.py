@@ -1,10 +1,7 @@
 """Tokenisation: canonical records -> examples of token ids, truncated to ``max_len`` (rules: docs/data.md).
 
-Plain text: prompt and each answer are tokenised together as one text (the boundary by character offsets,
-else by agreement with the prompt alone), the tokenizer's leading special tokens prepended to the prompt
-unless it already starts with BOS, eos appended to each answer. Chat records (message lists, or any record
-with ``apply_chat_template`` but HH dialogue prefixes) are rendered at token level by
-:class:`xright.data.chat.ChatRenderer`.
+Plain text: prompt and each answer tokenised together as one text; chat records rendered at token level by
+:class:`xright.data.chat.ChatRenderer`. What an example holds is its kind's (:mod:`.kinds`).
 """
 
 from __future__ import annotations
