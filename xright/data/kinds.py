@@ -126,11 +126,9 @@ class SFT(DataKind):
                      "response": text_field(get_field(rec, spec.output_key), spec.output_key),
                      "raw_prompt": False}], False
         prompt = text_field(get_field(rec, spec.input_key), spec.input_key)
-        if spec.pretrain_mode and spec.output_key not in rec:
-            response = ""
-        else:
-            response = get_field(rec, spec.output_key)
-            response = text_field(response, spec.output_key) if not spec.pretrain_mode or response != "" else ""
+        response = rec.get(spec.output_key, "") if spec.pretrain_mode else get_field(rec, spec.output_key)
+        if not spec.pretrain_mode or response != "":  # pretraining: a missing or empty output is none
+            response = text_field(response, spec.output_key)
         return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": False}], False
 
     def answers(self, rec, spec):

@@ -78,11 +78,9 @@ def _bad_utf8_field(obj, prefix="") -> str | None:
 def _utf8_problem(raw: bytes, obj) -> BadRecord:
     try:
         raw.decode("utf-8")
-        pos = None
+        what = "not valid UTF-8"
     except UnicodeDecodeError as e:
-        pos = e.start
-    what = f"not valid UTF-8 (byte 0x{raw[pos]:02x} at byte {pos + 1} of the line)" if pos is not None \
-        else "not valid UTF-8"
+        what = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
     return BadRecord(what, _bad_utf8_field(obj) if obj is not None else None)
 
 
@@ -131,10 +129,7 @@ def _iter_json_array(path: str, text: str, base: str):
             line += text.count("\n", last, i)
             last = i
             n += 1
-            span = text[i:end]
-            err = None
-            if _SURROGATE.search(span):
-                err = BadRecord("not valid UTF-8", _bad_utf8_field(obj))
+            err = BadRecord("not valid UTF-8", _bad_utf8_field(obj)) if _SURROGATE.search(text, i, end) else None
             yield f"record {n} (line {line})", f"{base}:{n}", obj, err
             i = ws.match(text, end).end()
             if text.startswith(",", i):
@@ -363,9 +358,7 @@ def _message_list(value, key: str) -> list[dict]:
             if k not in m:
                 raise BadRecord(f"missing; message has keys {list(m)}", f"{where}.{k}")
         role = text_field(m["role"], f"{where}.role")
-        if role == "assistant":
-            text_field(m["content"], f"{where}.content")
-        elif not isinstance(m["content"], str):  # other turns may be empty strings, never non-strings
+        if role == "assistant" or not isinstance(m["content"], str):  # others may be empty, never non-strings
             text_field(m["content"], f"{where}.content")
         msgs.append({"role": role, "content": m["content"]})
     return msgs
@@ -395,15 +388,8 @@ def chat_prompt(value, key: str) -> list[dict]:
 
 
 def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[list[dict], list[list[dict]]] | None:
-    """(prompt messages, [K answer messages]) when a record is conversational, else None (plain text).
-
-    ``answers`` = [(value, field name)]. Conversational when the prompt or an answer is a message list:
-    - prompt messages (TRL): each answer is a string (one assistant message) or messages following the
-      prompt (a copy of the prompt at their start is dropped), starting and ending with the assistant;
-    - answers that are whole conversations (UltraFeedback; a string prompt is then ignored): the prompt is
-      their common prefix of messages, which must end just before an assistant message in every answer;
-    - a string prompt with assistant-only answers: the prompt becomes one user message.
-    """
+    """(prompt messages, [K answer messages]) when a record is conversational (its prompt or an answer is a
+    message list: the TRL and UltraFeedback layouts of docs/data.md), else None; ``answers`` = [(value, field)]."""
     key = spec.prompt_key
     p_raw = rec.get(key) if key is not None else None
     if not isinstance(p_raw, list) and not any(isinstance(v, list) for v, _ in answers):
