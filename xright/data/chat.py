@@ -51,32 +51,28 @@ class ChatRenderer:
     def ids(self, texts: list[str]) -> list[list[int]]:
         return [list(x) for x in self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
-    def _is_blank(self, i: int) -> bool:
-        if i not in self._blank:
-            self._blank[i] = not self.tok.decode([i]).strip()
-        return self._blank[i]
-
     def ends_turn(self, answer: list[int]) -> bool:
         """Whether the template closed the answer: a special token among its trailing special/blank tokens."""
         for i in reversed(answer):
             if i in self.special:
                 return True
-            if not self._is_blank(i):
+            if i not in self._blank:
+                self._blank[i] = not self.tok.decode([i]).strip()
+            if not self._blank[i]:
                 return False
         return False
 
-    def _prefix_fault(self, p_text: str, p: list[int], w_text: str, w: list[int]) -> str | None:
+    def _check_prefix(self, p_text: str, p: list[int], w_text: str, w: list[int], field) -> None:
         if not w_text.startswith(p_text):
             n = next((i for i, (a, b) in enumerate(zip(p_text, w_text)) if a != b), min(len(p_text), len(w_text)))
-            return (f"the chat template renders the prompt (with the generation prompt) as {_short(p_text[:n + 20])} but "
-                    f"the conversation as {_short(w_text[:n + 20])}: the prompt is not a prefix of the "
-                    "conversation, so the answer's boundary is undefined")
+            raise BadRecord(f"the chat template renders the prompt (with the generation prompt) as "
+                            f"{_short(p_text[:n + 20])} but the conversation as {_short(w_text[:n + 20])}: the prompt "
+                            "is not a prefix of the conversation, so the answer's boundary is undefined", field)
         if w[:len(p)] != p:
             n = next((i for i, (a, b) in enumerate(zip(p, w)) if a != b), min(len(p), len(w)))
-            return (f"the prompt's tokens are not a prefix of the conversation's: token {n} is "
-                    f"{self.tok.decode(p[n:n + 1])!r} in the prompt but {self.tok.decode(w[n:n + 1])!r} in the "
-                    "conversation (the tokenizer merges across the end of the generation prompt)")
-        return None
+            raise BadRecord(f"the prompt's tokens are not a prefix of the conversation's: token {n} is "
+                            f"{self.tok.decode(p[n:n + 1])!r} in the prompt but {self.tok.decode(w[n:n + 1])!r} in "
+                            "the conversation (the tokenizer merges across the end of the generation prompt)", field)
 
     def _check_generation_prompt(self, prompt: list[dict], p_text: str, field) -> None:
         """A template that ignores add_generation_prompt must put nothing but whitespace between the prompt and
@@ -101,9 +97,7 @@ class ChatRenderer:
         self._check_generation_prompt(prompt, p_text, fields[0])
         outs, masks = [], []
         for a, f, w_text, w in zip(answers, fields, w_texts, ws):
-            fault = self._prefix_fault(p_text, p, w_text, w)
-            if fault:
-                raise BadRecord(fault, f)
+            self._check_prefix(p_text, p, w_text, w, f)
             if mask_roles and any(m["role"] != "assistant" for m in a):
                 ids, mask = self._turns(prompt, a, p, w, f)
             else:

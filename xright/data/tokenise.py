@@ -18,23 +18,15 @@ NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and
                "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> str:
+def prompt_text(rec: dict, tokenizer, spec) -> str:
+    """A prompt's text: the chat template's generation prompt, else the input template's (HH prefixes: none)."""
+    p = rec["prompt"]
+    if not is_chat(rec, spec):
+        return spec.input_template.format(p) if spec.input_template and not rec.get("raw_prompt") else p
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(NO_TEMPLATE)
+    messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def prompt_text(rec: dict, tokenizer, spec) -> str:
-    p = rec["prompt"]
-    if isinstance(p, list):
-        return _render_chat(tokenizer, p)
-    if rec.get("raw_prompt"):
-        return p
-    if spec.apply_chat_template:
-        return _render_chat(tokenizer, [{"role": "user", "content": p}])
-    if spec.input_template:
-        return spec.input_template.format(p)
-    return p
 
 
 def _token_at(encoding, pos: int, end: int, n: int) -> int:
