@@ -41,7 +41,7 @@ class DataKind:
 
     single = True       # one answer per example ("response_ids"), else K of them ("responses")
     mask_roles = False  # a chat answer of several turns trains only the assistant's ("response_mask")
-    columns: dict[str, str] = {}  # extra example fields, stored as Arrow columns: name -> "bool", "[float64]" …
+    columns: dict[str, str] = {}  # extra example fields, stored as Arrow columns: name -> "bool", "[float64]" (a list)
 
     def records(self, rec: dict, rid: str, spec) -> tuple[list[dict], bool]:
         """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early; raises
@@ -75,9 +75,8 @@ class DataKind:
         return ex
 
     def collate(self, examples: list[dict], pad_id: int) -> dict:
-        """A micro-batch -> right-padded tensors: ``input_ids`` / ``attention_mask`` (long) / ``loss_mask``
-        (bool) [B,T] and ``ids``; K answers per example lie K-major (row ``k*B + b`` is answer k of example b)
-        with ``num_choices`` = K."""
+        """A micro-batch -> right-padded ``input_ids`` / ``attention_mask`` / ``loss_mask`` [B,T] and ``ids``; K
+        answers lie K-major (row ``k*B + b`` is answer k of example b) with ``num_choices`` = K (docs/data.md)."""
         if not examples:
             raise ValueError("collate needs at least one example")
         ids = [e["id"] for e in examples]

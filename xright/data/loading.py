@@ -227,8 +227,7 @@ def _builtin(spec: DataSpec, split: str, n: int) -> list[dict]:
 
 
 def source_labels(sources: list[str]) -> list[str]:
-    """Id prefixes: each source's basename, or the whole source string where two different sources
-    share a basename, so that ids stay unique across a blend."""
+    """Id prefixes: each source's basename, or the whole source where two sources share a basename."""
     base = [os.path.basename(os.path.normpath(os.path.expanduser(s))) for s in sources]
     return [s if any(b == base[i] and t != s for b, t in zip(base, sources)) else base[i]
             for i, s in enumerate(sources)]
@@ -351,10 +350,8 @@ def _load(spec: DataSpec, tokenizer, log, tok):
 
 
 def _log_split(spec: DataSpec, split: str, n: int, counts: dict, st: SourceStats | None, log) -> None:
-    if spec.truncation == "truncate":
-        parts = [f"{counts['truncated']} truncated", f"{counts['dropped_prompt']} dropped: prompt too long"]
-    else:
-        parts = [f"{counts['dropped_long']} dropped: too long"]
+    parts = [f"{counts['truncated']} truncated", f"{counts['dropped_prompt']} dropped: prompt too long"] \
+        if spec.truncation == "truncate" else [f"{counts['dropped_long']} dropped: too long"]
     parts.append(f"{st.bad if st else 0} skipped: bad records")
     if st and st.identical:
         parts.append(f"{st.identical} dropped: chosen == rejected")

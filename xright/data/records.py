@@ -152,8 +152,7 @@ def _iter_parquet(path: str, base: str):
         rows = pq.read_table(src).to_pylist()
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: cannot read parquet: {e}") from e
-    for n, row in enumerate(rows, 1):
-        yield f"row {n}", f"{base}:{n}", row, None
+    return ((f"row {n}", f"{base}:{n}", row, None) for n, row in enumerate(rows, 1))
 
 
 def _iter_csv(path: str, spec, base: str):

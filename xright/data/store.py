@@ -19,22 +19,19 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .kinds import KINDS, responses
-from .tokenise import tokenize_rows
+from .tokenise import STATUS, tokenize_rows
 
 FORMAT = 2  # 2: chat records rendered at token level (xright.data.chat)
 META = "meta.json"
-STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
 PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
 
 
 def _features(kind):
     from datasets import Features, List, Value
 
-    def feature(t: str):
-        return List(feature(t[1:-1])) if t.startswith("[") else Value(t)
-
+    extra = {k: List(Value(t[1:-1])) if t.startswith("[") else Value(t) for k, t in kind.columns.items()}
     return Features({"id": Value("string"), "prompt_ids": List(Value("int32")),
-                     "responses": List(List(Value("int32"))), **{k: feature(t) for k, t in kind.columns.items()}})
+                     "responses": List(List(Value("int32"))), **extra})
 
 
 class ExampleTable(Sequence):

@@ -16,6 +16,7 @@ from .records import BadRecord, DataError, describe, source_id
 
 NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
                "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
+STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")  # what tokenising did to a record
 
 
 def prompt_text(rec: dict, tokenizer, spec) -> str:
@@ -83,8 +84,7 @@ def tokenize(records: list[dict], tokenizer, spec) -> tuple[list[dict], dict]:
     """Canonical records -> tokenised examples, truncated by ``spec.truncation``; and the counts."""
     rows = tokenize_rows(records, tokenizer, spec)
     status = Counter(s for _, s in rows)
-    return [ex for ex, _ in rows if ex is not None], {k: status[k] for k in ("truncated", "dropped_prompt",
-                                                                             "dropped_long")}
+    return [ex for ex, _ in rows if ex is not None], {k: status[k] for k in STATUS[1:]}
 
 
 def is_chat(rec: dict, spec) -> bool:
