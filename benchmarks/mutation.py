@@ -43,6 +43,11 @@ TARGETS = {  # module -> the fast tests that exercise it
                                "tests/test_data.py::test_loader_too_small",
                                "tests/test_packing.py::test_pack_layout_by_hand",
                                "tests/test_packing.py::test_group_by_length_batches_similar_lengths_in_a_shuffled_order"],
+    "xright/data/kinds.py": ["tests/test_objectives_numbers.py", "tests/test_data_kinds.py",
+                             "tests/test_data.py::test_sft_masks_decode_to_prompt_and_response",
+                             "tests/test_data.py::test_pairwise_and_scored_k_major_layout",
+                             "tests/test_data.py::test_binary_kl_mismatched_rows",
+                             "tests/test_packing.py::test_pack_layout_by_hand"],
 }
 
 SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -180,6 +185,7 @@ def main() -> None:
     os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     import torch  # noqa: F401  (imported once, before the forks)
     import xright.objectives, xright.schedules, xright.data.collate, xright.logprobs, xright.losses  # noqa
+    import xright.data.kinds  # noqa: F401
     assert xright.losses.__file__.startswith(args.work), xright.losses.__file__
     import pytest
 

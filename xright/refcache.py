@@ -39,14 +39,10 @@ import numpy as np
 import torch
 
 from xright.data import collate
+from xright.data.kinds import responses as completions  # the completions whose log-probs the table holds
 from xright.objectives import Reference
 
 FORMAT = 1
-
-
-def completions(example) -> list:
-    """The completions whose reference log-probs the table holds: K for pairwise/scored, 1 otherwise."""
-    return example["responses"] if "responses" in example else [example["response_ids"]]
 
 
 def token_hash(example) -> int:
