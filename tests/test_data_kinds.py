@@ -1,11 +1,14 @@
 """A data kind is one definition: a toy kind defined here, registered in ``xright.data.KINDS`` and nothing else,
 loads (in memory and through the on-disk store), validates and collates a JSONL file."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import xright.data
 from xright.data import KINDS, DataError, DataKind, DataSpec, collate, load_data
 from xright.data.records import get_field, number, text_field
 from xright.models import load_tokenizer
@@ -64,3 +67,14 @@ def test_a_toy_kind_refuses_a_bad_record_with_its_line_and_field(rated):
     rated.write_text(rated.read_text() + json.dumps({"question": "q", "answer": "a", "score": "high"}) + "\n")
     with pytest.raises(DataError, match=r"rated.jsonl line 4: field 'score': must be a number"):
         load_data(DataSpec(kind="rated", dataset=str(rated), eval_split=""), load_tokenizer("tiny"), log=lambda m: None)
+
+
+def test_data_modules_import_one_way():
+    """records -> kinds -> tokenise -> store -> loading, at module level and inside functions: no cycle."""
+    order = ["records", "chat", "synthetic", "kinds", "tokenise", "store", "loading", "collate"]
+    for name in order:
+        tree = ast.parse(Path(xright.data.__file__).with_name(f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for target in [node.module] if node.module else [a.name for a in node.names]:
+                    assert order.index(target) < order.index(name), f"data/{name}.py imports .{target}"

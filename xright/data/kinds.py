@@ -267,7 +267,7 @@ def get_kind(name: str) -> DataKind:
 
 def canonicalize(name: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
     """Validated canonical records from one raw record, and whether it is an HH pair that differs early; raises
-    BadRecord for an unusable record and ``records._Identical`` for a pair with chosen == rejected."""
+    BadRecord for an unusable record and ``records.Identical`` for a pair with chosen == rejected."""
     if not isinstance(rec, dict):
         raise BadRecord(f"record is not an object (got {type(rec).__name__} {short(rec)})")
     return get_kind(name).records(rec, rid, spec)

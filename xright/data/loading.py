@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import store
 from .kinds import KINDS, canonicalize, get_kind
-from .records import BadRecord, DataError, _EmptyResponse, _Identical, describe, iter_raw, source_id
+from .records import BadRecord, DataError, EmptyResponse, Identical, describe, iter_raw, source_id
 from .tokenise import NO_TEMPLATE, tokenize
 
 MAX_REASONS = 5
@@ -117,10 +117,10 @@ def read_source(source: str, split: str, spec, required: bool = True,
                 stats.k, stats.k_where = k, f"{where} {loc}"
             elif k != stats.k:
                 raise BadRecord(k_mismatch(k, stats.k, stats.k_where), spec.completions_key)
-        except _EmptyResponse:
+        except EmptyResponse:
             stats.empty_response += 1
             continue
-        except _Identical:
+        except Identical:
             stats.identical += 1
             if len(stats.identical_ids) < MAX_REASONS:
                 stats.identical_ids.append(rid)

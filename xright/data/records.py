@@ -310,11 +310,11 @@ def split_hh(chosen: str, rejected: str, field: str = "chosen") -> tuple[str, st
     return chosen[:end], chosen[end:], rejected[end:], early
 
 
-class _Identical(Exception):
-    pass
+class Identical(Exception):
+    """A pair whose chosen and rejected answers are the same (dropped and counted)."""
 
 
-class _EmptyResponse(Exception):
+class EmptyResponse(Exception):
     """An HH pair whose fields are fine but whose answer after the shared prompt is blank."""
 
 
@@ -326,20 +326,20 @@ def pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
     if chat is not None:
         prompt, (chosen, rejected) = chat
         if chosen == rejected and not allow_identical:
-            raise _Identical()
+            raise Identical()
         return prompt, chosen, rejected, False, False
     chosen = text_field(get_field(rec, spec.chosen_key), spec.chosen_key)
     rejected = text_field(get_field(rec, spec.rejected_key), spec.rejected_key)
     explicit = spec.prompt_key is not None and spec.prompt_key in rec
     prompt = text_field(rec[spec.prompt_key], spec.prompt_key) if explicit else None
     if chosen == rejected and not allow_identical:
-        raise _Identical()
+        raise Identical()
     if explicit:
         return prompt, chosen, rejected, False, False
     prompt, c, r, early = split_hh(chosen, rejected, spec.chosen_key)
     if not c.strip() or not r.strip():
         # a quirk of real HH data (4 of 2312 test pairs), not a malformed record: dropped and counted
-        raise _EmptyResponse()
+        raise EmptyResponse()
     return prompt, c, r, True, early
 
 
