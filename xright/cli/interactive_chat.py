@@ -6,8 +6,10 @@ Type a message and Enter. ``clear`` forgets the conversation, ``exit`` (or Ctrl-
 The conversation is rendered as the trainers render a prompt: with ``--apply_chat_template`` the
 tokenizer's chat template over all turns; otherwise each turn is ``--input_template`` with the user's
 text, followed by the model's answer and a newline. ``--ta_prompt FILE`` puts that file's text in front of
-the conversation (as XRIGHT). When the conversation outgrows ``--max_len`` the oldest turns are dropped (a
-single message that is still too long keeps its BOS and its end). An answer ends at the tokenizer's eos or
+the conversation (as XRIGHT); with ``--apply_chat_template`` it is the conversation's system message (XRIGHT
+drops it there), and a template that refuses a system message is an error before the model loads. When the
+conversation outgrows ``--max_len`` the oldest turns are dropped (a single message that is still too long keeps
+its BOS and its end). An answer ends at the tokenizer's eos or
 at any eos id of the model's generation config.
 """
 
@@ -15,29 +17,18 @@ import argparse
 import sys
 
 from xright.cli import lifecycle
+from xright.cli.batch_inference import add_generation_flags, model_for, tokenizer_for
 
 CLEAR, EXIT = "clear", ("exit", "quit")
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrain", type=str, default=None, help="HF dir, hub id or xright LoRA adapter dir; default tiny")
-    p.add_argument("--bf16", action="store_true", default=False)
-    p.add_argument("--flash_attn", action="store_true", default=False)
-    p.add_argument("--load_in_4bit", action="store_true", default=False)
-    p.add_argument("--disable_fast_tokenizer", action="store_true", default=False)
-    p.add_argument("--trust_remote_code", action="store_true", default=False)
+    add_generation_flags(p, "policy: HF dir, hub id or xright LoRA adapter dir; default: built-in tiny model")
+    p.set_defaults(max_new_tokens=512, top_p=0.9, temperature=0.2, repetition_penalty=1.2)
     p.add_argument("--max_len", type=int, default=2048, help="conversation + answer tokens")
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--greedy_sampling", action="store_true", default=False)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--repetition_penalty", type=float, default=1.2)
-    p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
-    p.add_argument("--apply_chat_template", action="store_true", default=False)
-    p.add_argument("--tokenizer_chat_template", type=str, default=None)
-    p.add_argument("--ta_prompt", type=str, default=None, help="file whose text precedes the conversation")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ta_prompt", type=str, default=None,
+                   help="file whose text precedes the conversation (the system message with --apply_chat_template)")
     return p
 
 
@@ -67,24 +58,19 @@ def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble:
     """The prompt record for ``user`` after the (user, assistant) turns of ``history``: with the chat template
     the messages (encoded as the trainers encode a conversation's prompt), else the templated text."""
     if args.apply_chat_template:
-        msgs = [m for u, a in history for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-        msgs += [{"role": "user", "content": user}]
-        if not preamble:
-            return {"prompt": msgs, "raw_prompt": False}
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    else:
-        fmt = (lambda u: args.input_template.format(u)) if args.input_template else (lambda u: u)
-        text = "".join(fmt(u) + a + "\n" for u, a in history) + fmt(user)
-    return {"prompt": preamble + text, "raw_prompt": True}
+        msgs = [{"role": "system", "content": preamble}] if preamble else []
+        msgs += [m for u, a in history for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        return {"prompt": msgs + [{"role": "user", "content": user}], "raw_prompt": False}
+    fmt = (lambda u: args.input_template.format(u)) if args.input_template else (lambda u: u)
+    return {"prompt": preamble + "".join(fmt(u) + a + "\n" for u, a in history) + fmt(user), "raw_prompt": True}
 
 
 def main(argv=None, stdin=None):
     args = parser().parse_args(argv)
     import torch
 
+    from xright.data import DataError, DataSpec
     from xright.generation import Sampling, encode_prompts, eos_ids, generate_batch
-    from xright.data import DataSpec
-    from xright.models import load_for_inference, load_tokenizer
 
     if args.input_template and "{}" not in args.input_template:
         raise lifecycle.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
@@ -95,12 +81,16 @@ def main(argv=None, stdin=None):
                 preamble = f.read()
         except OSError as e:
             raise lifecycle.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
-    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
-                               trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_for_inference(args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn, load_in_4bit=args.load_in_4bit,
-                               trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer)).to(device)
+    tokenizer = tokenizer_for(args)
     raw = DataSpec(kind="sft", input_template=None)  # render() has templated the text already
+    if args.apply_chat_template:  # the template (and its system message for --ta_prompt) fails now, not at turn 1
+        try:
+            encode_prompts([render([], "hi", tokenizer, args, preamble)], tokenizer, raw, 0)
+        except DataError as e:
+            what = " with --ta_prompt as the system message" if preamble else ""
+            raise lifecycle.UsageError(f"--apply_chat_template{what}: {e}") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_for(args, len(tokenizer)).to(device)
     stop = eos_ids(tokenizer, model)
     stdin = stdin or sys.stdin
     history: list[tuple[str, str]] = []
