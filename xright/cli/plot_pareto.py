@@ -2,28 +2,17 @@
 
     python -m xright.cli.plot_pareto runs/demo/* --out runs/demo [--sft_opt 1.79 --dpo_opt 0.02]
 
-Reads every RUN_DIR's ``metrics.jsonl`` and ``xright_args.json`` (written by the training CLIs) and
-writes ``<out>/pareto.png`` (one point per run: method by colour and marker, λ as a label, the
-ideal point ★, sequential runs' eval trajectories as dashed lines) and ``<out>/pareto.md`` (run,
-method, λ, final eval losses, ideal distance, optimizer steps, wall time). The figure needs
-matplotlib (``pip install 'xright[plot]'``); the table does not (``--table_only``).
+Reads every RUN_DIR's ``metrics.jsonl`` and ``xright_args.json``; writes ``<out>/pareto.png`` (a point per
+run: method by colour and marker, λ as a label, the ideal point ★, sequential runs' eval trajectories dashed;
+needs matplotlib) and ``<out>/pareto.md`` (final eval losses, ideal distance, optimizer steps, wall time).
 
-How runs are recognised, from ``xright_args.json``:
-
-* ``schedule`` alright / maxright / mix → that method at ``lambd``;
-* ``schedule`` sequential with ``train_only`` (``train_sft_seq`` / ``train_dpo_seq``) is one phase. A
-  phase whose ``--pretrain`` is another phase among the RUN_DIRs continues it: the chain is one
-  *sequential* run (SFT→DPO or DPO→SFT) whose steps and wall time add up and whose trajectory runs
-  through all phases; its earlier phases' ends are also listed (``after phase 1``). A phase that
-  nobody continues and that continues nobody is a single-objective run ("SFT only", "DPO only");
-* ``schedule`` sequential without ``train_only`` (``python -m xright.cli.joint --schedule
-  sequential``) is a whole sequential run;
-* anything else (``train_sft``, ``train_dpo`` …) is listed by its CLI's objectives.
-
-The ideal point (L*_sft, L*_dpo) is ``--sft_opt/--dpo_opt``; else the ``--sft_opt/--dpo_opt`` the
-joint runs were given (if they agree); else the best final losses of the single-objective runs.
-The ideal distance in the table is recomputed from that point (docs/DESIGN.md §1), so every row uses the
-same one. Wall time is the training loop's (the ``done`` record), without process start-up.
+Runs by ``xright_args.json``: ``schedule`` alright / maxright / mix → that method at ``lambd``; a
+``train_only`` phase (``train_sft_seq`` / ``train_dpo_seq``) whose ``--pretrain`` is another phase among the
+RUN_DIRs continues it, and the chain is one sequential run (steps and wall time added up, the trajectory through
+all phases, earlier phases' ends listed as ``after phase 1``); a lone phase is "SFT only" / "DPO only";
+``schedule`` sequential without ``train_only`` is a whole sequential run; anything else is named by its
+objectives. The ideal point is ``--sft_opt/--dpo_opt``, else the one the joint runs were given (if they agree),
+else the best final losses of the single-objective runs; every row's ideal distance is recomputed from it.
 """
 
 from __future__ import annotations
@@ -33,15 +22,13 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SFT, PREF = "sft", "dpo"
 METHODS = {"alright": "ALRIGHT", "maxright": "MAXRIGHT", "mix": "Mix"}
-# order of methods in the table and legend; colour and marker per method
-ORDER = ["SFT only", "DPO only", "Sequential SFT→DPO", "Sequential DPO→SFT", "Mix", "ALRIGHT", "MAXRIGHT"]
 # where each method writes its λ next to its points, so that close points' labels don't collide
 LABEL_OFFSET = {"Mix": (-8, -12), "ALRIGHT": (6, 4), "MAXRIGHT": (6, -10)}
-STYLE = {
+STYLE = {  # colour and marker per method, in the table's and legend's order
     "SFT only": ("tab:gray", "s"),
     "DPO only": ("tab:brown", "D"),
     "Sequential SFT→DPO": ("tab:red", "v"),
@@ -50,6 +37,7 @@ STYLE = {
     "ALRIGHT": ("tab:blue", "o"),
     "MAXRIGHT": ("tab:purple", "X"),
 }
+ORDER = list(STYLE)
 
 
 class PlotError(ValueError):
@@ -68,7 +56,6 @@ class Run:
     stopped_early: str | None = None
     method: str = ""
     lambd: float | None = None
-    phases: list = field(default_factory=list)   # for a sequential chain: the phase runs, in order
 
     @property
     def sft(self):
@@ -86,13 +73,9 @@ def read_run(path: str) -> Run:
     records = []
     with open(metrics) as f:
         for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # a run killed mid-write leaves a partial last line; anything else is corruption
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
                 print(f"plot_pareto: warning: {metrics} line {i} is not JSON; skipped", file=sys.stderr)
     args = {}
     args_file = os.path.join(path, "xright_args.json")
@@ -108,9 +91,7 @@ def read_run(path: str) -> Run:
             evals.append((int(r.get("step", 0)), r.get(f"eval/{SFT}/loss"), r.get(f"eval/{PREF}/loss")))
     if not final:
         raise PlotError(f"{path}: metrics.jsonl has no eval record")
-    steps = done.get("step")
-    if steps is None:
-        steps = max((int(r["step"]) for r in records if "objectives" in r), default=0)
+    steps = done.get("step", max((int(r["step"]) for r in records if "objectives" in r), default=0))
     name = os.path.basename(os.path.normpath(path))
     return Run(path=path, name=name, args=args, evals=evals, final=final, steps=int(steps),
                wall_time=done.get("wall_time"), stopped_early=done.get("stopped_early"))
@@ -154,21 +135,16 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     points, rows = [], []
     for r in runs:
         schedule, only = r.args.get("schedule"), r.args.get("train_only")
-        if only:
-            if id(r) in has_child:
-                continue  # listed with the chain that continues it
-            chain = [r]
-            while id(chain[0]) in parent:
-                chain.insert(0, parent[id(chain[0])])
-            if len(chain) == 1:
-                r.method = f"{_label(only)} only"
-                points.append(r)
-                rows.append(r)
-                continue
+        if only and id(r) in has_child:
+            continue  # listed with the chain that continues it
+        chain = [r]
+        while only and id(chain[0]) in parent:
+            chain.insert(0, parent[id(chain[0])])
+        if only and len(chain) > 1:
             order = "→".join(_label(p.args["train_only"]) for p in chain)
             seq = Run(path=r.path, name=" + ".join(p.name for p in chain), args=r.args,
                       evals=[], final=r.final, steps=0, wall_time=0.0, stopped_early=r.stopped_early,
-                      method=f"Sequential {order}", phases=chain)
+                      method=f"Sequential {order}")
             for i, p in enumerate(chain):
                 seq.evals += [(s + seq.steps, a, b) for s, a, b in p.evals]
                 seq.steps += p.steps
@@ -178,22 +154,19 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
                               wall_time=seq.wall_time, method=f"{seq.method}, after phase {i + 1} "
                               f"({_label(p.args['train_only'])})")
                     rows.append(end)
-            points.append(seq)
-            rows.append(seq)
+            r = seq
+        elif only:
+            r.method = f"{_label(only)} only"
         elif schedule == "sequential":
             order = r.args.get("order") or f"{SFT},{PREF}"
             r.method = "Sequential " + "→".join(_label(o.strip()) for o in order.split(","))
-            points.append(r)
-            rows.append(r)
         elif schedule in METHODS:
             r.method, r.lambd = METHODS[schedule], r.args.get("lambd")
-            points.append(r)
-            rows.append(r)
         else:
             have = [k.split("/")[1] for k in r.final if k.startswith("eval/") and k.endswith("/loss")]
             r.method = " + ".join(_label(k) for k in have) + " only" if have else "?"
-            points.append(r)
-            rows.append(r)
+        points.append(r)
+        rows.append(r)
     return points, rows
 
 
