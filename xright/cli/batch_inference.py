@@ -7,18 +7,15 @@ scored completions into training data (XRIGHT's ``batch_inference``, same flags)
         --dataset samples.jsonl --post_processor exo --output_path scored.jsonl
 
 ``generate`` writes one JSON line per completion, in input order: ``{"id", "prompt_id", "input", "output"}``
-(``id`` is the prompt's record id, ``<id>#<k>`` with ``--best_of_n`` K > 1; ``input`` is the raw prompt,
-which the trainers template again). ``generate_alpaca_eval`` writes AlpacaEval's JSON list of
-``{"instruction", "output", "generator"}``. A conversational prompt (``input_key`` holding ``{role, content}``
-messages) is rendered by the chat template with its generation prompt, as the trainers encode it, and its
-``input`` stays the messages; an HH record (``chosen``/``rejected`` dialogues) is prompted with the dialogue
-through its last ``"\n\nAssistant:"``, untemplated. ``rm`` reads ``input``/``output`` records and writes them with a
-``reward``, or, with ``--post_processor``, training records: ``rs``/``csft`` → SFT (``input``, ``output``),
-``iter_dpo`` → pairwise (``prompt``, ``chosen``, ``rejected``), ``exo`` → scored (``prompt``,
-``completions``, ``rewards``; ``train_exo --loss exo-rw``), ``kto`` → binary (``prompt``, ``completion``,
-``label``); after message prompts the answers are ``[{"role": "assistant", "content": …}]`` (TRL's layout). Differences from XRIGHT: ``--input_template`` defaults to the trainers' template (XRIGHT: none)
-so that scores and samples see the prompts the policy was trained on; ``--seed`` defaults to 42, the
-trainers' seed, which also picks the built-in prompts.
+(``id`` is the prompt's record id, ``<id>#<k>`` with ``--best_of_n`` K > 1; ``input`` is the raw prompt, which
+the trainers template again: messages stay messages, an HH dialogue through its last ``"\n\nAssistant:"`` stays
+untemplated). ``generate_alpaca_eval`` writes AlpacaEval's JSON list of ``{"instruction", "output",
+"generator"}``. ``rm`` reads ``input``/``output`` records and writes them with a ``reward``, or, with
+``--post_processor``, training records: ``rs``/``csft`` → SFT (``input``, ``output``), ``iter_dpo`` → pairwise
+(``prompt``, ``chosen``, ``rejected``), ``exo`` → scored (``prompt``, ``completions``, ``rewards``), ``kto`` →
+binary (``prompt``, ``completion``, ``label``); after message prompts each answer is ``[{"role": "assistant",
+"content": …}]`` (TRL's layout). Differences from XRIGHT: ``--input_template`` defaults to the trainers'
+template (XRIGHT: none), ``--seed`` to 42, the trainers' seed, which also picks the built-in prompts.
 """
 
 import argparse
@@ -143,26 +140,19 @@ def prompts(args, tokenizer):
     return records, encode_prompts(records, tokenizer, spec, args.prompt_max_len)
 
 
-def sampling(args):
-    from xright.generation import Sampling
-
-    return Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy_sampling, top_p=args.top_p,
-                    temperature=args.temperature, repetition_penalty=args.repetition_penalty, n=args.best_of_n,
-                    seed=args.seed)
-
-
 def generation_records(records, completions, tokenizer, eval_task: str, generator: str):
     K = len(completions[0]) if completions else 1
     if eval_task == "generate_alpaca_eval":
-        return [{"instruction": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"], "output": tokenizer.decode(cs[0], skip_special_tokens=True),
-                 "generator": generator} for r, cs in zip(records, completions)]
+        return [{"instruction": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"],
+                 "output": tokenizer.decode(cs[0], skip_special_tokens=True), "generator": generator}
+                for r, cs in zip(records, completions)]
     return [{"id": r["id"] if K == 1 else f"{r['id']}#{k}", "prompt_id": r["id"], "input": r["prompt"],
              "output": tokenizer.decode(c, skip_special_tokens=True)}
             for r, cs in zip(records, completions) for k, c in enumerate(cs)]
 
 
 def run_generate(args, strategy, tokenizer) -> None:
-    from xright.generation import Progress, eos_ids, gather_ordered, generate, write_records
+    from xright.generation import Progress, Sampling, eos_ids, gather_ordered, generate, write_records
 
     records, ids = prompts(args, tokenizer)
     model = model_for(args, len(tokenizer))
@@ -171,7 +161,10 @@ def run_generate(args, strategy, tokenizer) -> None:
     synced = strategy.zero_stage == 3 and strategy.world_size > 1
     bar = Progress(len(records), strategy.is_rank0, "generate (rank 0)")
     start = time.perf_counter()
-    local = generate(model, ids, sampling(args), args.micro_batch_size, eos_ids=stop,
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy_sampling, top_p=args.top_p,
+                        temperature=args.temperature, repetition_penalty=args.repetition_penalty, n=args.best_of_n,
+                        seed=args.seed)
+    local = generate(model, ids, sampling, args.micro_batch_size, eos_ids=stop,
                      pad_id=tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size, synced=synced,
                      device=strategy.device, progress=bar)
     bar.close()
