@@ -177,14 +177,12 @@ def optimum(points: list[Run], sft_opt, dpo_opt) -> tuple[float | None, float | 
     given = {(r.args.get("sft_opt"), r.args.get("dpo_opt")) for r in points if r.args.get("schedule") in METHODS}
     given = {g for g in given if g[0] or g[1]}
     if len(given) == 1:
-        s, d = next(iter(given))
-        return (sft_opt if sft_opt is not None else s), (dpo_opt if dpo_opt is not None else d), \
-            "the joint runs' --sft_opt/--dpo_opt"
-    s_runs = [r.sft for r in points if r.method == "SFT only" and r.sft is not None]
-    d_runs = [r.pref for r in points if r.method == "DPO only" and r.pref is not None]
-    s = sft_opt if sft_opt is not None else (min(s_runs) if s_runs else None)
-    d = dpo_opt if dpo_opt is not None else (min(d_runs) if d_runs else None)
-    return s, d, "the best final losses of the single-objective runs"
+        (s, d), source = next(iter(given)), "the joint runs' --sft_opt/--dpo_opt"
+    else:
+        s = min((r.sft for r in points if r.method == "SFT only" and r.sft is not None), default=None)
+        d = min((r.pref for r in points if r.method == "DPO only" and r.pref is not None), default=None)
+        source = "the best final losses of the single-objective runs"
+    return (sft_opt if sft_opt is not None else s), (dpo_opt if dpo_opt is not None else d), source
 
 
 def ideal_distance(r: Run, s_opt, d_opt):
@@ -255,8 +253,7 @@ def _draw(ax, points: list[Run], rows: list[Run], s_opt, d_opt, trajectories: st
                    label="ideal point" if legend else None, zorder=4)
 
 
-def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectories: str, title: str,
-         yscale: str, equal_axes: bool, inset: bool, dpi: int) -> None:
+def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,14 +261,14 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
 
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
     joint = [r for r in points if r.lambd is not None and r.sft is not None and r.pref is not None]
-    inset = inset and bool(joint)
-    _draw(ax, points, rows, s_opt, d_opt, trajectories, legend=True, lambdas=not inset)
+    inset, yscale = args.inset and bool(joint), args.yscale
+    _draw(ax, points, rows, s_opt, d_opt, args.trajectories, legend=True, lambdas=not inset)
     ax.set_yscale(yscale)
-    if equal_axes and yscale == "linear":
+    if args.equal_axes and yscale == "linear":
         ax.set_aspect("equal", adjustable="box")  # the ideal distance is then a distance on the page
     ax.set_xlabel("final eval SFT loss")
     ax.set_ylabel("final eval DPO loss")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(args.title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8, ncol=2 if inset else 1)
     if inset:
@@ -291,7 +288,7 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
     fig.text(0.99, 0.01, "numbers: λ (weight of DPO); hollow: end of a sequential run's first phase; "
              "dashed: eval trajectory", ha="right", va="bottom", fontsize=6, color="dimgray")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
 
 
@@ -334,8 +331,7 @@ def main(argv=None) -> dict:
         print(f"plot_pareto: error: the figure needs matplotlib, which is not installed: pip install 'xright[plot]' "
               f"(wrote {md_path}; --table_only writes only the table)", file=sys.stderr)
         sys.exit(2)
-    plot(points, rows, s_opt, d_opt, png, args.trajectories, args.title, args.yscale, args.equal_axes,
-         args.inset, args.dpi)
+    plot(points, rows, s_opt, d_opt, png, args)
     print(f"wrote {png} and {md_path}")
     return result
 
