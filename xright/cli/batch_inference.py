@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 
 from xright.cli import flags, lifecycle
 
@@ -234,11 +235,8 @@ def run_rm(args, strategy, tokenizer) -> None:
     rewards = [scores[i] for i in kept]
     if args.normalize_reward:
         # train_rm writes reward_stats.json beside every save (a LoRA save has no config.json to hold them)
-        stats = os.path.join(os.path.expanduser(args.pretrain or ""), "reward_stats.json")
-        saved = {}
-        if args.pretrain and os.path.isfile(stats):
-            with open(stats) as f:
-                saved = json.load(f)
+        stats = Path(args.pretrain or "").expanduser() / "reward_stats.json"
+        saved = json.loads(stats.read_text()) if args.pretrain and stats.is_file() else {}
         rewards, how = normalize(rewards, saved.get("mean", getattr(config, "mean", None)),
                                  saved.get("std", getattr(config, "std", None)))
         print(f"rm: rewards normalised with {how}", flush=True)
@@ -260,17 +258,12 @@ def main(argv=None):
     check(args)
     if args.eval_task == "generate_vllm":
         return run_vllm(args)
-    import random
-
-    import numpy as np
-    import torch
+    from transformers import set_seed
 
     from xright.strategy import Strategy, configure_inference
 
     strategy = Strategy(seed=args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # python, numpy and torch
     configure_inference(strategy, args.zero_stage, args.bf16)
     tokenizer = tokenizer_for(args)
     if args.eval_task == "rm":

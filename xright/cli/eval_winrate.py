@@ -162,20 +162,15 @@ def main(argv=None):
         by_key.update(part)
     scores = {e["index"]: by_key[where[key(e)]["index"]] for e in examples}
     if strategy.is_rank0:
-        by, i = {}, 0
-        for n in files:  # (score, answer length in tokens) per prompt id, per file
-            by[n] = {}
-            for r in answers[n]:
-                by[n][r["prompt_id"]] = (scores[i], len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]))
-                i += 1
+        at = iter(range(len(flat)))  # flat is every file's answers in turn: its i-th answer has scores[i]
+        length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        # (score, answer length in tokens) per prompt id, per file
+        by = {n: {r["prompt_id"]: (scores[next(at)], length(r["response"])) for r in answers[n]} for n in files}
+        mean = lambda n, k: sum(by[n][p][k] for p in order) / len(order)  # noqa: E731
         b = [by[baseline][p][0] for p in order]
-        b_len = sum(by[baseline][p][1] for p in order) / len(order)
-        rows = []
-        for n in names:
-            res = win_rate([by[n][p][0] for p in order], b, args.n_bootstrap, args.seed)
-            rows.append({"name": n, "file": files[n], **res, "mean_score": sum(by[n][p][0] for p in order) / len(order),
-                         "baseline_mean_score": sum(b) / len(b),
-                         "mean_len": sum(by[n][p][1] for p in order) / len(order), "baseline_mean_len": b_len})
+        rows = [{"name": n, "file": files[n], **win_rate([by[n][p][0] for p in order], b, args.n_bootstrap, args.seed),
+                 "mean_score": mean(n, 0), "baseline_mean_score": mean(baseline, 0), "mean_len": mean(n, 1),
+                 "baseline_mean_len": mean(baseline, 1)} for n in names]
         os.makedirs(args.output_dir, exist_ok=True)
         table = markdown_table(rows, baseline)
         with open(os.path.join(args.output_dir, "winrate.json"), "w") as f:

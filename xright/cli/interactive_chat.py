@@ -114,8 +114,7 @@ def main(argv=None, stdin=None):
             while True:  # drop the oldest turns until the conversation leaves room to answer
                 prompt = [render(history, user, tokenizer, args, preamble)]
                 ids = encode_prompts(prompt, tokenizer, raw, 0)[0]
-                room = args.max_len - len(ids)
-                if room >= min(args.max_new_tokens, 16) or not history:
+                if args.max_len - len(ids) >= min(args.max_new_tokens, 16) or not history:
                     break
                 history = history[1:]
             if len(ids) > args.max_len - 1:  # one message alone is too long: keep BOS and its end
