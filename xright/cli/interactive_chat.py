@@ -32,26 +32,19 @@ def parser():
     return p
 
 
-class Streamer:
-    """Prints the answer as it is generated (transformers' ``TextStreamer``), without the eos that ends it: an
-    eos id of the model's generation config need not be a special token that decoding skips."""
+def streamer(tokenizer, stop: list[int]):
+    """transformers' ``TextStreamer`` (prints the answer as it is generated) without the eos that ends it: an eos
+    id of the model's generation config need not be a special token that decoding skips."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer, stop: list[int]):
-        from transformers import TextStreamer
+    class Streamer(TextStreamer):
+        def put(self, value):  # generate() puts the prompt first, then each new token
+            if not self.next_tokens_are_prompt:
+                value = value.new_tensor([t for t in value.reshape(-1).tolist() if t not in stop])
+            if value.numel():
+                super().put(value)
 
-        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stop, self.prompt = set(stop), True
-
-    def put(self, value):  # generate() puts the prompt first, then each new token
-        if self.prompt:
-            self.prompt = False
-            return self.text.put(value)
-        keep = [t for t in value.reshape(-1).tolist() if t not in self.stop]
-        if keep:
-            self.text.put(value.new_tensor(keep))
-
-    def end(self):
-        self.text.end()
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def render(history: list[tuple[str, str]], user: str, tokenizer, args, preamble: str = "") -> dict:
@@ -122,9 +115,8 @@ def main(argv=None, stdin=None):
             sampling = Sampling(max_new_tokens=max(1, min(args.max_new_tokens, args.max_len - len(ids))),
                                 greedy=args.greedy_sampling, top_p=args.top_p, temperature=args.temperature,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed + len(history))
-            streamer = Streamer(tokenizer, stop)
             out = generate_batch(model, [ids], sampling, eos_ids=stop, pad_id=tokenizer.pad_token_id,
-                                 seed=sampling.seed, device=device, streamer=streamer)
+                                 seed=sampling.seed, device=device, streamer=streamer(tokenizer, stop))
             answer = tokenizer.decode(out[0][0], skip_special_tokens=True)
             history.append((user, answer))
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 SFT, PREF = "sft", "dpo"
 METHODS = {"alright": "ALRIGHT", "maxright": "MAXRIGHT", "mix": "Mix"}
@@ -77,11 +78,8 @@ def read_run(path: str) -> Run:
                 records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
                 print(f"plot_pareto: warning: {metrics} line {i} is not JSON; skipped", file=sys.stderr)
-    args = {}
-    args_file = os.path.join(path, "xright_args.json")
-    if os.path.isfile(args_file):
-        with open(args_file) as f:
-            args = json.load(f)
+    args_file = Path(path) / "xright_args.json"
+    args = json.loads(args_file.read_text()) if args_file.is_file() else {}
     evals, final, done = [], {}, {}
     for r in records:
         if r.get("done"):
