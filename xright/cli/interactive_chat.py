@@ -2,16 +2,13 @@
 
     python -m xright.cli.interactive_chat --pretrain ./ckpt/sft --greedy_sampling
 
-Type a message and Enter. ``clear`` forgets the conversation, ``exit`` (or Ctrl-D / Ctrl-C) quits.
-The conversation is rendered as the trainers render a prompt: with ``--apply_chat_template`` the
-tokenizer's chat template over all turns; otherwise each turn is ``--input_template`` with the user's
-text, followed by the model's answer and a newline. ``--ta_prompt FILE`` puts that file's text in front of
-the conversation (as XRIGHT); with ``--apply_chat_template`` it is the conversation's system message (XRIGHT
-drops it there), and a template that refuses a system message is an error before the model loads. When the
-conversation outgrows ``--max_len`` the oldest turns are dropped (a single message that is still too long keeps
-its BOS and its end). An answer ends at the tokenizer's eos or
-at any eos id of the model's generation config.
-"""
+Type a message and Enter. ``clear`` forgets the conversation, ``exit`` (or Ctrl-D / Ctrl-C) quits. The
+conversation is rendered as the trainers render a prompt: the chat template over all turns
+(``--apply_chat_template``), else ``--input_template`` with each user text, the answer and a newline.
+``--ta_prompt FILE`` goes in front (as XRIGHT), as the system message under the chat template (XRIGHT drops it
+there; a template that refuses it is an error before the model loads). The oldest turns are dropped to fit
+``--max_len`` (one message still too long keeps its BOS and its end). An answer ends at the tokenizer's eos
+or at any eos id of the model's generation config."""
 
 import argparse
 import sys

@@ -261,11 +261,9 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, args) -> N
     joint = [r for r in points if r.lambd is not None and r.sft is not None and r.pref is not None]
     inset, yscale = args.inset and bool(joint), args.yscale
     _draw(ax, points, rows, s_opt, d_opt, args.trajectories, legend=True, lambdas=not inset)
-    ax.set_yscale(yscale)
+    ax.set(yscale=yscale, xlabel="final eval SFT loss", ylabel="final eval DPO loss")
     if args.equal_axes and yscale == "linear":
         ax.set_aspect("equal", adjustable="box")  # the ideal distance is then a distance on the page
-    ax.set_xlabel("final eval SFT loss")
-    ax.set_ylabel("final eval DPO loss")
     ax.set_title(args.title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8, ncol=2 if inset else 1)
@@ -276,9 +274,7 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, args) -> N
         pad_x, pad_y = 0.12 * (max(xs) - min(xs) or 1.0), 0.12 * (max(ys) - min(ys) or 1.0)
         sub = ax.inset_axes([0.45, 0.2, 0.52, 0.45])
         _draw(sub, joint, [], s_opt, d_opt, "none", legend=False)
-        sub.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
-        sub.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
-        sub.set_yscale(yscale)
+        sub.set(xlim=(min(xs) - pad_x, max(xs) + pad_x), ylim=(min(ys) - pad_y, max(ys) + pad_y), yscale=yscale)
         sub.tick_params(labelsize=6)
         sub.grid(True, alpha=0.3)
         sub.set_title("joint runs, magnified", fontsize=7)
