@@ -57,10 +57,10 @@ def test_conversational_samples_labelled_and_trained_on(chat_samples, tmp_path, 
     assert sorted(e["prompt_ids"] for e in train) == sorted(r.prompt_ids(x["prompt"]) for x in records)
     if name == "iter_dpo":  # and train_dpo trains on them: step 1's policy is the reference, loss log 2
         out = str(tmp_path / "dpo")
-        inprocess(train_dpo.main, ["--pretrain", path, "--dataset", str(tmp_path / "iter_dpo.jsonl"), "--save_path", out,
-                                   "--ckpt_path", f"{out}/ckpt",
-                                   "--zero_stage", "0", "--train_batch_size", "2", "--micro_train_batch_size", "2",
-                                   "--max_steps", "1", "--eval_split", "", "--learning_rate", "1e-4"])
+        inprocess(train_dpo.main, ["--pretrain", path, "--dataset", str(tmp_path / "iter_dpo.jsonl"),
+                                   "--save_path", out, "--ckpt_path", f"{out}/ckpt", "--zero_stage", "0",
+                                   "--train_batch_size", "2", "--micro_train_batch_size", "2", "--max_steps", "1",
+                                   "--eval_split", "", "--learning_rate", "1e-4"])
         step = train_records(out)[0]
         assert step["train/dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
 

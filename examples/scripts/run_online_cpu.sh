@@ -75,9 +75,9 @@ for seed in sys.argv[2:]:
     for split, pool in (("train", "train"), ("test", "eval")):
         with open(f"{sys.argv[1]}/{seed}/{split}.jsonl", "w") as f:
             for r in preference_records(2000, int(seed), pool):
+                answers = {k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}
                 f.write(json.dumps({"prompt": [{"role": "system", "content": "Answer briefly."},
-                                               {"role": "user", "content": r["prompt"]}],
-                                    **{k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}) + "\n")
+                                               {"role": "user", "content": r["prompt"]}], **answers}) + "\n")
 EOF
     DATA=(--dataset "$OUT/chat_data/$SEED" --prompt_key prompt)
     JUDGE_DATA=(--dataset "$OUT/chat_data/$JUDGE_SEED" --prompt_key prompt)
