@@ -27,9 +27,6 @@ from pathlib import Path
 
 from xright.cli import flags, lifecycle
 
-TASKS = ("generate", "generate_vllm", "rm", "generate_alpaca_eval")
-
-
 def add_generation_flags(p: argparse.ArgumentParser, pretrain_help: str) -> None:
     """The model, template and sampling flags of the generating CLIs (this one and interactive_chat, which sets
     its own sampling defaults)."""
@@ -67,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     from xright.generation import POST_PROCESSORS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--eval_task", choices=TASKS, required=True)
+    p.add_argument("--eval_task", choices=("generate", "generate_vllm", "rm", "generate_alpaca_eval"), required=True)
     add_generation_flags(p, "policy (generate) or reward model (rm): hub id, HF dir or xright LoRA adapter dir; "
                             "default: built-in tiny model")
     p.add_argument("--zero_stage", type=int, default=0, help="3: the model stays sharded (ranks generate in sync)")

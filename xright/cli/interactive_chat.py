@@ -12,12 +12,10 @@ or at any eos id of the model's generation config."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from xright.cli import lifecycle
 from xright.cli.batch_inference import add_generation_flags, model_for, tokenizer_for
-
-CLEAR, EXIT = "clear", ("exit", "quit")
-
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,13 +62,10 @@ def main(argv=None, stdin=None):
 
     if args.input_template and "{}" not in args.input_template:
         raise lifecycle.UsageError(f"--input_template must contain '{{}}': {args.input_template!r}")
-    preamble = ""
-    if args.ta_prompt:
-        try:
-            with open(args.ta_prompt) as f:
-                preamble = f.read()
-        except OSError as e:
-            raise lifecycle.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
+    try:
+        preamble = Path(args.ta_prompt).read_text() if args.ta_prompt else ""
+    except OSError as e:
+        raise lifecycle.UsageError(f"--ta_prompt {args.ta_prompt}: {e.strerror}") from None
     tokenizer = tokenizer_for(args)
     raw = DataSpec(kind="sft", input_template=None)  # render() has templated the text already
     if args.apply_chat_template:  # the template (and its system message for --ta_prompt) fails now, not at turn 1
@@ -93,9 +88,9 @@ def main(argv=None, stdin=None):
                 print(flush=True)
                 break
             user = line.rstrip("\n")
-            if user.strip().lower() in EXIT:
+            if user.strip().lower() in ("exit", "quit"):
                 break
-            if user.strip().lower() == CLEAR:
+            if user.strip().lower() == "clear":
                 history = []
                 print("(history cleared)", flush=True)
                 continue
