@@ -10,8 +10,8 @@ import random
 import torch
 
 from . import synthetic
-from .records import (BadRecord, chat_prompt, conversation, get_field, number, pair, prompt_and_answers, short,
-                      text_field)
+from .records import (BadRecord, chat_prompt, conversation, get_field, is_hh, number, pair, prompt_and_answers,
+                      short, text_field)
 
 
 def pad(pairs: list[tuple[list[int], list[int]]], pad_id: int, masks: list | None = None) -> dict:
@@ -44,8 +44,7 @@ class DataKind:
     columns: dict[str, str] = {}  # extra example fields, stored as Arrow columns: name -> "bool", "[float64]" (a list)
 
     def records(self, rec: dict, rid: str, spec) -> tuple[list[dict], bool]:
-        """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early; raises
-        BadRecord for an unusable record."""
+        """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early."""
         raise NotImplementedError
 
     def answers(self, rec: dict, spec) -> tuple[list, list[str]]:
@@ -128,7 +127,7 @@ class SFT(DataKind):
         response = rec.get(spec.output_key, "") if spec.pretrain_mode else get_field(rec, spec.output_key)
         if not spec.pretrain_mode or response != "":  # pretraining: a missing or empty output is none
             response = text_field(response, spec.output_key)
-        return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": is_hh(prompt)}], False
 
     def answers(self, rec, spec):
         return [rec["response"]], [spec.messages_key if isinstance(rec["response"], list) else spec.output_key]
@@ -168,7 +167,8 @@ class Binary(DataKind):
         if not isinstance(label, bool):
             raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {short(label)}",
                             spec.label_key)
-        return [{"id": rid, "prompt": prompt, "completion": completion, "label": label, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "completion": completion, "label": label,
+                 "raw_prompt": is_hh(prompt)}], False
 
     def answers(self, rec, spec):
         return [rec["completion"]], [spec.completion_key]
@@ -245,7 +245,8 @@ class Scored(Pairwise):
             raise BadRecord(f"has {len(rewards)} values but {spec.completions_key!r} has K={len(comps)}",
                             spec.rewards_key)
         rewards = [number(r, f"{spec.rewards_key}[{i}]") for i, r in enumerate(rewards)]
-        return [{"id": rid, "prompt": prompt, "completions": comps, "rewards": rewards, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "completions": comps, "rewards": rewards,
+                 "raw_prompt": is_hh(prompt)}], False
 
     def answers(self, rec, spec):
         return rec["completions"], [f"{spec.completions_key}[{k}]" for k in range(len(rec["completions"]))]

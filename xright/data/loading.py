@@ -256,8 +256,7 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
         if st.differ_early:
             log(f"{spec.name}: {st.source}: {st.differ_early} HH pairs diverge before their last "
                 "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
-        recs = KINDS[spec.kind].prepare(recs, spec)
-        parts.append(recs)
+        parts.append(KINDS[spec.kind].prepare(recs, spec))
         total.add(st)
         each.append(st)
     return parts, total, each

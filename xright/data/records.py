@@ -21,6 +21,10 @@ HH_MARK = "\n\nAssistant:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
+def is_hh(prompt) -> bool:  # a generated HH sample's prompt read back must not be templated a second time
+    return isinstance(prompt, str) and prompt.endswith(HH_MARK)
+
+
 class DataError(ValueError):
     """A data problem. The message names the source, the line/row (1-based) and the field."""
 
@@ -95,10 +99,8 @@ def _iter_jsonl(data: bytes, base: str):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            if _SURROGATE.search(text):
-                yield loc, rid, None, _utf8_problem(raw, None)
-            else:
-                yield loc, rid, None, BadRecord(f"malformed JSON ({e.msg} at column {e.colno})")
+            yield loc, rid, None, (_utf8_problem(raw, None) if _SURROGATE.search(text)
+                                   else BadRecord(f"malformed JSON ({e.msg} at column {e.colno})"))
             continue
         yield loc, rid, obj, (_utf8_problem(raw, obj) if _SURROGATE.search(text) else None)
 
@@ -217,8 +219,7 @@ def _split_files(files: list[str], split: str) -> list[str]:
 
 
 def _iter_hub(name: str, split: str, required: bool):
-    """A hub dataset's split; ``name@data_dir`` reads one of its folders (``Anthropic/hh-rlhf@harmless-base``),
-    as XRIGHT/OpenRLHF address them."""
+    """A hub dataset's split; ``name@data_dir`` reads one of its folders (``Anthropic/hh-rlhf@harmless-base``)."""
     import datasets
 
     repo, _, data_dir = name.partition("@")
@@ -335,7 +336,7 @@ def pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
     if chosen == rejected and not allow_identical:
         raise Identical()
     if explicit:
-        return prompt, chosen, rejected, False, False
+        return prompt, chosen, rejected, is_hh(prompt), False
     prompt, c, r, early = split_hh(chosen, rejected, spec.chosen_key)
     if not c.strip() or not r.strip():
         # a quirk of real HH data (4 of 2312 test pairs), not a malformed record: dropped and counted
@@ -468,7 +469,7 @@ def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
         if isinstance(value, list):
             return chat_prompt(value, spec.input_key), False
         text = text_field(value, spec.input_key)
-        return text, text.endswith(HH_MARK)
+        return text, is_hh(text)
     if spec.messages_key in rec:
         msgs = _message_list(rec[spec.messages_key], spec.messages_key)
         while msgs and msgs[-1]["role"] == "assistant":

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from .kinds import KINDS, responses
 from .tokenise import STATUS, tokenize_rows
 
-FORMAT = 2  # 2: chat records rendered at token level (xright.data.chat)
+FORMAT = 3  # 2: chat records rendered at token level (xright.data.chat); 3: text prompts ending in the HH cue are raw
 META = "meta.json"
 PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
 

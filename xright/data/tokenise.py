@@ -125,8 +125,7 @@ def _encoded(records: list[dict], tokenizer, spec, chunk: int = 1024):
 
 def tokenize_rows(records: list[dict], tokenizer, spec) -> list[tuple[dict | None, str]]:
     """(example or None, status) per record; status "ok", "truncated", "dropped_prompt" or "dropped_long"."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token id")
     kind = KINDS[spec.kind]
     no_source = source_id("")
