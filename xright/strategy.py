@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from xright.files import atomic_write, atomic_write_json, prune_checkpoints, publish
+
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 
@@ -539,9 +541,9 @@ class Strategy:
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)  # two renames, not a removal, between the old and the new one
             os.replace(tmp, final)
-            _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+            atomic_write(os.path.join(ckpt_dir, "latest"), tag)
             shutil.rmtree(old, ignore_errors=True)
-            _prune(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
+            prune_checkpoints(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
         self.barrier()
         self._last_checkpoint = saving
         return tag
@@ -635,68 +637,10 @@ class Strategy:
         return state
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
-
-
-def _prune(ckpt_dir: str, keep: str, max_num: int, max_gb: float) -> None:
-    """Drop the oldest checkpoints beyond ``max_num`` / ``max_gb`` (never ``keep``), and stale temporaries."""
-    for name in os.listdir(ckpt_dir):
-        if name.startswith(".tmp-global_step"):
-            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-    tags = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("global_step") and n[11:].isdigit()),
-                  key=lambda n: int(n[11:]))
-    sizes = {t: _dir_bytes(os.path.join(ckpt_dir, t)) for t in tags}
-    while len(tags) > 1 and (len(tags) > max(1, max_num) or sum(sizes.values()) > max_gb * 2**30):
-        old = tags.pop(0)
-        if old == keep:
-            break
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-        sizes.pop(old)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def atomic_write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-MARKERS = ("config.json", "adapter_config.json")
-
-
-def publish(tmp: str, path: str) -> None:
-    """Move a finished save from ``tmp`` into ``path``, which may hold other files (metrics).
-
-    The files that make a directory look like a model (config.json, adapter_config.json) are
-    removed first and moved in last, so a crash in between leaves no model that looks complete.
-    """
-    for name in MARKERS:
-        if os.path.exists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
-    names = sorted(os.listdir(tmp), key=lambda n: n in MARKERS)
-    for name in names:
-        dst = os.path.join(path, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
 
 
 def inference_config(zero_stage: int, bf16: bool, world_size: int) -> dict:

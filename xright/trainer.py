@@ -7,6 +7,7 @@ Every schedule (single, sequential, mix, ALRIGHT, MAXRIGHT) and every objective 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
 from xright.schedules import Stopping
+from xright.sharding import run_pass
 
 PROBE_SEED = 1_000_003  # offset of the probe loaders' seed from the training loaders'
 
@@ -166,51 +168,43 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Every objective's loss on its eval set (global means over all eval units).
+        """Every objective's loss on its eval set (global means over all eval units), in one sharded pass each.
 
-        Every eval example counts once whatever the world size: rank r takes examples r, r + W, …; a rank
-        with fewer batches than another repeats its first one and discards the result, so every rank runs
-        the same number of forwards (ZeRO-3 gathers parameters collectively).
+        Rank r takes examples r, r + W, … in batches of the micro batch size (a too-short last one, e.g. of one
+        example where KTO needs 2, joins the one before): every eval example counts once whatever the world size.
         """
-        module = self.engine.module
-        module.eval()
         out: dict[str, float] = {}
-        try:
-            for name in sorted(self.tasks):
-                task = self.tasks[name]
-                if not task.eval_examples:
-                    continue
-                W, r, need = self.s.world_size, self.s.rank, task.objective.min_micro_batch
-                if len(task.eval_examples) // W < need:  # too few per rank (warned at start)
-                    continue
+        W, r = self.s.world_size, self.s.rank
+        for name in sorted(self.tasks):
+            task, need = self.tasks[name], self.tasks[name].objective.min_micro_batch
+            ev = task.eval_examples or []
+            if not ev or len(ev) // W < need:  # none, or too few per rank (warned at start)
+                continue
+            shares = []
+            for q in range(W):
+                share = list(range(q, len(ev), W))
+                cuts = list(range(0, len(share), task.micro_batch_size))
+                if len(cuts) > 1 and len(share) - cuts[-1] < need:
+                    cuts.pop()
+                shares.append([share[a:b] for a, b in zip(cuts, cuts[1:] + [len(share)])])
+            # ranks' batch counts differ by at most one, the larger first: round-robin, batch j is rank j % W's
+            batches = [b for rnd in itertools.zip_longest(*shares) for b in rnd if b is not None]
 
-                def batches(rank):  # [start, end) of each batch of this rank's examples
-                    n = len(task.eval_examples[rank::W])
-                    starts = list(range(0, n, task.micro_batch_size))
-                    if len(starts) > 1 and n - starts[-1] < need:
-                        starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
-                    return [(i, starts[j + 1] if j + 1 < len(starts) else n) for j, i in enumerate(starts)]
+            def compute(_, idx):
+                batch = self._to_device(task.loader.collate([ev[i] for i in idx]))  # the training layout
+                return batch, task.objective(self.engine, self.reference, batch)[1]
 
-                mine, spans = task.eval_examples[r::W], batches(r)
-                rounds = max(len(batches(q)) for q in range(W))
-                sums: dict[str, torch.Tensor] = {}
-                units = torch.zeros((), device=self.s.device)
-                for j in range(rounds):
-                    i, end = spans[j] if j < len(spans) else spans[0]
-                    batch = self._to_device(task.loader.collate(mine[i:end]))  # the training layout
-                    _, metrics = task.objective(self.engine, self.reference, batch)
-                    if j >= len(spans):
-                        continue  # a repeat that keeps the ranks' forwards in step
-                    units += task.objective.units(batch).to(self.s.device)
-                    for m, v in metrics.items():
-                        sums[m] = sums.get(m, 0.0) + v
-                reduced = self._reduce_metrics({name: sums}, {name: self.s.all_reduce(units)})
-                for m, v in reduced[name].items():
-                    out[f"eval/{name}/{m}"] = v
-        finally:
-            module.train()
+            sums: dict[str, torch.Tensor] = {}
+            units = torch.zeros((), device=self.s.device)
+            # a rank short of batches repeats its first (batch r), whose KTO z then still joins the ranks' mean
+            for _, _, (batch, metrics) in run_pass(compute, batches, r, W, filler=r, model=self.engine.module):
+                units += task.objective.units(batch).to(self.s.device)
+                for m, v in metrics.items():
+                    sums[m] = sums.get(m, 0.0) + v
+            reduced = self._reduce_metrics({name: sums}, {name: self.s.all_reduce(units)})
+            out.update({f"eval/{name}/{m}": v for m, v in reduced[name].items()})
+        self.engine.module.train()  # training goes on in train mode (a pretrained model loads in eval mode)
         losses = {k: out[f"eval/{k}/loss"] for k in self.tasks if f"eval/{k}/loss" in out}
         if len(losses) > 1:
             out["eval/ideal_distance"] = math.sqrt(sum((losses[k] - self.tasks[k].optimum) ** 2 for k in losses))
