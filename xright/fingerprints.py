@@ -59,12 +59,13 @@ def files(source: str) -> list:
 
 
 def tokenizer_id(tokenizer) -> str:
-    """The serialised fast tokenizer (else its vocabulary), its special tokens and chat template."""
+    """The serialised fast tokenizer (else its vocabulary), its special tokens and chat template; not the truncation
+    and padding settings its last call left in it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return digest([backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-                   type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None),
-                   getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token_id", None),
-                   getattr(tokenizer, "pad_token_id", None)], 32)
+    body = json.loads(backend.to_str()) if backend is not None else {"vocab": sorted(tokenizer.get_vocab().items())}
+    return digest([{k: v for k, v in body.items() if k not in ("truncation", "padding")}, type(tokenizer).__name__,
+                   len(tokenizer), *(getattr(tokenizer, k, None) for k in ("chat_template", "bos_token", "eos_token_id",
+                                                                          "pad_token_id"))], 32)
 
 
 def data_key(spec, tokenizer, fmt: int) -> str:
