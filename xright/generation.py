@@ -9,21 +9,8 @@ Batching and sharding (:mod:`xright.sharding`)
     identical for any world size and stage. Under ZeRO-3 ``generate`` also runs with ``synced_gpus=True`` (a
     finished rank keeps stepping until all are done).
 
-Prompts
-    A prompt is a record's prompt as :func:`xright.data.records.generation_prompt` reads it (the
-    ``input_key`` field, text or messages; an HH dialogue through its last ``"\n\nAssistant:"``), or
-    a built-in preference prompt without ``--dataset``, rendered and tokenised exactly as the trainers
-    do it (``input_template``; messages and ``apply_chat_template`` through
-    :class:`xright.data.chat.ChatRenderer`, the generation prompt included). Output
-    records keep the raw prompt, so the trainers template it again in the same way. Prompts longer
-    than ``prompt_max_len`` tokens keep their BOS and their last tokens (the end of a prompt holds
-    the assistant cue). Each prompt's stable id is its record id (``file:line``; the n-th copy of a
-    record that an oversampled source repeats gets ``~n``, as in the training data).
-
-Stopping
-    A completion ends at the tokenizer's eos or at any eos id of the model's generation config,
-    whichever comes first (Llama-3-Instruct's tokenizer ends text with ``<|end_of_text|>``, its
-    generation config also lists the end of an assistant turn, ``<|eot_id|>``).
+Prompts are rendered and tokenised exactly as the trainers do (:func:`read_prompts`, :func:`encode_prompts`); a
+completion ends at the first eos of the tokenizer or of the model's generation config (:func:`eos_ids`).
 """
 
 from __future__ import annotations
@@ -357,18 +344,14 @@ def _answer(record, text):
     return [{"role": "assistant", "content": text}] if isinstance(record["input"], list) else text
 
 
-def _best(group):  # first of the maximal rewards, so ties resolve in input order
-    return max(group, key=lambda r: r["reward"])
-
-
-def _worst(group):
-    return min(group, key=lambda r: r["reward"])
+def _reward(record):  # max/min take the first of equal rewards: ties resolve in input order
+    return record["reward"]
 
 
 def rs(records, opts: PostOptions | None = None) -> list[dict]:
     """Rejection sampling (Touvron et al. 2023): the best completion of each prompt -> SFT records."""
-    return [{"id": g[0]["prompt_id"], "input": (b := _best(g))["input"], "output": b["output"], "reward": b["reward"]}
-            for g in _groups(records)]
+    return [{"id": g[0]["prompt_id"], "input": (b := max(g, key=_reward))["input"], "output": b["output"],
+             "reward": b["reward"]} for g in _groups(records)]
 
 
 def iter_dpo(records, opts: PostOptions | None = None) -> list[dict]:
@@ -376,7 +359,7 @@ def iter_dpo(records, opts: PostOptions | None = None) -> list[dict]:
     worst texts are equal (K = 1, or identical samples) give no pair and are left out."""
     out = []
     for g in _groups(records):
-        b, w = _best(g), _worst(g)
+        b, w = max(g, key=_reward), min(g, key=_reward)
         if b["output"] != w["output"]:
             out.append({"id": g[0]["prompt_id"], "prompt": b["input"], "chosen": _answer(b, b["output"]),
                         "rejected": _answer(w, w["output"]),

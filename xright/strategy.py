@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from dataclasses import dataclass, field
 
 import deepspeed
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from xright.files import atomic_write, atomic_write_json, prune_checkpoints, publish
+from xright.files import atomic_write_json, install_checkpoint, save_model
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
@@ -424,16 +423,7 @@ class Strategy:
         else:
             state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if self.is_rank0 else None
         if self.is_rank0:
-            os.makedirs(path, exist_ok=True)
-            tmp = tempfile.mkdtemp(dir=path, prefix=".model.tmp-")
-            try:
-                engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                for name, obj in (extra_files or {}).items():
-                    atomic_write_json(os.path.join(tmp, name), obj)
-                publish(tmp, path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            save_model(engine.module, state, tokenizer, path, extra_files)
         self.barrier()
 
     # ---- randomness ----------------------------------------------------------------------
@@ -471,17 +461,7 @@ class Strategy:
         ranks = self.all_gather_object(rank_state)
         self.barrier()
         if self.is_rank0:
-            tmp = os.path.join(ckpt_dir, tmp_tag)
-            atomic_write_json(os.path.join(tmp, "xright_state.json"), {**state, "ranks": ranks})
-            final = os.path.join(ckpt_dir, tag)
-            old = f"{tmp}.old"  # a ".tmp-global_step" name: _prune removes it if we die before we do
-            if os.path.exists(final):  # another run's (or another state's) checkpoint of this step
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)  # two renames, not a removal, between the old and the new one
-            os.replace(tmp, final)
-            atomic_write(os.path.join(ckpt_dir, "latest"), tag)
-            shutil.rmtree(old, ignore_errors=True)
-            prune_checkpoints(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
+            install_checkpoint(ckpt_dir, tmp_tag, tag, {**state, "ranks": ranks}, max_num, max_gb)
         self.barrier()
         self._last_checkpoint = saving
         return tag
