@@ -65,8 +65,8 @@ def test_evaluation_counts_every_example_once_and_keeps_the_ranks_forwards_in_st
         calls[rank] = []
         task = Task(Recording(), CyclingLoader(train, "sft", 2, tok.pad_token_id, seed=1), ev, 2, 1)
         s = Rank(rank)
-        trainer = Trainer(s, engine, None, {"sft": task}, Mix({"sft": 1.0}), TrainArgs(total_steps=1, save_path="/tmp/x",
-                                                                                     eval_at_start=False), None)
+        args = TrainArgs(total_steps=1, save_path="/tmp/unused", eval_at_start=False)
+        trainer = Trainer(s, engine, None, {"sft": task}, Mix({"sft": 1.0}), args, None)
         assert "eval/sft/loss" in trainer.evaluate()
         units[rank] = float(s.reduced[0])  # the all-reduce of the unit count comes first
     ids = [e["id"] for e in ev]
