@@ -1,14 +1,7 @@
-"""Cache keys: every cached result is named by a fingerprint of what decides it, hashed by :func:`digest`.
-
-- The tokenised data tables (:mod:`xright.data.store`): :func:`data_key`, of every DataSpec field but
-  ``cache_dir``, each local source's files, the tokenizer and the store's format.
-- The reference log-prob table (:mod:`xright.refcache`): :func:`reference`, of the reference model, the
-  precision of the resolved DeepSpeed config, the attention, the tokenizer, each objective's data options and
-  the code that computes log-probs (:data:`LOGP_MODULES`); inside the table every example carries its
-  :func:`token_hash`.
-
-Files are fingerprinted by names, sizes and mtimes, not content: reading gigabytes at every start would cost
-what the cache saves.
+"""Cache keys, all hashed by :func:`digest`: the tokenised data tables (:func:`data_key`, for
+:mod:`xright.data.store`) and the reference log-prob table (:func:`reference`, for :mod:`xright.refcache`, whose
+rows carry a :func:`token_hash`). Files count by names, sizes and mtimes, not content: reading gigabytes at every
+start would cost what the cache saves.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""Reference log-probs computed once (``--precompute_ref_log_probs``), served from a table keyed by example id.
-
-One no-grad pass (:mod:`xright.sharding`) over every example a reference objective will see (train and eval,
-deduplicated by id) runs before step 1, gathered to every rank: loaders reshuffle across ranks every epoch, so
-each rank needs the whole table (two float32 per completion). The reference model is then released.
-
-The table is stored as safetensors under ``--ref_cache_dir`` (default ``<ckpt_path>/ref_cache``), named by
-:func:`xright.fingerprints.reference`; inside, every example carries a hash of its token ids, so a table is
-reused only when every id of this run is in it with the same tokens, and any change recomputes.
-
-:class:`CachedReference` is a :class:`~xright.objectives.Reference`: ``sequence_logps(batch)`` returns the same
-summed log-probs and lengths, rows K-major, looked up by ``batch["ids"]``, so objectives and the trainer cannot
-tell the difference. KTO's KL rows (prefix ``kl_``) pair prompt i with completion i+1 of the same micro-batch,
-which changes every epoch, so they cannot be tabled: an objective lists such prefixes in
-``live_reference_prefixes`` and the run keeps its live reference for them.
+"""Reference log-probs computed once (``--precompute_ref_log_probs``) in one sharded no-grad pass over every
+example a reference objective will see (train and eval, by id), gathered to every rank (loaders reshuffle across
+ranks), stored under ``--ref_cache_dir`` named by :func:`xright.fingerprints.reference` and reused only when every
+id of the run is in it with the same token hash. :class:`CachedReference` serves them as a
+:class:`~xright.objectives.Reference`; KTO's KL rows (``kl_``) pair prompt i with completion i+1 of a micro-batch,
+which changes every epoch, so an objective lists such prefixes in ``live_reference_prefixes`` and they stay live.
 """
 
 from __future__ import annotations
@@ -36,10 +27,8 @@ FORMAT = 1
 # ---- the table ------------------------------------------------------------------------------
 
 class RefTable:
-    """Summed reference log-probs and response lengths of every completion, by example id.
-
-    Example e's K completions are entries ``offsets[e] : offsets[e] + K`` of ``logps`` / ``lengths``.
-    """
+    """Summed reference log-probs and response lengths of every completion, by example id: example e's K
+    completions are entries ``offsets[e] : offsets[e] + K`` of ``logps`` / ``lengths``."""
 
     def __init__(self, ids: list[str], hashes: np.ndarray, offsets: np.ndarray, logps: torch.Tensor,
                  lengths: torch.Tensor, meta: dict | None = None):
@@ -147,11 +136,8 @@ class CachedReference(Reference):
 
 
 def unique_examples(sets, log) -> tuple[list, list[int]] | None:
-    """Train and eval examples of every reference objective, once per id, with their token hashes.
-
-    None when one id stands for different tokens (two objectives tokenise a record differently,
-    e.g. with different max_len): a table keyed by id cannot serve that run.
-    """
+    """Train and eval examples of every reference objective, once per id, with their token hashes; None when one
+    id stands for different tokens (e.g. two objectives' max_len), which a table keyed by id cannot serve."""
     seen: dict[str, int] = {}
     out, hashes = [], []
     for examples in sets:

@@ -160,11 +160,8 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Every objective's loss on its eval set (global means over all eval units), in one sharded pass each.
-
-        Rank r takes examples r, r + W, … in batches of the micro batch size (a too-short last one, e.g. of one
-        example where KTO needs 2, joins the one before): every eval example counts once whatever the world size.
-        """
+        """Every objective's loss on its eval set (global means), one sharded pass each: rank r takes examples r,
+        r + W, … in micro-batches (a last one too short for the objective joins the one before)."""
         out: dict[str, float] = {}
         W, r = self.s.world_size, self.s.rank
         for name in sorted(self.tasks):
