@@ -15,8 +15,12 @@
 #    the reference by eval_winrate → OUT/judge/winrate.{md,json,png};
 # 7. if DEMO (default runs/demo, from examples/scripts/run_demo_cpu.sh) holds the demo's models: their
 #    greedy answers, judged against sequential SFT→DPO → OUT/judge_demo/winrate.{md,json,png}.
+# CHAT=1 runs the same loop on conversational data: the built-in pairs written in TRL's conversational layout
+# (prompt: a system and a user message; chosen/rejected: one assistant message) under OUT/chat_data, rendered by
+# the built-in tokenizer's chat template; the samples keep the messages and the post-processors write
+# conversational records (step 7 is skipped).
 # Single-process runs with OMP_NUM_THREADS=THREADS; sizes are environment variables (defaults below).
-# The result is in docs/online_cpu.md.
+# The results are in docs/online_cpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,6 +41,7 @@ EVAL_MAX_NEW=${EVAL_MAX_NEW:-96}  # the judged answers: room to finish (the buil
 DEMO=${DEMO:-runs/demo}
 THREADS=${THREADS:-2}
 SKIP_DONE=${SKIP_DONE:-0}        # 1: keep the steps an earlier invocation finished (e.g. to retrain with another LR)
+CHAT=${CHAT:-0}
 
 export OMP_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$OUT/logs
@@ -60,20 +65,39 @@ step() {  # step NAME MODULE ARGS...: one single-process run, its output in LOGS
     touch "$LOGS/$name.done"
 }
 
+DATA=() JUDGE_DATA=() PROMPTS_DATA=()
+if [[ $CHAT == 1 ]]; then  # the built-in pairs as conversations: train/test of the labeller's and the judge's draws
+    python - "$OUT/chat_data" "$SEED" "$JUDGE_SEED" <<'EOF'
+import json, os, sys
+from xright.data.synthetic import preference_records
+for seed in sys.argv[2:]:
+    os.makedirs(f"{sys.argv[1]}/{seed}", exist_ok=True)
+    for split, pool in (("train", "train"), ("test", "eval")):
+        with open(f"{sys.argv[1]}/{seed}/{split}.jsonl", "w") as f:
+            for r in preference_records(2000, int(seed), pool):
+                answers = {k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}
+                f.write(json.dumps({"prompt": [{"role": "system", "content": "Answer briefly."},
+                                               {"role": "user", "content": r["prompt"]}], **answers}) + "\n")
+EOF
+    DATA=(--dataset "$OUT/chat_data/$SEED" --prompt_key prompt)
+    JUDGE_DATA=(--dataset "$OUT/chat_data/$JUDGE_SEED" --prompt_key prompt)
+    PROMPTS_DATA=(--dataset "$OUT/chat_data/$SEED" --input_key prompt)
+fi
+
 REF=$OUT/ref
-TRAIN=(--zero_stage 0 --lr_scheduler constant --eval_split "" --logging_steps 1 --seed "$SEED")
+TRAIN=(--zero_stage 0 --lr_scheduler constant --eval_split "" --logging_steps 1 --seed "$SEED" --ckpt_path "$OUT/ckpt")
 echo "1/6 reference ($REF_STEPS steps)"
 step ref train_sft_pref --save_path "$REF" --train_batch_size 1 --rlhf_micro_train_batch_size 16 \
-    --max_steps "$REF_STEPS" --learning_rate 2e-3 --eval_steps "$REF_STEPS" --seed "$SEED"
+    --max_steps "$REF_STEPS" --learning_rate 2e-3 --eval_steps "$REF_STEPS" --seed "$SEED" "${DATA[@]}"
 echo "2/6 reward models: labeller and judge ($RM_STEPS steps each)"
 RM=(--train_batch_size 16 --micro_train_batch_size 16 --max_steps "$RM_STEPS" --learning_rate 1e-3
     --lr_scheduler constant --eval_steps "$RM_STEPS")
-step rm train_rm --save_path "$OUT/rm" "${RM[@]}" --seed "$SEED"
-step judge_rm train_rm --save_path "$OUT/judge_rm" "${RM[@]}" --seed "$JUDGE_SEED"
+step rm train_rm --save_path "$OUT/rm" "${RM[@]}" --seed "$SEED" "${DATA[@]}"
+step judge_rm train_rm --save_path "$OUT/judge_rm" "${RM[@]}" --seed "$JUDGE_SEED" "${JUDGE_DATA[@]}"
 echo "3/6 sample K=$K completions for $PROMPTS prompts from the reference"
 step sample batch_inference --eval_task generate --pretrain "$REF" --max_samples "$PROMPTS" --best_of_n "$K" \
     --max_new_tokens "$MAX_NEW" --temperature "$TEMPERATURE" --micro_batch_size 32 --seed "$SEED" \
-    --output_path "$OUT/samples.jsonl"
+    --output_path "$OUT/samples.jsonl" "${PROMPTS_DATA[@]}"
 echo "4/6 label them with the labelling reward model"
 for proc in exo iter_dpo; do
     step "label_$proc" batch_inference --eval_task rm --pretrain "$OUT/rm" --dataset "$OUT/samples.jsonl" \
@@ -88,7 +112,7 @@ step iter_dpo train_dpo --pretrain "$REF" --dataset "$OUT/iter_dpo.jsonl" --save
     --beta "$BETA"
 echo "6/6 greedy answers to $EVAL_PROMPTS held-out prompts, judged against the reference"
 GEN=(--eval_task generate --dataset_split test --max_samples "$EVAL_PROMPTS" --max_new_tokens "$EVAL_MAX_NEW"
-     --greedy_sampling --micro_batch_size 32)
+     --greedy_sampling --micro_batch_size 32 "${PROMPTS_DATA[@]}")
 for m in ref exo_rw iter_dpo; do
     step "answers_$m" batch_inference "${GEN[@]}" --pretrain "$OUT/$m" --output_path "$OUT/answers_$m.jsonl"
 done
@@ -98,7 +122,9 @@ step judge eval_winrate --reward_pretrain "$OUT/judge_rm" --baseline "$OUT/answe
 cat "$OUT/judge/winrate.md"
 
 DEMO_RUNS=(alright_0.5 maxright_0.5 mix_0.5 seq_dpo_sft)
-if [[ -f $DEMO/seq_sft_dpo/config.json ]]; then
+if [[ $CHAT == 1 ]]; then
+    :  # the demo's models were trained on plain prompts
+elif [[ -f $DEMO/seq_sft_dpo/config.json ]]; then
     echo "7/7 the demo's models ($DEMO), judged against sequential SFT→DPO"
     names=() files=()
     for m in seq_sft_dpo "${DEMO_RUNS[@]}"; do

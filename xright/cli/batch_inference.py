@@ -7,18 +7,15 @@ scored completions into training data (XRIGHT's ``batch_inference``, same flags)
         --dataset samples.jsonl --post_processor exo --output_path scored.jsonl
 
 ``generate`` writes one JSON line per completion, in input order: ``{"id", "prompt_id", "input", "output"}``
-(``id`` is the prompt's record id, ``<id>#<k>`` with ``--best_of_n`` K > 1; ``input`` is the raw prompt,
-which the trainers template again). ``generate_alpaca_eval`` writes AlpacaEval's JSON list of
-``{"instruction", "output", "generator"}``. A conversational prompt (``input_key`` holding ``{role, content}``
-messages) is rendered by the chat template with its generation prompt, as the trainers encode it, and its
-``input`` stays the messages; an HH record (``chosen``/``rejected`` dialogues) is prompted with the dialogue
-through its last ``"\n\nAssistant:"``, untemplated. ``rm`` reads ``input``/``output`` records and writes them with a
-``reward``, or, with ``--post_processor``, training records: ``rs``/``csft`` → SFT (``input``, ``output``),
-``iter_dpo`` → pairwise (``prompt``, ``chosen``, ``rejected``), ``exo`` → scored (``prompt``,
-``completions``, ``rewards``; ``train_exo --loss exo-rw``), ``kto`` → binary (``prompt``, ``completion``,
-``label``); after message prompts the answers are ``[{"role": "assistant", "content": …}]`` (TRL's layout). Differences from XRIGHT: ``--input_template`` defaults to the trainers' template (XRIGHT: none)
-so that scores and samples see the prompts the policy was trained on; ``--seed`` defaults to 42, the
-trainers' seed, which also picks the built-in prompts.
+(``id`` is the prompt's record id, ``<id>#<k>`` with ``--best_of_n`` K > 1; ``input`` is the raw prompt, which
+the trainers template again: messages stay messages, an HH dialogue through its last ``"\n\nAssistant:"`` stays
+untemplated). ``generate_alpaca_eval`` writes AlpacaEval's JSON list of ``{"instruction", "output",
+"generator"}``. ``rm`` reads ``input``/``output`` records and writes them with a ``reward``, or, with
+``--post_processor``, training records: ``rs``/``csft`` → SFT (``input``, ``output``), ``iter_dpo`` → pairwise
+(``prompt``, ``chosen``, ``rejected``), ``exo`` → scored (``prompt``, ``completions``, ``rewards``), ``kto`` →
+binary (``prompt``, ``completion``, ``label``); after message prompts each answer is ``[{"role": "assistant",
+"content": …}]`` (TRL's layout). Differences from XRIGHT: ``--input_template`` defaults to the trainers'
+template (XRIGHT: none), ``--seed`` to 42, the trainers' seed, which also picks the built-in prompts.
 """
 
 import argparse
@@ -26,29 +23,53 @@ import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 
 from xright.cli import flags, lifecycle
 
-TASKS = ("generate", "generate_vllm", "rm", "generate_alpaca_eval")
+def add_generation_flags(p: argparse.ArgumentParser, pretrain_help: str) -> None:
+    """The model, template and sampling flags of the generating CLIs (this one and interactive_chat, which sets
+    its own sampling defaults)."""
+    p.add_argument("--pretrain", type=str, default=None, help=pretrain_help)
+    for name in ("bf16", "flash_attn", "load_in_4bit", "disable_fast_tokenizer", "trust_remote_code"):
+        p.add_argument(f"--{name}", action="store_true", default=False)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none (XRIGHT's default)")
+    p.add_argument("--apply_chat_template", action="store_true", default=False)
+    p.add_argument("--tokenizer_chat_template", type=str, default=None, help="Jinja text or a file holding it")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=int, default=1024)
+    g.add_argument("--greedy_sampling", action="store_true", default=False)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--repetition_penalty", type=float, default=1.0)
+
+
+def tokenizer_for(args):
+    from xright.models import load_tokenizer
+
+    return load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
+                          trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
+
+
+def model_for(args, vocab_size: int, task: str = "causal"):
+    from xright.models import load_for_inference
+
+    return load_for_inference(args.pretrain, task=task, bf16=args.bf16, flash_attn=args.flash_attn,
+                              load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code, seed=args.seed,
+                              vocab_size=vocab_size)
 
 
 def parser() -> argparse.ArgumentParser:
     from xright.generation import POST_PROCESSORS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--eval_task", choices=TASKS, required=True)
+    p.add_argument("--eval_task", choices=("generate", "generate_vllm", "rm", "generate_alpaca_eval"), required=True)
+    add_generation_flags(p, "policy (generate) or reward model (rm): hub id, HF dir or xright LoRA adapter dir; "
+                            "default: built-in tiny model")
     p.add_argument("--zero_stage", type=int, default=0, help="3: the model stays sharded (ranks generate in sync)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    p.add_argument("--bf16", action="store_true", default=False)
-    p.add_argument("--flash_attn", action="store_true", default=False)
-    p.add_argument("--load_in_4bit", action="store_true", default=False)
-    p.add_argument("--disable_fast_tokenizer", action="store_true", default=False)
-    p.add_argument("--trust_remote_code", action="store_true", default=False)
     p.add_argument("--micro_batch_size", type=int, default=16, help="prompts (or answers) per forward, per rank")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--pretrain", type=str, default=None,
-                   help="policy (generate) or reward model (rm): hub id, HF dir or xright LoRA adapter dir; "
-                        "default: built-in tiny model")
     p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {flags.COMPAT}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default=None, help="default: built-in preference prompts")
@@ -56,20 +77,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_split", type=str, default="train")
     g.add_argument("--input_key", type=str, default="input")
     g.add_argument("--output_key", type=str, default="output")
-    g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ",
-                   help="'' for none (XRIGHT's default)")
-    g.add_argument("--apply_chat_template", action="store_true", default=False)
-    g.add_argument("--tokenizer_chat_template", type=str, default=None)
     g.add_argument("--max_len", type=int, default=2048, help="rm: prompt + answer tokens (answers cut to fit)")
     g.add_argument("--max_samples", type=int, default=100000000)
     g.add_argument("--output_path", type=str, required=True)
-    g = p.add_argument_group("generation")
     g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts keep their last tokens")
-    g.add_argument("--max_new_tokens", type=int, default=1024)
-    g.add_argument("--greedy_sampling", action="store_true", default=False)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--best_of_n", type=int, default=1, help="completions per prompt")
     g.add_argument("--iter", type=int, default=None,
                    help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size) of the "
@@ -127,39 +138,32 @@ def prompts(args, tokenizer):
     return records, encode_prompts(records, tokenizer, spec, args.prompt_max_len)
 
 
-def sampling(args):
-    from xright.generation import Sampling
-
-    return Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy_sampling, top_p=args.top_p,
-                    temperature=args.temperature, repetition_penalty=args.repetition_penalty, n=args.best_of_n,
-                    seed=args.seed)
-
-
 def generation_records(records, completions, tokenizer, eval_task: str, generator: str):
     K = len(completions[0]) if completions else 1
     if eval_task == "generate_alpaca_eval":
-        return [{"instruction": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"], "output": tokenizer.decode(cs[0], skip_special_tokens=True),
-                 "generator": generator} for r, cs in zip(records, completions)]
+        return [{"instruction": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"],
+                 "output": tokenizer.decode(cs[0], skip_special_tokens=True), "generator": generator}
+                for r, cs in zip(records, completions)]
     return [{"id": r["id"] if K == 1 else f"{r['id']}#{k}", "prompt_id": r["id"], "input": r["prompt"],
              "output": tokenizer.decode(c, skip_special_tokens=True)}
             for r, cs in zip(records, completions) for k, c in enumerate(cs)]
 
 
 def run_generate(args, strategy, tokenizer) -> None:
-    from xright.generation import Progress, eos_ids, generate, write_records
+    from xright.generation import Progress, Sampling, eos_ids, generate, write_records
     from xright.sharding import gather_ordered
-    from xright.models import load_for_inference
 
     records, ids = prompts(args, tokenizer)
-    model = load_for_inference(args.pretrain, bf16=args.bf16, flash_attn=args.flash_attn,
-                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                               seed=args.seed, vocab_size=len(tokenizer))
+    model = model_for(args, len(tokenizer))
     stop = eos_ids(tokenizer, model)
     model = strategy.prepare_reference(model)
     synced = strategy.zero_stage == 3 and strategy.world_size > 1
     bar = Progress(len(records), strategy.is_rank0, "generate (rank 0)")
     start = time.perf_counter()
-    local = generate(model, ids, sampling(args), args.micro_batch_size, eos_ids=stop,
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy_sampling, top_p=args.top_p,
+                        temperature=args.temperature, repetition_penalty=args.repetition_penalty, n=args.best_of_n,
+                        seed=args.seed)
+    local = generate(model, ids, sampling, args.micro_batch_size, eos_ids=stop,
                      pad_id=tokenizer.pad_token_id, rank=strategy.rank, world_size=strategy.world_size, synced=synced,
                      device=strategy.device, progress=bar)
     bar.close()
@@ -183,10 +187,8 @@ def run_vllm(args) -> None:
     from vllm import LLM, SamplingParams
 
     from xright.generation import write_records
-    from xright.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
-                               trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
+    tokenizer = tokenizer_for(args)
     records, ids = prompts(args, tokenizer)
     llm = LLM(model=args.pretrain, tensor_parallel_size=args.tp_size, trust_remote_code=args.trust_remote_code,
               seed=args.seed, max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
@@ -202,7 +204,6 @@ def run_vllm(args) -> None:
 def run_rm(args, strategy, tokenizer) -> None:
     from xright.generation import (POST_PROCESSORS, PostOptions, Progress, normalize, post_process, read_answers,
                                    score, tokenize_answers, write_records)
-    from xright.models import load_for_inference
 
     spec = data_spec(args)
     spec.check()
@@ -214,9 +215,7 @@ def run_rm(args, strategy, tokenizer) -> None:
     if counts["dropped_prompt"] or counts["truncated"]:
         strategy.print(f"rm: {counts['truncated']} answers cut to --max_len {args.max_len}, "
                        f"{counts['dropped_prompt']} left out: prompt longer than --max_len")
-    model = load_for_inference(args.pretrain, task="reward", bf16=args.bf16, flash_attn=args.flash_attn,
-                               load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                               seed=args.seed, vocab_size=len(tokenizer))
+    model = model_for(args, len(tokenizer), task="reward")
     config = model.config
     model = strategy.prepare_reference(model)
     bar = Progress(len(examples), strategy.is_rank0, "score (rank 0)", unit="answers")
@@ -234,11 +233,8 @@ def run_rm(args, strategy, tokenizer) -> None:
     rewards = [scores[i] for i in kept]
     if args.normalize_reward:
         # train_rm writes reward_stats.json beside every save (a LoRA save has no config.json to hold them)
-        stats = os.path.join(os.path.expanduser(args.pretrain or ""), "reward_stats.json")
-        saved = {}
-        if args.pretrain and os.path.isfile(stats):
-            with open(stats) as f:
-                saved = json.load(f)
+        stats = Path(args.pretrain or "").expanduser() / "reward_stats.json"
+        saved = json.loads(stats.read_text()) if args.pretrain and stats.is_file() else {}
         rewards, how = normalize(rewards, saved.get("mean", getattr(config, "mean", None)),
                                  saved.get("std", getattr(config, "std", None)))
         print(f"rm: rewards normalised with {how}", flush=True)
@@ -261,21 +257,14 @@ def main(argv=None):
     check(args)
     if args.eval_task == "generate_vllm":
         return run_vllm(args)
-    import random
+    from transformers import set_seed
 
-    import numpy as np
-    import torch
-
-    from xright.models import load_tokenizer
     from xright.strategy import Strategy, configure_inference
 
     strategy = Strategy(seed=args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)  # python, numpy and torch
     configure_inference(strategy, args.zero_stage, args.bf16)
-    tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
-                               trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
+    tokenizer = tokenizer_for(args)
     if args.eval_task == "rm":
         run_rm(args, strategy, tokenizer)
     else:

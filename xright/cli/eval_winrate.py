@@ -5,20 +5,18 @@ of the paper's AlpacaEval number.
         --candidates exo.jsonl,dpo.jsonl --names exo-rw,iter-dpo --output_dir ./eval
 
 Every file is a generation file (``batch_inference --eval_task generate``: ``prompt_id``, ``input``,
-``output``) with one answer per prompt, for the same prompts. A baseline or candidate that is not a file
-is a model (HF dir, LoRA adapter dir, hub id or ``tiny``): its greedy answers to ``--dataset``
-(default: the built-in held-out prompts) are generated first, into ``output_dir/answers_<name>.jsonl``. The reward model scores every answer
-(the score ``train_rm`` trains: the last real token); per candidate: the win rate over the baseline with
-ties counted half, a bootstrap interval over prompts, the mean score difference and the mean answer
-lengths in tokens (a judge that likes long answers shows up as a length gap). Writes
-``winrate.json``, ``winrate.md`` (one table) and, with matplotlib, ``winrate.png`` (bars with intervals).
-Under ``deepspeed --num_gpus N`` the scoring is sharded as in ``batch_inference --eval_task rm``.
+``output``) with one answer per prompt, for the same prompts; a baseline or candidate that is not a file is a
+model (HF dir, LoRA adapter dir, hub id or ``tiny``) whose greedy answers to ``--dataset`` (default: the
+built-in held-out prompts) are generated first, into ``output_dir/answers_<name>.jsonl``. Per candidate, from
+the reward model's scores (``train_rm``'s): the win rate over the baseline with ties counted half, a bootstrap
+interval over prompts, the mean score difference and the mean answer lengths in tokens (a judge that likes long
+answers shows up as a length gap). Writes ``winrate.json``, ``winrate.md`` and, with matplotlib,
+``winrate.png``. Under ``deepspeed --num_gpus N`` the scoring is sharded as in ``batch_inference --eval_task rm``.
 """
 
 import argparse
 import json
 import os
-from dataclasses import replace
 
 from xright.cli import lifecycle
 
@@ -121,7 +119,7 @@ def plot(rows: list[dict], baseline: str, path: str) -> bool:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from xright.cli.batch_inference import data_spec
+    from xright.data import DataSpec
     from xright.generation import markdown_table, read_answers, score, tokenize_answers, win_rate
     from xright.models import load_for_inference, load_tokenizer
     from xright.strategy import Strategy, configure_inference
@@ -138,15 +136,13 @@ def main(argv=None):
     strategy = Strategy(seed=args.seed)
     configure_inference(strategy, args.zero_stage, args.bf16)
     tokenizer = load_tokenizer(args.reward_pretrain)
-    base = argparse.Namespace(dataset=None, dataset_probs="1.0", dataset_split="train", max_samples=10**8,
-                              max_len=args.max_len, input_key=args.input_key, output_key=args.output_key,
-                              input_template=args.input_template, apply_chat_template=args.apply_chat_template,
-                              seed=args.seed)
-    spec = data_spec(base)
-    answers = {n: read_answers(replace(spec, dataset=f)) for n, f in files.items()}
+    spec = lambda f: DataSpec(kind="sft", dataset=f, max_len=args.max_len, input_key=args.input_key,  # noqa: E731
+                              output_key=args.output_key, input_template=args.input_template or None,
+                              apply_chat_template=args.apply_chat_template, seed=args.seed)
+    answers = {n: read_answers(spec(f)) for n, f in files.items()}
     order = aligned(files, answers)
     flat = [r for n in files for r in answers[n]]
-    examples, counts = tokenize_answers(flat, tokenizer, spec)
+    examples, counts = tokenize_answers(flat, tokenizer, spec(None))
     if len(examples) != len(flat):
         raise lifecycle.UsageError(f"{len(flat) - len(examples)} answers have a prompt longer than --max_len "
                                 f"{args.max_len}: raise it")
@@ -154,34 +150,27 @@ def main(argv=None):
                                                           flash_attn=args.flash_attn, vocab_size=len(tokenizer)))
     # each distinct token sequence is scored once: the same answer in two files gets the same score (an exact
     # tie), not two values that differ in the last bits because they were padded in different batches
-    distinct, where = [], {}
+    key = lambda e: (tuple(e["prompt_ids"]), tuple(e["response_ids"]))  # noqa: E731
+    where = {}
     for e in examples:
-        key = (tuple(e["prompt_ids"]), tuple(e["response_ids"]))
-        if key not in where:
-            where[key] = len(distinct)
-            distinct.append({**e, "index": len(distinct)})
-    local = score(model, distinct, args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
+        where.setdefault(key(e), {**e, "index": len(where)})
+    local = score(model, list(where.values()), args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
                   world_size=strategy.world_size, synced=strategy.zero_stage == 3 and strategy.world_size > 1,
                   device=strategy.device)
     by_key = {}
     for part in strategy.all_gather_object(local):
         by_key.update(part)
-    scores = {e["index"]: by_key[where[(tuple(e["prompt_ids"]), tuple(e["response_ids"]))]] for e in examples}
+    scores = {e["index"]: by_key[where[key(e)]["index"]] for e in examples}
     if strategy.is_rank0:
-        by, i = {}, 0
-        for n in files:  # (score, answer length in tokens) per prompt id, per file
-            by[n] = {}
-            for r in answers[n]:
-                by[n][r["prompt_id"]] = (scores[i], len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]))
-                i += 1
+        at = iter(range(len(flat)))  # flat is every file's answers in turn: its i-th answer has scores[i]
+        length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        # (score, answer length in tokens) per prompt id, per file
+        by = {n: {r["prompt_id"]: (scores[next(at)], length(r["response"])) for r in answers[n]} for n in files}
+        mean = lambda n, k: sum(by[n][p][k] for p in order) / len(order)  # noqa: E731
         b = [by[baseline][p][0] for p in order]
-        b_len = sum(by[baseline][p][1] for p in order) / len(order)
-        rows = []
-        for n in names:
-            res = win_rate([by[n][p][0] for p in order], b, args.n_bootstrap, args.seed)
-            rows.append({"name": n, "file": files[n], **res, "mean_score": sum(by[n][p][0] for p in order) / len(order),
-                         "baseline_mean_score": sum(b) / len(b),
-                         "mean_len": sum(by[n][p][1] for p in order) / len(order), "baseline_mean_len": b_len})
+        rows = [{"name": n, "file": files[n], **win_rate([by[n][p][0] for p in order], b, args.n_bootstrap, args.seed),
+                 "mean_score": mean(n, 0), "baseline_mean_score": mean(baseline, 0), "mean_len": mean(n, 1),
+                 "baseline_mean_len": mean(baseline, 1)} for n in names]
         os.makedirs(args.output_dir, exist_ok=True)
         table = markdown_table(rows, baseline)
         with open(os.path.join(args.output_dir, "winrate.json"), "w") as f:

@@ -2,28 +2,17 @@
 
     python -m xright.cli.plot_pareto runs/demo/* --out runs/demo [--sft_opt 1.79 --dpo_opt 0.02]
 
-Reads every RUN_DIR's ``metrics.jsonl`` and ``xright_args.json`` (written by the training CLIs) and
-writes ``<out>/pareto.png`` (one point per run: method by colour and marker, λ as a label, the
-ideal point ★, sequential runs' eval trajectories as dashed lines) and ``<out>/pareto.md`` (run,
-method, λ, final eval losses, ideal distance, optimizer steps, wall time). The figure needs
-matplotlib (``pip install 'xright[plot]'``); the table does not (``--table_only``).
+Reads every RUN_DIR's ``metrics.jsonl`` and ``xright_args.json``; writes ``<out>/pareto.png`` (a point per
+run: method by colour and marker, λ as a label, the ideal point ★, sequential runs' eval trajectories dashed;
+needs matplotlib) and ``<out>/pareto.md`` (final eval losses, ideal distance, optimizer steps, wall time).
 
-How runs are recognised, from ``xright_args.json``:
-
-* ``schedule`` alright / maxright / mix → that method at ``lambd``;
-* ``schedule`` sequential with ``train_only`` (``train_sft_seq`` / ``train_dpo_seq``) is one phase. A
-  phase whose ``--pretrain`` is another phase among the RUN_DIRs continues it: the chain is one
-  *sequential* run (SFT→DPO or DPO→SFT) whose steps and wall time add up and whose trajectory runs
-  through all phases; its earlier phases' ends are also listed (``after phase 1``). A phase that
-  nobody continues and that continues nobody is a single-objective run ("SFT only", "DPO only");
-* ``schedule`` sequential without ``train_only`` (``python -m xright.cli.joint --schedule
-  sequential``) is a whole sequential run;
-* anything else (``train_sft``, ``train_dpo`` …) is listed by its CLI's objectives.
-
-The ideal point (L*_sft, L*_dpo) is ``--sft_opt/--dpo_opt``; else the ``--sft_opt/--dpo_opt`` the
-joint runs were given (if they agree); else the best final losses of the single-objective runs.
-The ideal distance in the table is recomputed from that point (docs/DESIGN.md §1), so every row uses the
-same one. Wall time is the training loop's (the ``done`` record), without process start-up.
+Runs by ``xright_args.json``: ``schedule`` alright / maxright / mix → that method at ``lambd``; a
+``train_only`` phase (``train_sft_seq`` / ``train_dpo_seq``) whose ``--pretrain`` is another phase among the
+RUN_DIRs continues it, and the chain is one sequential run (steps and wall time added up, the trajectory through
+all phases, earlier phases' ends listed as ``after phase 1``); a lone phase is "SFT only" / "DPO only";
+``schedule`` sequential without ``train_only`` is a whole sequential run; anything else is named by its
+objectives. The ideal point is ``--sft_opt/--dpo_opt``, else the one the joint runs were given (if they agree),
+else the best final losses of the single-objective runs; every row's ideal distance is recomputed from it.
 """
 
 from __future__ import annotations
@@ -33,15 +22,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 SFT, PREF = "sft", "dpo"
 METHODS = {"alright": "ALRIGHT", "maxright": "MAXRIGHT", "mix": "Mix"}
-# order of methods in the table and legend; colour and marker per method
-ORDER = ["SFT only", "DPO only", "Sequential SFT→DPO", "Sequential DPO→SFT", "Mix", "ALRIGHT", "MAXRIGHT"]
 # where each method writes its λ next to its points, so that close points' labels don't collide
 LABEL_OFFSET = {"Mix": (-8, -12), "ALRIGHT": (6, 4), "MAXRIGHT": (6, -10)}
-STYLE = {
+STYLE = {  # colour and marker per method, in the table's and legend's order
     "SFT only": ("tab:gray", "s"),
     "DPO only": ("tab:brown", "D"),
     "Sequential SFT→DPO": ("tab:red", "v"),
@@ -50,6 +38,7 @@ STYLE = {
     "ALRIGHT": ("tab:blue", "o"),
     "MAXRIGHT": ("tab:purple", "X"),
 }
+ORDER = list(STYLE)
 
 
 class PlotError(ValueError):
@@ -68,7 +57,6 @@ class Run:
     stopped_early: str | None = None
     method: str = ""
     lambd: float | None = None
-    phases: list = field(default_factory=list)   # for a sequential chain: the phase runs, in order
 
     @property
     def sft(self):
@@ -86,19 +74,12 @@ def read_run(path: str) -> Run:
     records = []
     with open(metrics) as f:
         for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # a run killed mid-write leaves a partial last line; anything else is corruption
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
                 print(f"plot_pareto: warning: {metrics} line {i} is not JSON; skipped", file=sys.stderr)
-    args = {}
-    args_file = os.path.join(path, "xright_args.json")
-    if os.path.isfile(args_file):
-        with open(args_file) as f:
-            args = json.load(f)
+    args_file = Path(path) / "xright_args.json"
+    args = json.loads(args_file.read_text()) if args_file.is_file() else {}
     evals, final, done = [], {}, {}
     for r in records:
         if r.get("done"):
@@ -108,9 +89,7 @@ def read_run(path: str) -> Run:
             evals.append((int(r.get("step", 0)), r.get(f"eval/{SFT}/loss"), r.get(f"eval/{PREF}/loss")))
     if not final:
         raise PlotError(f"{path}: metrics.jsonl has no eval record")
-    steps = done.get("step")
-    if steps is None:
-        steps = max((int(r["step"]) for r in records if "objectives" in r), default=0)
+    steps = done.get("step", max((int(r["step"]) for r in records if "objectives" in r), default=0))
     name = os.path.basename(os.path.normpath(path))
     return Run(path=path, name=name, args=args, evals=evals, final=final, steps=int(steps),
                wall_time=done.get("wall_time"), stopped_early=done.get("stopped_early"))
@@ -154,21 +133,16 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     points, rows = [], []
     for r in runs:
         schedule, only = r.args.get("schedule"), r.args.get("train_only")
-        if only:
-            if id(r) in has_child:
-                continue  # listed with the chain that continues it
-            chain = [r]
-            while id(chain[0]) in parent:
-                chain.insert(0, parent[id(chain[0])])
-            if len(chain) == 1:
-                r.method = f"{_label(only)} only"
-                points.append(r)
-                rows.append(r)
-                continue
+        if only and id(r) in has_child:
+            continue  # listed with the chain that continues it
+        chain = [r]
+        while only and id(chain[0]) in parent:
+            chain.insert(0, parent[id(chain[0])])
+        if only and len(chain) > 1:
             order = "→".join(_label(p.args["train_only"]) for p in chain)
             seq = Run(path=r.path, name=" + ".join(p.name for p in chain), args=r.args,
                       evals=[], final=r.final, steps=0, wall_time=0.0, stopped_early=r.stopped_early,
-                      method=f"Sequential {order}", phases=chain)
+                      method=f"Sequential {order}")
             for i, p in enumerate(chain):
                 seq.evals += [(s + seq.steps, a, b) for s, a, b in p.evals]
                 seq.steps += p.steps
@@ -178,22 +152,19 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
                               wall_time=seq.wall_time, method=f"{seq.method}, after phase {i + 1} "
                               f"({_label(p.args['train_only'])})")
                     rows.append(end)
-            points.append(seq)
-            rows.append(seq)
+            r = seq
+        elif only:
+            r.method = f"{_label(only)} only"
         elif schedule == "sequential":
             order = r.args.get("order") or f"{SFT},{PREF}"
             r.method = "Sequential " + "→".join(_label(o.strip()) for o in order.split(","))
-            points.append(r)
-            rows.append(r)
         elif schedule in METHODS:
             r.method, r.lambd = METHODS[schedule], r.args.get("lambd")
-            points.append(r)
-            rows.append(r)
         else:
             have = [k.split("/")[1] for k in r.final if k.startswith("eval/") and k.endswith("/loss")]
             r.method = " + ".join(_label(k) for k in have) + " only" if have else "?"
-            points.append(r)
-            rows.append(r)
+        points.append(r)
+        rows.append(r)
     return points, rows
 
 
@@ -204,14 +175,12 @@ def optimum(points: list[Run], sft_opt, dpo_opt) -> tuple[float | None, float | 
     given = {(r.args.get("sft_opt"), r.args.get("dpo_opt")) for r in points if r.args.get("schedule") in METHODS}
     given = {g for g in given if g[0] or g[1]}
     if len(given) == 1:
-        s, d = next(iter(given))
-        return (sft_opt if sft_opt is not None else s), (dpo_opt if dpo_opt is not None else d), \
-            "the joint runs' --sft_opt/--dpo_opt"
-    s_runs = [r.sft for r in points if r.method == "SFT only" and r.sft is not None]
-    d_runs = [r.pref for r in points if r.method == "DPO only" and r.pref is not None]
-    s = sft_opt if sft_opt is not None else (min(s_runs) if s_runs else None)
-    d = dpo_opt if dpo_opt is not None else (min(d_runs) if d_runs else None)
-    return s, d, "the best final losses of the single-objective runs"
+        (s, d), source = next(iter(given)), "the joint runs' --sft_opt/--dpo_opt"
+    else:
+        s = min((r.sft for r in points if r.method == "SFT only" and r.sft is not None), default=None)
+        d = min((r.pref for r in points if r.method == "DPO only" and r.pref is not None), default=None)
+        source = "the best final losses of the single-objective runs"
+    return (sft_opt if sft_opt is not None else s), (dpo_opt if dpo_opt is not None else d), source
 
 
 def ideal_distance(r: Run, s_opt, d_opt):
@@ -282,8 +251,7 @@ def _draw(ax, points: list[Run], rows: list[Run], s_opt, d_opt, trajectories: st
                    label="ideal point" if legend else None, zorder=4)
 
 
-def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectories: str, title: str,
-         yscale: str, equal_axes: bool, inset: bool, dpi: int) -> None:
+def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,14 +259,12 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
 
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
     joint = [r for r in points if r.lambd is not None and r.sft is not None and r.pref is not None]
-    inset = inset and bool(joint)
-    _draw(ax, points, rows, s_opt, d_opt, trajectories, legend=True, lambdas=not inset)
-    ax.set_yscale(yscale)
-    if equal_axes and yscale == "linear":
+    inset, yscale = args.inset and bool(joint), args.yscale
+    _draw(ax, points, rows, s_opt, d_opt, args.trajectories, legend=True, lambdas=not inset)
+    ax.set(yscale=yscale, xlabel="final eval SFT loss", ylabel="final eval DPO loss")
+    if args.equal_axes and yscale == "linear":
         ax.set_aspect("equal", adjustable="box")  # the ideal distance is then a distance on the page
-    ax.set_xlabel("final eval SFT loss")
-    ax.set_ylabel("final eval DPO loss")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(args.title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8, ncol=2 if inset else 1)
     if inset:
@@ -308,9 +274,7 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
         pad_x, pad_y = 0.12 * (max(xs) - min(xs) or 1.0), 0.12 * (max(ys) - min(ys) or 1.0)
         sub = ax.inset_axes([0.45, 0.2, 0.52, 0.45])
         _draw(sub, joint, [], s_opt, d_opt, "none", legend=False)
-        sub.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
-        sub.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
-        sub.set_yscale(yscale)
+        sub.set(xlim=(min(xs) - pad_x, max(xs) + pad_x), ylim=(min(ys) - pad_y, max(ys) + pad_y), yscale=yscale)
         sub.tick_params(labelsize=6)
         sub.grid(True, alpha=0.3)
         sub.set_title("joint runs, magnified", fontsize=7)
@@ -318,7 +282,7 @@ def plot(points: list[Run], rows: list[Run], s_opt, d_opt, path: str, trajectori
     fig.text(0.99, 0.01, "numbers: λ (weight of DPO); hollow: end of a sequential run's first phase; "
              "dashed: eval trajectory", ha="right", va="bottom", fontsize=6, color="dimgray")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
 
 
@@ -361,8 +325,7 @@ def main(argv=None) -> dict:
         print(f"plot_pareto: error: the figure needs matplotlib, which is not installed: pip install 'xright[plot]' "
               f"(wrote {md_path}; --table_only writes only the table)", file=sys.stderr)
         sys.exit(2)
-    plot(points, rows, s_opt, d_opt, png, args.trajectories, args.title, args.yscale, args.equal_axes,
-         args.inset, args.dpi)
+    plot(points, rows, s_opt, d_opt, png, args)
     print(f"wrote {png} and {md_path}")
     return result
 

@@ -40,7 +40,8 @@ Canonical records (what this module returns; the tokeniser consumes them)
     binary    {"id", "source", "where", "prompt", "completion", "label": bool, "raw_prompt"}
     scored    {"id", "source", "where", "prompt", "completions": [K][, "rewards": [K float]], "raw_prompt"}
     ``where`` is the file and line (``"/data/train.jsonl line 17"``) for errors found later (the chat
-    template's). ``raw_prompt`` is True for HH-style dialogue prefixes, which get no input template or chat
+    template's). ``raw_prompt`` is True for HH-style dialogue prefixes (an HH pair's shared prefix, or a text
+    prompt ending with ``"\n\nAssistant:"``, as generation writes them back), which get no input template or chat
     template. A conversational record has a message-list prompt (``{"role", "content"}`` dicts, ending with
     a non-assistant turn) and each answer is a message list that follows it (starting and ending with the
     assistant's message; several messages for a multi-turn answer); the tokeniser renders them with the
@@ -74,6 +75,10 @@ from dataclasses import dataclass, field
 HH_MARK = "\n\nAssistant:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_REASONS = 5
+
+
+def is_hh(prompt) -> bool:  # a generated HH sample's prompt read back must not be templated a second time
+    return isinstance(prompt, str) and prompt.endswith(HH_MARK)
 
 
 class DataError(ValueError):
@@ -473,7 +478,7 @@ def _pair(rec: dict, spec, allow_identical: bool = False) -> tuple:
     if chosen == rejected and not allow_identical:
         raise _Identical()
     if explicit:
-        return prompt, chosen, rejected, False, False
+        return prompt, chosen, rejected, is_hh(prompt), False
     prompt, c, r, early = split_hh(chosen, rejected, spec.chosen_key)
     if not c.strip() or not r.strip():
         # a quirk of real HH data (4 of 2312 test pairs), not a malformed record: dropped and counted
@@ -606,7 +611,7 @@ def generation_prompt(rec: dict, spec) -> tuple[str | list[dict], bool]:
         if isinstance(value, list):
             return _chat_prompt(value, spec.input_key), False
         text = text_field(value, spec.input_key)
-        return text, text.endswith(HH_MARK)
+        return text, is_hh(text)
     if spec.messages_key in rec:
         msgs = _message_list(rec[spec.messages_key], spec.messages_key)
         while msgs and msgs[-1]["role"] == "assistant":
@@ -649,7 +654,7 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
         else:
             response = get_field(rec, spec.output_key)
             response = text_field(response, spec.output_key) if not spec.pretrain_mode or response != "" else ""
-        return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "response": response, "raw_prompt": is_hh(prompt)}], False
     if kind == "pairwise":
         prompt, chosen, rejected, raw, early = _pair(rec, spec)
         out = {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "raw_prompt": raw}
@@ -673,7 +678,8 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
         if not isinstance(label, bool):
             raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {_short(label)}",
                             spec.label_key)
-        return [{"id": rid, "prompt": prompt, "completion": completion, "label": label, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "completion": completion, "label": label,
+                 "raw_prompt": is_hh(prompt)}], False
     if kind == "scored":
         if has_pair and spec.completions_key not in rec:
             prompt, chosen, rejected, raw, early = _pair(rec, spec)
@@ -698,7 +704,8 @@ def canonicalize(kind: str, rec, rid: str, spec) -> tuple[list[dict], bool]:
             raise BadRecord(f"has {len(rewards)} values but {spec.completions_key!r} has K={len(comps)}",
                             spec.rewards_key)
         rewards = [_number(r, f"{spec.rewards_key}[{i}]") for i, r in enumerate(rewards)]
-        return [{"id": rid, "prompt": prompt, "completions": comps, "rewards": rewards, "raw_prompt": False}], False
+        return [{"id": rid, "prompt": prompt, "completions": comps, "rewards": rewards,
+                 "raw_prompt": is_hh(prompt)}], False
     raise ValueError(f"unknown data kind {kind!r}")
 
 

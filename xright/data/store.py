@@ -32,7 +32,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-FORMAT = 2  # 2: chat records rendered at token level (xright.data.chat)
+FORMAT = 3  # 2: chat records rendered at token level (xright.data.chat); 3: text prompts ending in the HH cue are raw
 META = "meta.json"
 STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")
 PER_PROCESS = 4000  # records per tokenising process (below two processes' worth, no worker is started)
