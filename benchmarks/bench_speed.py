@@ -226,9 +226,9 @@ def count_tokens(model_dir: str, data: str, max_len: int) -> dict[str, float]:
     policy forward+backward (weighted 3, a backward being about two forwards) plus reference forwards
     (weighted 1). A machine-independent proxy for the work (attention's T² part aside)."""
     sys.path.insert(0, ROOT)
-    from xright import refcache
     from xright.data import CyclingLoader, DataSpec, collate, load_data
     from xright.models import load_tokenizer
+    from xright.sharding import plan_batches
 
     tok = load_tokenizer(model_dir)
     train, _ = load_data(DataSpec(kind="pairwise", dataset=data, eval_split="", input_template="", max_len=max_len,
@@ -239,8 +239,9 @@ def count_tokens(model_dir: str, data: str, max_len: int) -> dict[str, float]:
         return sum(loader.next()["input_ids"].numel() for _ in range(len(loader)))
 
     padded, grouped, packed = epoch(), epoch(group_by_length=True), epoch(packed=True)
+    longest_first = [-len(e["prompt_ids"]) - max(map(len, e["responses"])) for e in train]  # as refcache's pass
     once = sum(collate("pairwise", [train[i] for i in idx], tok.pad_token_id)["input_ids"].numel()
-               for idx in refcache._batches(train, BATCH))  # the precompute pass: length-sorted batches
+               for idx in plan_batches(longest_first, BATCH))
     return {"real tokens": packed, "base": 3 * padded + padded, "precompute": 3 * padded + once,
             "group": 3 * grouped + grouped, "packing": 3 * packed + packed,
             "all": 3 * packed + packed,  # under --packing_samples the pass is packed too

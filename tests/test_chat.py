@@ -368,17 +368,13 @@ def test_cache_keys_change_with_the_template_text():
 
 
 def test_reference_table_key_changes_with_the_template_text():
-    import argparse
-
-    from xright import refcache
-    from xright.cli.common import ObjectiveSpec
+    from xright import fingerprints
 
     a, b = family_tokenizer(CHATML), family_tokenizer(CHATML)
     b.chat_template = b.chat_template.replace("You are Qwen", "You are Q")
-    args = argparse.Namespace(pretrain="tiny", ref_pretrain=None, seed=42, bf16=False, flash_attn=False, lora_rank=0,
-                              load_in_4bit=False)
-    sp = [ObjectiveSpec("dpo", argparse.Namespace(needs_reference=True), DataSpec(kind="pairwise"), 2)]
-    key = lambda tok: refcache.fingerprint_key(refcache.fingerprint(args, sp, tok, "fp32"))  # noqa: E731
+    data = {"dpo": DataSpec(kind="pairwise")}
+    key = lambda tok: fingerprints.digest(  # noqa: E731
+        fingerprints.reference("tiny", 42, "fp32", False, False, tok, data))
     assert key(a) == key(family_tokenizer(CHATML)) and key(a) != key(b)
 
 

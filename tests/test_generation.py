@@ -18,11 +18,10 @@ from launch import ROOT, env, metrics, run_many, train_records
 from xright.cli import batch_inference, lifecycle
 from xright.data import DataError, DataSpec, load_data
 from xright.data.synthetic import preference_records
-from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, eos_ids, gather_ordered, generate,
-                               generate_batch, kto, plan_batches, post_process, rank_batches, read_answers, read_prompts,
-                               rs,
-                               score, win_rate)
+from xright.generation import (Sampling, csft, cut_at_eos, encode_prompts, eos_ids, generate, generate_batch, kto,
+                               post_process, read_answers, read_prompts, rs, score, win_rate)
 from xright.models import load_model, load_tokenizer
+from xright.sharding import gather_ordered, plan_batches, rank_batches
 
 GEN = ["--eval_task", "generate", "--max_samples", "18", "--max_new_tokens", "20", "--micro_batch_size", "4"]
 

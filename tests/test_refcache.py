@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launch import metrics, run_cli
-from xright import refcache
+from xright import fingerprints, refcache
 from xright.cli import joint, train_dpo, train_exo, train_kto
 from xright.data import DataSpec, collate, load_data
 from xright.models import load_model, tiny_tokenizer
@@ -159,33 +159,31 @@ def test_the_precomputed_reference_is_freed(tmp_path, capsys, monkeypatch, extra
 def test_model_fingerprint_follows_the_files(tmp_path):
     model = load_model("tiny", seed=1, trainable=False)
     model.save_pretrained(tmp_path / "m")
-    before = refcache.model_fingerprint(str(tmp_path / "m"), seed=0, vocab_size=258)
-    assert before == refcache.model_fingerprint(str(tmp_path / "m"), seed=0, vocab_size=258)
+    before = fingerprints.model(str(tmp_path / "m"), seed=0, vocab_size=258)
+    assert before == fingerprints.model(str(tmp_path / "m"), seed=0, vocab_size=258)
     load_model("tiny", seed=2, trainable=False).save_pretrained(tmp_path / "m")  # new weights, same config
-    after = refcache.model_fingerprint(str(tmp_path / "m"), seed=0, vocab_size=258)
+    after = fingerprints.model(str(tmp_path / "m"), seed=0, vocab_size=258)
     assert after != before and after["config_sha256"] == before["config_sha256"]
-    assert refcache.model_fingerprint("tiny", 1, 258) != refcache.model_fingerprint("tiny", 2, 258)
+    assert fingerprints.model("tiny", 1, 258) != fingerprints.model("tiny", 2, 258)
 
 
-# every module whose code reaches a reference log-prob (listed here, not read from refcache.LOGP_MODULES,
+# every module whose code reaches a reference log-prob (listed here, not read from fingerprints.LOGP_MODULES,
 # so that a module dropped from that list fails)
 @pytest.mark.parametrize("module", ["xright.logprobs", "xright.models", "xright.objectives", "xright.strategy",
-                                    "xright.data.collate", "xright.data.kinds", "xright.refcache"])
+                                    "xright.data.collate", "xright.data.kinds", "xright.sharding", "xright.refcache"])
 def test_code_fingerprint_follows_every_log_prob_source(tmp_path, monkeypatch, module):
     import importlib
-    from types import SimpleNamespace
 
-    args = SimpleNamespace(ref_pretrain=None, pretrain=None, lora_rank=0, load_in_4bit=False, seed=1,
-                           flash_attn=False)
     tok = tiny_tokenizer()
-    before = refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32"))
+    key = lambda: fingerprints.digest(fingerprints.reference(None, 1, "fp32", False, False, tok, {}))  # noqa: E731
+    before = key()
     mod = importlib.import_module(module)
     changed = tmp_path / os.path.basename(mod.__file__)
     changed.write_text(open(mod.__file__).read() + "\n# a fix\n")
     monkeypatch.setattr(mod, "__file__", str(changed))
-    assert refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32")) != before
+    assert key() != before
     monkeypatch.undo()
-    assert refcache.fingerprint_key(refcache.fingerprint(args, [], tok, "fp32")) == before
+    assert key() == before
 
 
 class OneRank:

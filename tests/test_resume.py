@@ -226,7 +226,7 @@ def test_checkpoint_from_other_model_batch_or_data_is_refused(tmp_path):
 
 
 def test_prune_keeps_the_newest(tmp_path):
-    from xright.strategy import _prune
+    from xright.files import prune_checkpoints as _prune
 
     for step in (2, 4, 6, 8):
         d = tmp_path / f"global_step{step}"

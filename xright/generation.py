@@ -1,40 +1,20 @@
-"""Generation and scoring: the sampling loop, sharding over ranks, the ordered gather, reward
-labelling (post-processors) and the win-rate judge. A second consumer of the training pieces:
-models from :mod:`xright.models`, engines from :mod:`xright.strategy`, prompts and their
-templates, ids and file/line errors from :mod:`xright.data`, scores from
+"""Generation and scoring: the sampling loop, reward labelling (post-processors) and the win-rate judge. A
+second consumer of the training pieces: models from :mod:`xright.models`, engines from :mod:`xright.strategy`,
+prompts and their templates, ids and file/line errors from :mod:`xright.data`, scores from
 :func:`xright.objectives.reward_scores` (the score ``train_rm`` trains and evaluates).
 
-Batching and sharding (why greedy output does not depend on the world size or ZeRO stage)
-    Prompts are sorted by token length (ties in input order) and cut into micro-batches of
-    ``micro_batch_size`` prompts; batch j goes to rank ``j % world_size``. The batches — and so
-    the left padding every prompt sees — are therefore the same whatever the number of ranks,
-    and every batch is sampled under its own seed ``seed + j``: greedy output is identical for
-    any world size and stage, and sampled output is reproducible for a given seed (and, on this
-    CPU, identical across world sizes too). Under ZeRO-3 the parameters are gathered by
-    collective calls, so every rank makes the same number of ``generate`` calls (a rank short of
-    batches repeats one and discards it) and ``generate`` runs with ``synced_gpus=True``
-    (a finished rank keeps stepping until all are done). Results are gathered to rank 0 in input order.
+Batching and sharding (:mod:`xright.sharding`)
+    Prompts are sorted by token length and cut into micro-batches, the same whatever the number of ranks, and
+    batch j is sampled under its own seed ``seed + j``: greedy output (and, on this CPU, sampled output) is
+    identical for any world size and stage. Under ZeRO-3 ``generate`` also runs with ``synced_gpus=True`` (a
+    finished rank keeps stepping until all are done).
 
-Prompts
-    A prompt is a record's prompt as :func:`xright.data.records.generation_prompt` reads it (the
-    ``input_key`` field, text or messages; an HH dialogue through its last ``"\n\nAssistant:"``), or
-    a built-in preference prompt without ``--dataset``, rendered and tokenised exactly as the trainers
-    do it (``input_template``; messages and ``apply_chat_template`` through
-    :class:`xright.data.chat.ChatRenderer`, the generation prompt included). Output
-    records keep the raw prompt, so the trainers template it again in the same way. Prompts longer
-    than ``prompt_max_len`` tokens keep their BOS and their last tokens (the end of a prompt holds
-    the assistant cue). Each prompt's stable id is its record id (``file:line``; the n-th copy of a
-    record that an oversampled source repeats gets ``~n``, as in the training data).
-
-Stopping
-    A completion ends at the tokenizer's eos or at any eos id of the model's generation config,
-    whichever comes first (Llama-3-Instruct's tokenizer ends text with ``<|end_of_text|>``, its
-    generation config also lists the end of an assistant turn, ``<|eot_id|>``).
+Prompts are rendered and tokenised exactly as the trainers do (:func:`read_prompts`, :func:`encode_prompts`); a
+completion ends at the first eos of the tokenizer or of the model's generation config (:func:`eos_ids`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -47,6 +27,7 @@ from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend, parse_probs, sou
 from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
 from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
 from xright.data import synthetic
+from xright.sharding import plan_batches, run_pass
 
 
 # ---- prompts and records ------------------------------------------------------------------------
@@ -164,36 +145,7 @@ def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_le
     return out
 
 
-# ---- batching and sharding ----------------------------------------------------------------------
-
-def plan_batches(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
-    """Indices in micro-batches of similar length; depends only on the lengths (not on ranks)."""
-    if micro_batch_size < 1:
-        raise ValueError(f"micro batch size must be >= 1, got {micro_batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-
-
-def rank_batches(batches: list[list[int]], rank: int, world_size: int, synced: bool) -> list[tuple[int, list[int], bool]]:
-    """(batch index, indices, real?) this rank computes. ``synced`` (ZeRO-3): every rank gets the same
-    number of calls; a rank short of batches repeats batch 0 and discards the result (no batches: no calls)."""
-    mine = [(j, b, True) for j, b in enumerate(batches) if j % world_size == rank]
-    if synced and batches:
-        calls = math.ceil(len(batches) / world_size)
-        mine += [(0, batches[0], False)] * (calls - len(mine))
-    return mine
-
-
-def gather_ordered(local: dict[int, object], n: int, all_gather_object) -> list:
-    """Every rank's ``{index: result}`` merged into one list in input order (on every rank)."""
-    merged: dict[int, object] = {}
-    for part in all_gather_object(local):
-        merged.update(part)
-    missing = [i for i in range(n) if i not in merged]
-    if missing:
-        raise RuntimeError(f"gather: results for {len(missing)} of {n} inputs missing (first {missing[:5]})")
-    return [merged[i] for i in range(n)]
-
+# ---- sampling -----------------------------------------------------------------------------------
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
@@ -205,8 +157,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             mask[b, T - len(s):] = 1
     return ids, mask
 
-
-# ---- sampling -----------------------------------------------------------------------------------
 
 @dataclass
 class Sampling:
@@ -295,15 +245,15 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_si
              progress: Progress | None = None) -> dict[int, list[list[int]]]:
     """This rank's share of the completions: ``{prompt index: [K token lists]}`` (see the module docstring)."""
     batches = plan_batches([len(p) for p in prompts], micro_batch_size)
-    local: dict[int, list[list[int]]] = {}
-    plan = rank_batches(batches, rank, world_size, synced)
     if progress is not None:
-        progress.expect(sum(len(idx) for _, idx, real in plan if real))
-    for j, idx, real in plan:
-        outs = generate_batch(model, [prompts[i] for i in idx], sampling, eos_ids=eos_ids, pad_id=pad_id,
+        progress.expect(sum(map(len, batches[rank::world_size])))
+
+    def compute(j, idx):
+        return generate_batch(model, [prompts[i] for i in idx], sampling, eos_ids=eos_ids, pad_id=pad_id,
                               seed=sampling.seed + j, synced=synced, device=device)
-        if not real:
-            continue
+
+    local: dict[int, list[list[int]]] = {}
+    for _, idx, outs in run_pass(compute, batches, rank, world_size, synced, model=model):
         local.update(zip(idx, outs))
         if progress is not None:
             # + 1 per completion that ended at its eos: the eos was generated too
@@ -323,7 +273,6 @@ def tokenize_answers(records: list[dict], tokenizer, spec: DataSpec) -> tuple[li
     return examples, counts
 
 
-@torch.no_grad()
 def score(model, examples: list[dict], micro_batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1,
           synced: bool = False, device=None, progress: Progress | None = None) -> dict[int, float]:
     """Reward of each tokenised example (``{"index": int, "prompt_ids", "response_ids"}``) read at its last real
@@ -332,18 +281,19 @@ def score(model, examples: list[dict], micro_batch_size: int, pad_id: int, *, ra
     from xright.objectives import reward_scores
 
     batches = plan_batches([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples], micro_batch_size)
-    local: dict[int, float] = {}
-    plan = rank_batches(batches, rank, world_size, synced)
     if progress is not None:
-        progress.expect(sum(len(idx) for _, idx, real in plan if real))
-    for _, idx, real in plan:
+        progress.expect(sum(map(len, batches[rank::world_size])))
+
+    def compute(_, idx):
         batch = collate("sft", [examples[i] for i in idx], pad_id)
         dev = device or next(_module(model).parameters()).device
-        values = reward_scores(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).float().tolist()
-        if real:
-            local.update({examples[i]["index"]: v for i, v in zip(idx, values)})
-            if progress is not None:
-                progress.update(len(idx))
+        return reward_scores(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).float().tolist()
+
+    local: dict[int, float] = {}
+    for _, idx, values in run_pass(compute, batches, rank, world_size, synced, model=model):
+        local.update({examples[i]["index"]: v for i, v in zip(idx, values)})
+        if progress is not None:
+            progress.update(len(idx))
     return local
 
 
@@ -366,17 +316,18 @@ def write_records(path: str, records: list[dict], json_list: bool = False) -> No
     """JSON lines (or one JSON array), written to a temporary file and renamed: never half a file."""
     import json
     import os
-    import tempfile
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        if json_list:
-            json.dump(records, f, indent=2, ensure_ascii=False)
-        else:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
+    from xright.files import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, json.dumps(records, indent=2, ensure_ascii=False) if json_list else
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+@dataclass
+class PostOptions:
+    kto_threshold: float | None = None  # kto: reward > t is desirable (default: relative to the prompt's median)
+    reward_template: str | None = None  # csft: how the reward is written into the prompt
 
 
 def _groups(records: list[dict]) -> list[list[dict]]:
@@ -393,26 +344,22 @@ def _answer(record, text):
     return [{"role": "assistant", "content": text}] if isinstance(record["input"], list) else text
 
 
-def _best(group):  # first of the maximal rewards, so ties resolve in input order
-    return max(group, key=lambda r: r["reward"])
+def _reward(record):  # max/min take the first of equal rewards: ties resolve in input order
+    return record["reward"]
 
 
-def _worst(group):
-    return min(group, key=lambda r: r["reward"])
-
-
-def rs(records, opts=None) -> list[dict]:
+def rs(records, opts: PostOptions | None = None) -> list[dict]:
     """Rejection sampling (Touvron et al. 2023): the best completion of each prompt -> SFT records."""
-    return [{"id": g[0]["prompt_id"], "input": (b := _best(g))["input"], "output": b["output"], "reward": b["reward"]}
-            for g in _groups(records)]
+    return [{"id": g[0]["prompt_id"], "input": (b := max(g, key=_reward))["input"], "output": b["output"],
+             "reward": b["reward"]} for g in _groups(records)]
 
 
-def iter_dpo(records, opts=None) -> list[dict]:
+def iter_dpo(records, opts: PostOptions | None = None) -> list[dict]:
     """Iterative DPO (RLHFlow): best vs worst completion -> pairwise records. Prompts whose best and
     worst texts are equal (K = 1, or identical samples) give no pair and are left out."""
     out = []
     for g in _groups(records):
-        b, w = _best(g), _worst(g)
+        b, w = max(g, key=_reward), min(g, key=_reward)
         if b["output"] != w["output"]:
             out.append({"id": g[0]["prompt_id"], "prompt": b["input"], "chosen": _answer(b, b["output"]),
                         "rejected": _answer(w, w["output"]),
@@ -420,7 +367,7 @@ def iter_dpo(records, opts=None) -> list[dict]:
     return out
 
 
-def exo(records, opts=None) -> list[dict]:
+def exo(records, opts: PostOptions | None = None) -> list[dict]:
     """K completions and their rewards -> scored records (``train_exo --loss exo-rw``). A micro-batch needs
     the same K for every prompt, so prompts with fewer completions than the most common K are left out."""
     groups = [g for g in _groups(records) if len(g) >= 2]
@@ -432,7 +379,7 @@ def exo(records, opts=None) -> list[dict]:
              "rewards": [r["reward"] for r in g]} for g in groups if len(g) == K]
 
 
-def kto(records, opts=None) -> list[dict]:
+def kto(records, opts: PostOptions | None = None) -> list[dict]:
     """Completions labelled desirable / undesirable -> binary records (``train_kto``).
 
     With ``opts.kto_threshold`` t: reward > t is desirable, otherwise undesirable. Without it, relative to
@@ -460,7 +407,7 @@ def kto(records, opts=None) -> list[dict]:
 CSFT_TEMPLATE = "{input} <rm_score>: {reward} "
 
 
-def csft(records, opts=None) -> list[dict]:
+def csft(records, opts: PostOptions | None = None) -> list[dict]:
     """Conditional SFT (Wang et al. 2023, XRIGHT's csft): the reward written into the prompt -> SFT records."""
     template = getattr(opts, "reward_template", None) or CSFT_TEMPLATE
     if "{input}" not in template or "{reward}" not in template:
@@ -516,7 +463,7 @@ def markdown_table(rows: list[dict], baseline: str) -> str:
         f"{r['baseline_mean_len']:.1f} |\n" for r in rows)
 
 
-def post_process(name: str, records: list[dict], opts=None) -> tuple[list[dict], int]:
+def post_process(name: str, records: list[dict], opts: PostOptions | None = None) -> tuple[list[dict], int]:
     """``POST_PROCESSORS[name]`` on scored records, after leaving out blank answers (no trainer accepts
     an empty response); returns the training records and how many answers were left out."""
     if name not in POST_PROCESSORS:

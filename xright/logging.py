@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from xright.files import atomic_write
+
 
 class MetricsLogger:
     """One JSON object per line in ``<save_path>/metrics.jsonl``, mirrored to wandb/tensorboard.
@@ -49,10 +51,7 @@ class MetricsLogger:
         with open(self.path) as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step
                     and not {"final", "done"} & set(json.loads(line))]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(keep))
         self._file = open(self.path, "a", buffering=1)
 
     def close(self) -> None:

@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from dataclasses import dataclass, field
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from xright.files import atomic_write_json, install_checkpoint, save_model
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
@@ -70,22 +71,17 @@ def read_ds_config(path: str) -> dict:
     return cfg
 
 
-def template_path(stage: int) -> str:
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3, got {stage}")
-    return os.path.join(TEMPLATES, "zero3.json" if stage == 3 else "zero2.json")
-
-
 def build_ds_config(opts: DSOptions, world_size: int) -> dict:
-    """The user's (or the template's) config with the CLI flags laid over it.
-
-    A flag the user typed that contradicts a value written in the file is an error: silently
-    preferring either would train something other than what one of the two says.
-    """
+    """The user's (or the template's) config with the CLI flags laid over it. A typed flag that contradicts the
+    file is an error: silently preferring either would train something other than what one of the two says."""
     from_file = opts.deepspeed is not None
-    cfg = read_ds_config(opts.deepspeed or template_path(opts.zero_stage))
     if not from_file:
+        if opts.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3, got {opts.zero_stage}")
+        cfg = read_ds_config(os.path.join(TEMPLATES, "zero3.json" if opts.zero_stage == 3 else "zero2.json"))
         _set(cfg, "zero_optimization.stage", opts.zero_stage)
+    else:
+        cfg = read_ds_config(opts.deepspeed)
     overlay = {
         "zero_optimization.stage": ("zero_stage", opts.zero_stage),
         "gradient_clipping": ("max_norm", opts.max_norm),
@@ -191,14 +187,9 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
 
 
 def _unlink_shm_buffer(rank: int, world_size: int) -> None:
-    """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
-
-    On CPU, DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
-    (~69 MB per rank) and never unlinks it: every launch, finished or killed, leaves its
-    buffers in RAM-backed /dev/shm until the machine runs out of memory. The op maps all
-    peers' buffers inside ``init_distributed``; after a barrier the names are no longer
-    needed, and unlinking them lets the kernel free the memory when the last process exits.
-    """
+    """DeepSpeed's CPU shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_*`` (~69 MB per rank, RAM) and
+    never unlinks it. Once every rank has mapped its peers' buffers (a barrier after ``init_distributed``) the
+    names are not needed: unlinked, the kernel frees the memory when the last process exits."""
     if os.environ.get("LOCAL_SIZE") != str(world_size):  # the op only maps buffers when all ranks are local
         return
     dist.barrier()
@@ -214,24 +205,15 @@ _ENGINES: list = []
 
 
 def close_process_group() -> list[str]:
-    """Ordered teardown of what owns communication threads; every CLI exit path calls it.
+    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective.
 
-    Each gloo process group runs native threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) that stop
-    only when the group's C++ object is destroyed, i.e. when its last reference goes.
-    ``dist.destroy_process_group`` alone does not drop the references: DeepSpeed keeps groups in
-    ``deepspeed.utils.groups``, and every ZeRO-3 parameter holds its ``ds_process_group``. Left
-    alive, the groups were destroyed during interpreter finalisation, racing with C++ static
-    destruction on that rank: "terminate called without an active exception" (SIGABRT, launcher
-    exit 250) after a run had saved everything. Here, while the interpreter is intact, the engines
-    drop their hooks (``engine.destroy``), ``deepspeed.comm`` destroys the groups and releases its
-    own references, and a collection frees what is free. No collective: an error on one rank must
-    not hang here.
-
-    Returns the names of gloo threads still alive. Under ZeRO-3 there are some: DeepSpeed's
-    partitioned parameters stay reachable from native autograd state after ``engine.destroy``, so
-    the groups cannot be freed, and the caller must not let finalisation run (``lifecycle.shutdown``).
+    A gloo group's native threads stop only when its last reference goes, and DeepSpeed keeps references
+    (``deepspeed.utils.groups``, every ZeRO-3 parameter's ``ds_process_group``): destroyed during interpreter
+    finalisation they raced C++ static destruction (SIGABRT after a complete run). Returns the names of gloo
+    threads still alive (under ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation).
     """
     import gc
+    import glob
 
     release_engines()
     if dist.is_initialized():
@@ -242,18 +224,20 @@ def close_process_group() -> list[str]:
         else:  # initialised by torch directly (in-process tests)
             dist.destroy_process_group()
     gc.collect()
-    return comm_threads()
+    names = []
+    for comm in glob.glob("/proc/self/task/*/comm"):  # Linux; elsewhere none
+        try:
+            with open(comm) as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue
+    return [n for n in names if "gloo" in n]
 
 
 def release_engines() -> None:
-    """Destroy every engine built in this process (their hooks and ZeRO state); the process group stays.
-
-    Also undoes what would leak into a later run in the same process: transformers' global ZeRO-3
-    config, and DeepSpeed's one process-wide patch: building a model under ZeRO-3 (``zero.Init``)
-    replaces ``torch.nn.functional.linear`` with its memory-efficient autograd function, which
-    "will persist unless manually reset". Left in place, a later run in the same process (a notebook,
-    a sweep, ``tests/multirun.py``) computes its gradients in another order: losses off in the 7th digit.
-    """
+    """Destroy every engine built in this process; the process group stays. Also undoes what would leak into a
+    later run in the same process: transformers' global ZeRO-3 config, and ``zero.Init``'s replacement of
+    ``torch.nn.functional.linear`` (left in place, a later run's losses differ in the 7th digit)."""
     import gc
 
     while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
@@ -269,12 +253,8 @@ def release_engines() -> None:
 
 
 def release_engine(engine, collect: bool = True) -> None:
-    """Free one engine now: its hooks and ZeRO state, and its module with every parameter.
-
-    ``engine.destroy()`` (DeepSpeed 0.19.8) keeps ``engine.module``, DeepSpeed's ZeRO-3 forward stack keeps
-    the module, and this module's engine list keeps the engine: left so, a released reference held all its
-    (partitioned, possibly offloaded) parameters until the process ended.
-    """
+    """Free one engine now with its module and every parameter: ``engine.destroy()`` (DeepSpeed 0.19.8) keeps
+    ``engine.module``, and the ZeRO-3 forward stack and our engine list keep more references."""
     import gc
 
     try:
@@ -300,30 +280,8 @@ def release_engine(engine, collect: bool = True) -> None:
         gc.collect()
 
 
-def comm_threads() -> list[str]:
-    """Names of this process's native gloo threads (Linux /proc; empty elsewhere)."""
-    names = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return names
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if "gloo" in name:
-            names.append(name)
-    return names
-
-
 class Strategy:
-    """Process group, engines and collectives.
-
-    Works under the ``deepspeed`` launcher and as a plain single process (``python -m ...``):
-    without a launcher it sets up a world of one on a free local port.
-    """
+    """Process group, engines and collectives; without the ``deepspeed`` launcher, a world of one."""
 
     def __init__(self, seed: int = 42):
         if "RANK" not in os.environ:
@@ -351,11 +309,11 @@ class Strategy:
         if self.is_rank0:
             print(*args, **kwargs, flush=True)
 
-    def configure(self, opts: DSOptions) -> dict:
-        self.ds_config = build_ds_config(opts, self.world_size)
-        self.ref_offload = opts.ref_offload
-        if self.zero_stage == 3:
-            # Lets transformers build big models directly sharded (zero.Init) under ZeRO-3.
+    def configure(self, opts: DSOptions | None = None, cfg: dict | None = None) -> dict:
+        """The run's DeepSpeed config, from the flags' ``opts`` or given (``cfg``, no reference offload)."""
+        self.ds_config = cfg or build_ds_config(opts, self.world_size)
+        self.ref_offload = opts is not None and opts.ref_offload
+        if self.zero_stage == 3:  # transformers then builds big models directly sharded (zero.Init)
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
@@ -457,43 +415,22 @@ class Strategy:
 
     # ---- saving --------------------------------------------------------------------------
 
-    def full_state_dict(self, engine):
-        """The trainable module's full state dict on rank 0 (gathered from ZeRO-3 shards), else None."""
-        if self.zero_stage == 3:
-            return engine._zero3_consolidated_16bit_state_dict()
-        if not self.is_rank0:
-            return None
-        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-
     def save_hf(self, engine, tokenizer, path: str, extra_files: dict | None = None) -> None:
-        """HF-format model (``save_pretrained`` + tokenizer) written atomically to ``path``.
-
-        LoRA runs save the adapter (peft's ``save_pretrained`` keeps the adapter keys only).
-        """
-        state = self.full_state_dict(engine)
+        """HF-format model (``save_pretrained`` + tokenizer) written atomically to ``path``; a LoRA run's adapter
+        (peft's ``save_pretrained`` keeps the adapter keys only). The state dict is whole on rank 0."""
+        if self.zero_stage == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if self.is_rank0 else None
         if self.is_rank0:
-            os.makedirs(path, exist_ok=True)
-            tmp = tempfile.mkdtemp(dir=path, prefix=".model.tmp-")
-            try:
-                engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                for name, obj in (extra_files or {}).items():
-                    with open(os.path.join(tmp, name), "w") as f:
-                        json.dump(obj, f, indent=2)
-                publish(tmp, path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            save_model(engine.module, state, tokenizer, path, extra_files)
         self.barrier()
 
     # ---- randomness ----------------------------------------------------------------------
 
     def seed_rank(self) -> None:
-        """Give each rank its own torch seed (CPU and accelerator) once the models are built.
-
-        The models were initialised under the shared ``--seed`` and must stay identical on every
-        rank; from here on the ranks see different data, so their dropout masks must differ too.
-        (Data order and schedule run from generators of their own.) Rank 0 keeps the run's seed.
-        """
+        """Once the models are built (under the shared ``--seed``, identical on every rank), each rank its own torch
+        seed, so that dropout masks differ across ranks; rank 0 keeps the run's seed."""
         seed = self.seed + 1_000_003 * self.rank
         torch.manual_seed(seed)
         get_accelerator().manual_seed_all(seed)
@@ -504,17 +441,10 @@ class Strategy:
 
     def save_checkpoint(self, engine, ckpt_dir: str, step: int, state: dict, rank_state: dict,
                         max_num: int = 3, max_gb: float = 1000.0) -> str:
-        """A resumable checkpoint, atomically: a crash at any moment leaves the previous one loadable.
-
-        DeepSpeed writes engine state (weights, optimizer, LR schedule) under a temporary tag; rank 0
-        adds ``xright_state.json`` (``state`` + every rank's ``rank_state`` with its accelerator RNG),
-        renames the directory into place and only then rewrites the ``latest`` pointer. Old
-        checkpoints beyond ``max_num`` or ``max_gb`` are removed afterwards.
-
-        Saving again what this process just saved (SIGTERM right after a scheduled save) is skipped:
-        rewriting it would remove the checkpoint ``latest`` points to. The decision is the same on every
-        rank, as ``state`` is.
-        """
+        """A resumable checkpoint, atomically: DeepSpeed writes the engine state under a temporary tag, rank 0 adds
+        ``xright_state.json`` (``state`` + every rank's ``rank_state`` and accelerator RNG), renames the directory
+        into place, then rewrites ``latest`` and prunes. Saving again what this process just saved (SIGTERM right
+        after a scheduled save) is skipped on every rank: it would remove the checkpoint ``latest`` points to."""
         tag = f"global_step{step}"
         tmp_tag = f".tmp-{tag}"
         saving = (tag, json.dumps(state, sort_keys=True))
@@ -531,17 +461,7 @@ class Strategy:
         ranks = self.all_gather_object(rank_state)
         self.barrier()
         if self.is_rank0:
-            tmp = os.path.join(ckpt_dir, tmp_tag)
-            atomic_write_json(os.path.join(tmp, "xright_state.json"), {**state, "ranks": ranks})
-            final = os.path.join(ckpt_dir, tag)
-            old = f"{tmp}.old"  # a ".tmp-global_step" name: _prune removes it if we die before we do
-            if os.path.exists(final):  # another run's (or another state's) checkpoint of this step
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)  # two renames, not a removal, between the old and the new one
-            os.replace(tmp, final)
-            _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
-            shutil.rmtree(old, ignore_errors=True)
-            _prune(ckpt_dir, keep=tag, max_num=max_num, max_gb=max_gb)
+            install_checkpoint(ckpt_dir, tmp_tag, tag, {**state, "ranks": ranks}, max_num, max_gb)
         self.barrier()
         self._last_checkpoint = saving
         return tag
@@ -572,11 +492,9 @@ class Strategy:
         return tag, state
 
     def plan_resume(self, ckpt_dir: str, expect: dict) -> None:
-        """Before the engines are built: if the latest checkpoint of ``ckpt_dir`` (checked against ``expect``) was
-        saved by another number of ranks, convert its engine state (weights, optimizer, ZeRO-2 or ZeRO-3 shards)
-        once into DeepSpeed's universal format beside it (``<tag>_universal``; the original stays) and make the
-        engine load that (``checkpoint.load_universal`` in the DeepSpeed config). xright's own state needs no
-        conversion: its loader positions and schedule state are global counts."""
+        """Before the engines are built: a latest checkpoint saved by another number of ranks is converted once into
+        DeepSpeed's universal format beside it (``<tag>_universal``), which the engine then loads. xright's own
+        state needs no conversion: loader positions and schedule state are global counts."""
         latest = self._latest(ckpt_dir, expect)
         if latest is None:
             return
@@ -605,12 +523,8 @@ class Strategy:
                    f"checkpoint {out} (the original is kept) and are resharded from it")
 
     def load_checkpoint(self, engine, ckpt_dir: str, expect: dict) -> dict | None:
-        """Restore the latest checkpoint in ``ckpt_dir``; None if there is none.
-
-        ``expect`` holds facts the checkpoint must agree with (model signature, examples per step, data):
-        a mismatch is a clear error before DeepSpeed tries to load incompatible shards. A checkpoint of
-        another world size loads from the universal copy :meth:`plan_resume` made.
-        """
+        """Restore the latest checkpoint in ``ckpt_dir`` (None if there is none); a mismatch with ``expect`` (model
+        signature, examples per step, data) is a clear error before DeepSpeed loads incompatible shards."""
         latest = self._latest(ckpt_dir, expect)
         if latest is None:
             return None
@@ -635,87 +549,17 @@ class Strategy:
         return state
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
-
-
-def _prune(ckpt_dir: str, keep: str, max_num: int, max_gb: float) -> None:
-    """Drop the oldest checkpoints beyond ``max_num`` / ``max_gb`` (never ``keep``), and stale temporaries."""
-    for name in os.listdir(ckpt_dir):
-        if name.startswith(".tmp-global_step"):
-            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-    tags = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("global_step") and n[11:].isdigit()),
-                  key=lambda n: int(n[11:]))
-    sizes = {t: _dir_bytes(os.path.join(ckpt_dir, t)) for t in tags}
-    while len(tags) > 1 and (len(tags) > max(1, max_num) or sum(sizes.values()) > max_gb * 2**30):
-        old = tags.pop(0)
-        if old == keep:
-            break
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-        sizes.pop(old)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def atomic_write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-MARKERS = ("config.json", "adapter_config.json")
-
-
-def publish(tmp: str, path: str) -> None:
-    """Move a finished save from ``tmp`` into ``path``, which may hold other files (metrics).
-
-    The files that make a directory look like a model (config.json, adapter_config.json) are
-    removed first and moved in last, so a crash in between leaves no model that looks complete.
-    """
-    for name in MARKERS:
-        if os.path.exists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
-    names = sorted(os.listdir(tmp), key=lambda n: n in MARKERS)
-    for name in names:
-        dst = os.path.join(path, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-
-
-def inference_config(zero_stage: int, bf16: bool, world_size: int) -> dict:
-    """Generation and scoring: stage 3 shards the frozen model (no optimizer); any other stage replicates it."""
+def configure_inference(strategy: Strategy, zero_stage: int, bf16: bool) -> dict:
+    """Generation and scoring: ``strategy.prepare_reference(model)`` then returns a sharded stage-3 engine (every
+    rank must then run the same number of forwards) or, at any other stage, a replicated module."""
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    base = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}}
-    return reference_config(base, offload=False)
-
-
-def configure_inference(strategy: "Strategy", zero_stage: int, bf16: bool) -> dict:
-    """Make ``strategy`` hold an inference config, so that ``strategy.prepare_reference(model)`` returns a
-    sharded stage-3 engine (ZeRO-3) or a replicated module. Under ZeRO-3 every rank must then run the same
-    number of forwards (generation with ``synced_gpus``), as the parameters are gathered collectively."""
-    strategy.ds_config = inference_config(zero_stage, bf16, strategy.world_size)
-    strategy.ref_offload = False
-    if strategy.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        strategy._hf_ds_config = HfDeepSpeedConfig(strategy.ds_config)
-    return strategy.ds_config
+    base = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": strategy.world_size,
+            "gradient_accumulation_steps": 1, "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}}
+    return strategy.configure(cfg=reference_config(base, offload=False))

@@ -1,12 +1,10 @@
-"""The one training loop: pick, compute, backward, step, log, evaluate, checkpoint.
-
-Every schedule (single, sequential, mix, ALRIGHT, MAXRIGHT) and every objective runs through
-:meth:`Trainer.fit`. The loop knows objectives only by name and by what they declare.
-"""
+"""The one training loop (:meth:`Trainer.fit`) for every schedule and objective: pick, compute, backward, step,
+log, evaluate, checkpoint. It knows objectives only by name and by what they declare."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -22,6 +20,7 @@ from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
 from xright.objectives import Objective, Reference
 from xright.schedules import Stopping
+from xright.sharding import run_pass
 
 PROBE_SEED = 1_000_003  # offset of the probe loaders' seed from the training loaders'
 
@@ -112,24 +111,19 @@ class Trainer:
         return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self, plan: dict[str, float]):
-        """Draw every picked objective's micro-batches, then accumulate and step once.
-
-        The micro-batches are drawn first so that each objective's normaliser (response tokens or
-        examples of the whole step, all ranks) is known before the first backward: each
-        micro-step's loss is Σ_k w_k · sum_k × W / N_k, which DeepSpeed's mean over ranks turns
-        into the global mean. We pass ``scale_wrt_gas=False`` and set the accumulation boundary
-        ourselves because objectives may have different accumulation counts (per-objective micro
-        batch sizes), which DeepSpeed's single counter cannot express.
-        """
-        engine, W = self.engine, self.s.world_size
+        """Draw every picked objective's micro-batches first, so that its normaliser N_k (units of the whole step,
+        all ranks) is known before the first backward; then accumulate Σ_k w_k · sum_k × W / N_k per micro-step
+        (docs/DESIGN.md §4) and step once. The accumulation boundary is ours: objectives may accumulate
+        different numbers of micro-batches, which DeepSpeed's single counter cannot express."""
+        engine, W, dev = self.engine, self.s.world_size, self.s.device
         batches = {k: [self._to_device(self.tasks[k].loader.next()) for _ in range(self.tasks[k].grad_accum)]
                    for k in plan}
         self._last_ids = {k: [i for b in bs for i in b["ids"]] for k, bs in batches.items()}
-        units = {k: self.s.all_reduce(torch.stack([self.tasks[k].objective.units(b) for b in bs]).sum().to(self.s.device))
+        units = {k: self.s.all_reduce(torch.stack([self.tasks[k].objective.units(b) for b in bs]).sum().to(dev))
                  for k, bs in batches.items()}
         micro_steps = max(len(bs) for bs in batches.values())
         sums: dict[str, dict[str, torch.Tensor]] = {k: {} for k in plan}
-        tokens = torch.zeros((), device=self.s.device)
+        tokens = torch.zeros((), device=dev)
         for m in range(micro_steps):
             engine.set_gradient_accumulation_boundary(m == micro_steps - 1)
             loss = 0.0
@@ -159,58 +153,46 @@ class Trainer:
         vec = self.s.all_reduce(torch.stack([torch.as_tensor(sums[k][m], dtype=torch.float32, device=self.s.device)
                                              for k, m in keys]))
         out: dict[str, dict[str, float]] = {k: {} for k in sums}
-        values = vec.tolist()
-        for (k, m), v in zip(keys, values):
+        for (k, m), v in zip(keys, vec.tolist()):
             out[k][m] = v / float(units[k])
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Every objective's loss on its eval set (global means over all eval units).
-
-        Every eval example counts once whatever the world size: rank r takes examples r, r + W, …; a rank
-        with fewer batches than another repeats its first one and discards the result, so every rank runs
-        the same number of forwards (ZeRO-3 gathers parameters collectively).
-        """
-        module = self.engine.module
-        module.eval()
+        """Every objective's loss on its eval set (global means), one sharded pass each: rank r takes examples r,
+        r + W, … in micro-batches (a last one too short for the objective joins the one before)."""
         out: dict[str, float] = {}
-        try:
-            for name in sorted(self.tasks):
-                task = self.tasks[name]
-                if not task.eval_examples:
-                    continue
-                W, r, need = self.s.world_size, self.s.rank, task.objective.min_micro_batch
-                if len(task.eval_examples) // W < need:  # too few per rank (warned at start)
-                    continue
+        W, r = self.s.world_size, self.s.rank
+        for name in sorted(self.tasks):
+            task, need = self.tasks[name], self.tasks[name].objective.min_micro_batch
+            ev = task.eval_examples or []
+            if not ev or len(ev) // W < need:  # none, or too few per rank (warned at start)
+                continue
+            shares = []
+            for q in range(W):
+                share = list(range(q, len(ev), W))
+                cuts = list(range(0, len(share), task.micro_batch_size))
+                if len(cuts) > 1 and len(share) - cuts[-1] < need:
+                    cuts.pop()
+                shares.append([share[a:b] for a, b in zip(cuts, cuts[1:] + [len(share)])])
+            # ranks' batch counts differ by at most one, the larger first: round-robin, batch j is rank j % W's
+            batches = [b for rnd in itertools.zip_longest(*shares) for b in rnd if b is not None]
 
-                def batches(rank):  # [start, end) of each batch of this rank's examples
-                    n = len(task.eval_examples[rank::W])
-                    starts = list(range(0, n, task.micro_batch_size))
-                    if len(starts) > 1 and n - starts[-1] < need:
-                        starts.pop()  # a too-short last batch (KTO needs 2 examples) joins the one before
-                    return [(i, starts[j + 1] if j + 1 < len(starts) else n) for j, i in enumerate(starts)]
+            def compute(_, idx):
+                batch = self._to_device(task.loader.collate([ev[i] for i in idx]))  # the training layout
+                return batch, task.objective(self.engine, self.reference, batch)[1]
 
-                mine, spans = task.eval_examples[r::W], batches(r)
-                rounds = max(len(batches(q)) for q in range(W))
-                sums: dict[str, torch.Tensor] = {}
-                units = torch.zeros((), device=self.s.device)
-                for j in range(rounds):
-                    i, end = spans[j] if j < len(spans) else spans[0]
-                    batch = self._to_device(task.loader.collate(mine[i:end]))  # the training layout
-                    _, metrics = task.objective(self.engine, self.reference, batch)
-                    if j >= len(spans):
-                        continue  # a repeat that keeps the ranks' forwards in step
-                    units += task.objective.units(batch).to(self.s.device)
-                    for m, v in metrics.items():
-                        sums[m] = sums.get(m, 0.0) + v
-                reduced = self._reduce_metrics({name: sums}, {name: self.s.all_reduce(units)})
-                for m, v in reduced[name].items():
-                    out[f"eval/{name}/{m}"] = v
-        finally:
-            module.train()
+            sums: dict[str, torch.Tensor] = {}
+            units = torch.zeros((), device=self.s.device)
+            # a rank short of batches repeats its first (batch r), whose KTO z then still joins the ranks' mean
+            for _, _, (batch, metrics) in run_pass(compute, batches, r, W, filler=r, model=self.engine.module):
+                units += task.objective.units(batch).to(self.s.device)
+                for m, v in metrics.items():
+                    sums[m] = sums.get(m, 0.0) + v
+            reduced = self._reduce_metrics({name: sums}, {name: self.s.all_reduce(units)})
+            out.update({f"eval/{name}/{m}": v for m, v in reduced[name].items()})
+        self.engine.module.train()  # training goes on in train mode (a pretrained model loads in eval mode)
         losses = {k: out[f"eval/{k}/loss"] for k in self.tasks if f"eval/{k}/loss" in out}
         if len(losses) > 1:
             out["eval/ideal_distance"] = math.sqrt(sum((losses[k] - self.tasks[k].optimum) ** 2 for k in losses))
@@ -218,13 +200,8 @@ class Trainer:
 
     @torch.no_grad()
     def probe_losses(self) -> dict[str, float]:
-        """Each objective's loss on its next global batch, without grad (MAXRIGHT's stale-loss refresh).
-
-        Each probe takes the next optimizer step's worth of examples (all its micro-batches, every rank)
-        from the objective's probe loader (its own pass over the same examples, saved with the checkpoint
-        so a resume probes the same batches), so the probe is the same on any number of ranks; no
-        training batch is used.
-        """
+        """Each objective's loss on the next global batch of its probe loader (its own pass over the same examples,
+        saved with the checkpoint), without grad: MAXRIGHT's stale-loss refresh, the same on any number of ranks."""
         out = {}
         for name in self.schedule.names:
             task = self.tasks[name]
@@ -292,19 +269,17 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _should_stop(self, ev: dict[str, float]) -> str | None:
-        losses = {k: ev.get(f"eval/{k}/loss") for k in self.tasks}
-        if any(v is None for v in losses.values()):
-            return None
-        return self.args.stopping.reason(losses, {k: t.optimum for k, t in self.tasks.items()})
-
     def _log_eval(self) -> str | None:
+        """Evaluate and log; the joint runs' reason to stop early, if any."""
         ev = self.evaluate()
         self._last_eval = (self.step, ev)
         if ev:
             self.logger.log({"step": self.step, **ev})
             self.s.print("eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        return self._should_stop(ev)
+        losses = {k: ev.get(f"eval/{k}/loss") for k in self.tasks}
+        if any(v is None for v in losses.values()):
+            return None
+        return self.args.stopping.reason(losses, {k: t.optimum for k, t in self.tasks.items()})
 
     def fit(self) -> dict:
         args, s, sched = self.args, self.s, self.schedule
@@ -341,8 +316,14 @@ class Trainer:
             self.step += 1
             if self.step == self._debug_sigterm_step:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if args.equal_length:
-                self._advance_in_lockstep(plan)
+            if args.equal_length:  # XRIGHT's zip, for exact reproduction only: unpicked loaders advance too, and a
+                # joint epoch (the shorter loader) restarts every loader
+                for k, t in self.tasks.items():
+                    for _ in range(0 if k in plan else t.grad_accum):
+                        t.loader.next()
+                    if self.step % args.steps_per_epoch == 0:
+                        t.loader.load_state_dict({"epoch": self.step // args.steps_per_epoch, "examples": 0,
+                                                  "seed": t.loader.seed})
             log_now = self.step % args.logging_steps == 0 or self.step == args.total_steps
             save_now = args.save_steps > 0 and self.step % args.save_steps == 0
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
@@ -351,7 +332,10 @@ class Trainer:
             # losses reach the host only when needed: to log, for MAXRIGHT, or to check before a save
             elif log_now or sched.needs_losses or save_now:
                 reduced = self._reduce_metrics(sums, units)
-                self._check_finite(reduced, sums)
+                what = self._nonfinite(reduced, sums)
+                if what:  # a NaN/inf loss that reached the weights (ZeRO stage 0): stop before logging or saving it
+                    raise NonFiniteLoss(f"{what}; stopping. The last checkpoint in {args.ckpt_path} (if any) is from "
+                                        f"before this step.")
                 sched.observe(self.step - 1, {k: reduced[k]["loss"] for k in reduced})
                 for k, metrics in reduced.items():
                     record.update({f"train/{k}/{m}": v for m, v in metrics.items()})
@@ -385,18 +369,6 @@ class Trainer:
                          "wall_time": time.perf_counter() - start})
         return final
 
-    def _advance_in_lockstep(self, plan: dict) -> None:
-        """XRIGHT zips the loaders: the unpicked objective's batch is drawn and discarded, and a joint
-        epoch (the shorter loader) restarts every loader. Only for reproducing XRIGHT exactly."""
-        for k, t in self.tasks.items():
-            if k not in plan:
-                for _ in range(t.grad_accum):
-                    t.loader.next()
-        if self.step % self.args.steps_per_epoch == 0:
-            for t in self.tasks.values():
-                t.loader.load_state_dict({"epoch": self.step // self.args.steps_per_epoch, "examples": 0,
-                                          "seed": t.loader.seed})
-
     def _nonfinite(self, reduced: dict, sums: dict) -> str | None:
         """What was non-finite in this step's losses, naming the ranks and example ids of the batches
         it came from. Collective: every rank calls it on the same step."""
@@ -408,14 +380,6 @@ class Trainer:
         return (f"non-finite {bad[0]} loss ({reduced[bad[0]]['loss']}) at step {self.step}, from the batch of " +
                 "; ".join(f"rank {r} (examples {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''})"
                           for r, ids in where))
-
-    def _check_finite(self, reduced: dict, sums: dict) -> None:
-        """A NaN/inf loss that reached the weights (ZeRO stage 0) stops the run before anything is logged
-        or saved from this step."""
-        what = self._nonfinite(reduced, sums)
-        if what:
-            raise NonFiniteLoss(f"{what}; stopping. The last checkpoint in {self.args.ckpt_path} (if any) is from "
-                                f"before this step.")
 
     def _skip_or_stop(self, reduced: dict, sums: dict) -> dict:
         """DeepSpeed discarded this step (non-finite gradients; a non-finite loss is made to poison them).

@@ -150,7 +150,8 @@ def generation_records(records, completions, tokenizer, eval_task: str, generato
 
 
 def run_generate(args, strategy, tokenizer) -> None:
-    from xright.generation import Progress, Sampling, eos_ids, gather_ordered, generate, write_records
+    from xright.generation import Progress, Sampling, eos_ids, generate, write_records
+    from xright.sharding import gather_ordered
 
     records, ids = prompts(args, tokenizer)
     model = model_for(args, len(tokenizer))
@@ -201,8 +202,8 @@ def run_vllm(args) -> None:
 
 
 def run_rm(args, strategy, tokenizer) -> None:
-    from xright.generation import (POST_PROCESSORS, Progress, normalize, post_process, read_answers, score,
-                                   tokenize_answers, write_records)
+    from xright.generation import (POST_PROCESSORS, PostOptions, Progress, normalize, post_process, read_answers,
+                                   score, tokenize_answers, write_records)
 
     spec = data_spec(args)
     spec.check()
@@ -240,7 +241,8 @@ def run_rm(args, strategy, tokenizer) -> None:
     records = [{"id": answers[i]["id"], "prompt_id": answers[i]["prompt_id"], "input": answers[i]["prompt"],
                 "output": answers[i]["response"], "reward": r} for i, r in zip(kept, rewards)]
     if args.post_processor:
-        records, blank = post_process(args.post_processor, records, args)
+        opts = PostOptions(args.kto_threshold, args.reward_template)
+        records, blank = post_process(args.post_processor, records, opts)
         if blank:
             print(f"rm: {blank} blank answers left out of the {args.post_processor} records (trainers reject them)")
         _, kind, trainer = POST_PROCESSORS[args.post_processor]

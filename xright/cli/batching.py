@@ -117,7 +117,7 @@ def check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None:
 def write_batches(args, batches: dict[str, Batching], tasks: dict, strategy) -> None:
     """save_path/batches.json: each objective's batch geometry and the examples its loader delivered
     (the same on every rank: every rank draws the same number of micro-batches)."""
-    from xright.strategy import atomic_write_json
+    from xright.files import atomic_write_json
 
     out = {"batch_meaning": args.batch_meaning, "train_batch_size": args.train_batch_size,
            "world_size": strategy.world_size, "objectives": {}}

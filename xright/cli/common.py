@@ -191,12 +191,14 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
 
     if not _precompute_pays(args, ref_specs, tasks, total, strategy):
         return live_reference()
-    from xright import refcache
+    from xright import fingerprints, refcache
 
+    fp = fingerprints.reference(ref_path or args.pretrain, args.seed, strategy.precision, args.flash_attn,
+                                bool(args.lora_rank > 0 and not ref_path and args.load_in_4bit), tokenizer,
+                                {sp.name: sp.data for sp in ref_specs})
     return refcache.cached_reference(
         live_reference, strategy, [ex for sp in ref_specs for ex in data[sp.name] if ex],
-        tuple(sorted({p for sp in ref_specs for p in sp.objective.live_reference_prefixes})),
-        refcache.fingerprint(args, specs, tokenizer, strategy.precision),
+        tuple(sorted({p for sp in ref_specs for p in sp.objective.live_reference_prefixes})), fp,
         args.ref_cache_dir or os.path.join(args.ckpt_path, "ref_cache"),
         min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id, packed=args.packing_samples)
 
@@ -206,7 +208,7 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
     """The config dumps, the metrics logger and the Trainer."""
     from xright.logging import MetricsLogger, wandb_settings
     from xright.schedules import Stopping
-    from xright.strategy import atomic_write_json
+    from xright.files import atomic_write_json
     from xright.trainer import TrainArgs, Trainer
 
     strategy.write_config(args.save_path)

@@ -8,9 +8,7 @@ killed builds: docs/data.md.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -84,37 +82,10 @@ class ExampleTable(Sequence):
         return f"ExampleTable({len(self)} {self.kind} examples from {self.ds.cache_files[0]['filename']})"
 
 
-def _source_files(source: str) -> list:
-    path = os.path.expanduser(source)
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
-    if os.path.isdir(path):
-        out = []
-        for d, dirs, files in sorted(os.walk(path)):
-            dirs.sort()
-            for f in sorted(files):
-                st = os.stat(os.path.join(d, f))
-                out.append([os.path.relpath(os.path.join(d, f), path), st.st_size, st.st_mtime_ns])
-        return [os.path.realpath(path), out]
-    return ["hub", source]
-
-
-def _tokenizer_identity(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else \
-        f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
-    extra = [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None),
-             getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)]
-    return hashlib.blake2b((body + json.dumps(extra, default=str)).encode(), digest_size=16).hexdigest()
-
-
 def fingerprint(spec, tokenizer) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "cache_dir"}
-    sources = [_source_files(s.strip()) for s in str(spec.dataset or "").split(",") if s.strip()]
-    blob = json.dumps({"format": FORMAT, "spec": fields, "sources": sources,
-                       "tokenizer": _tokenizer_identity(tokenizer)}, sort_keys=True, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+    from xright.fingerprints import data_key
+
+    return data_key(spec, tokenizer, FORMAT)
 
 
 def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
