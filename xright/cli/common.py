@@ -16,17 +16,11 @@ from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
 
 
-def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> dict:
-    """Build everything from flags, train, save. Returns the final eval metrics.
-
-    ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
-    sizes are known; ``steps_per_epoch(tasks)`` defines a (joint) epoch (default: the first
-    objective's optimizer steps per pass over its data).
-
-    However it ends, the engines it built are released (their ZeRO state, parameters and DeepSpeed's
-    process-wide patches), so that several runs in one process (a notebook, a sweep) behave as separate
-    launches; the process group stays up for the next run.
-    """
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None = None, **kwargs) -> dict:
+    """Build everything from flags, train, save; the final eval metrics. ``make_schedule(tasks)`` builds the
+    schedule once the data is loaded (default: the first objective alone); ``steps_per_epoch(tasks)``: the
+    steps of a (joint) epoch (default: one pass over the first objective's data). However it ends, the
+    engines it built are released, so that several runs in one process behave as separate launches."""
     try:  # (the run's objects live in _run's frame: gone before release_engines collects them)
         return _run(args, specs, make_schedule, **kwargs)
     finally:
@@ -35,15 +29,18 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> 
         release_engines()
 
 
-def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None, *, task: str = "causal",
          steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
+    from xright.schedules import Single
+
     strategy, batches = _configure(args, specs, task)
     tokenizer, data, tasks = _data(args, specs, strategy, batches)
-    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(tasks[specs[0].name].loader) // tasks[specs[0].name].grad_accum
+    first = tasks[specs[0].name]
+    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(first.loader) // first.grad_accum
     total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
     engine, signature = _policy(args, task, strategy, tokenizer, tasks, total)
     reference = _reference(args, specs, strategy, engine, tokenizer, data, tasks, total)
-    schedule = make_schedule(total, per_epoch, tasks)
+    schedule = make_schedule(tasks) if make_schedule else Single(specs[0].name)
     if args.debug_rank_seed:
         schedule.reseed(args.seed + 1000 * strategy.rank)
     trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, tokenizer,
@@ -119,8 +116,9 @@ def _data(args, specs: list[ObjectiveSpec], strategy, batches):
                                              accumulation=accum[sp.name])
         except ValueError as e:
             raise UsageError(f"{sp.name}: {e}") from None
-    for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
+    for sp in specs:  # KTO's z is a mean over ranks (objectives import no deepspeed); KTO's class balance
         sp.objective.bind(strategy)
+        sp.objective.check_data(loaders[sp.name].examples)
     tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
                            accum[sp.name], sp.optimum) for sp in specs}
     return tokenizer, data, tasks
@@ -189,7 +187,19 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
         strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
         return Reference(model=ref)
 
-    if not _precompute_pays(args, ref_specs, tasks, total, strategy):
+    # --precompute_ref_log_probs, unless left at its default for a run whose steps cannot draw every training
+    # example once (a smoke test): then one pass over all of them costs more than the live forwards it saves
+    precompute = getattr(args, "precompute_ref_log_probs", False)
+    if precompute and "precompute_ref_log_probs" not in args.explicit:
+        for sp in ref_specs:  # an objective picked at every step draws micro × accum × world examples per step
+            t = tasks[sp.name]
+            drawn, have = total * t.micro_batch_size * t.grad_accum * strategy.world_size, len(t.loader.examples)
+            if drawn < have:
+                strategy.print(f"reference log-probs: live ({total} steps draw at most {drawn} of the {have} "
+                               f"{sp.name} examples; --precompute_ref_log_probs forces the pass)")
+                precompute = False
+                break
+    if not precompute:
         return live_reference()
     from xright import refcache
 
@@ -247,21 +257,3 @@ def _save(args, task: str, strategy, engine, tokenizer, extra_files) -> None:
                             seed=args.seed, task=task)  # the tiny base is built from the run's seed
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
-
-
-def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
-    """--precompute_ref_log_probs, unless left at its default for a run whose steps cannot draw every
-    training example once (a smoke test of a few steps): then one pass over all of them costs more
-    than the live reference forwards it replaces."""
-    if not getattr(args, "precompute_ref_log_probs", False):
-        return False
-    if "precompute_ref_log_probs" in args.explicit:
-        return True
-    for sp in ref_specs:  # an objective picked at every step draws micro × accum × world examples per step
-        t = tasks[sp.name]
-        drawn, have = total * t.micro_batch_size * t.grad_accum * strategy.world_size, len(t.loader.examples)
-        if drawn < have:
-            strategy.print(f"reference log-probs: live ({total} steps draw at most {drawn} of the {have} {sp.name} "
-                           "examples; --precompute_ref_log_probs forces the pass)")
-            return False
-    return True

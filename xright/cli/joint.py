@@ -1,10 +1,8 @@
-"""SFT + preference training in one run under any schedule, with the paper's flags.
+"""SFT + preference training in one run under any schedule, with the paper's (XRIGHT's) flags and defaults.
 
-The paper's CLIs (``train_sft_dpo_alright``, ``_maxright``, ``_mix``, ``train_sft_seq``,
-``train_dpo_seq``) are presets of :func:`main`: they fix ``--schedule`` and keep XRIGHT's flag
-names and defaults; the schedule and the joint epoch come from :mod:`xright.cli.train_joint`, of
-which this is the two-objective preset with XRIGHT's ``--sft_*``/``--rlhf_*`` flags. λ (``--lambd``) is the weight of the preference objective: w_dpo = λ,
-w_sft = 1 − λ (Fernando et al. 2024).
+λ (``--lambd``) weighs the preference objective: w_dpo = λ, w_sft = 1 − λ (Fernando et al. 2024). The paper's
+CLIs (``train_sft_dpo_alright``, ``_maxright``, ``_mix``, ``train_sft_seq``, ``train_dpo_seq``) are presets of
+:func:`main`; the schedule flags and the joint epoch are :mod:`xright.cli.train_joint`'s.
 
     deepspeed --module xright.cli.train_sft_dpo_alright --lambd 0.5 --save_path ./ckpt/alright
 """
@@ -14,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from xright.cli import common, flags, lifecycle, train_joint
+from xright.cli.lifecycle import UsageError
 from xright.objectives import SFT, pairwise_losses
 from xright.schedules import SCHEDULES, Stopping, paper_weights
 
@@ -51,13 +50,12 @@ def _front(args) -> dict:
     if not args.ref_pareto_sft and not args.ref_pareto_dpo:
         return {}
     try:  # XRIGHT's scripts separate the points by spaces ('1.9052 1.6325 ...'); commas work too
-        sft, pref = ([float(x) for x in text.replace(",", " ").split()] for text in (args.ref_pareto_sft,
-                                                                                     args.ref_pareto_dpo))
+        sft, pref = ([float(x) for x in t.replace(",", " ").split()] for t in (args.ref_pareto_sft,
+                                                                               args.ref_pareto_dpo))
     except ValueError as e:
-        raise lifecycle.UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or "
-                                f"spaces: {e}") from e
+        raise UsageError(f"--ref_pareto_sft/--ref_pareto_dpo must be numbers separated by commas or spaces: {e}") from e
     if len(sft) != len(pref):
-        raise lifecycle.UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
+        raise UsageError(f"--ref_pareto_sft has {len(sft)} points, --ref_pareto_dpo {len(pref)}")
     return {"sft": sft, PREF: pref}
 
 
@@ -65,7 +63,7 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
     p = parser(description, schedule, **defaults)
     args = flags.parse(p, argv)
     if not 0.0 <= args.lambd <= 1.0:
-        raise lifecycle.UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
+        raise UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
     specs = [
         common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", "sft_", name="sft"),
                              args.sft_micro_train_batch_size, args.sft_opt),
@@ -73,9 +71,9 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     if args.train_only and args.train_only not in ("sft", PREF):
-        raise lifecycle.UsageError(f"--train_only must be sft or {PREF}")
+        raise UsageError(f"--train_only must be sft or {PREF}")
     weights = paper_weights(args.lambd, sft="sft", pref=PREF)
-    common.run(args, specs, lambda total, per_epoch, tasks: train_joint.make_schedule(args, weights, tasks),
+    common.run(args, specs, lambda tasks: train_joint.make_schedule(args, weights, tasks),
                steps_per_epoch=train_joint.epoch_steps(args, "sft"),
                stopping=Stopping(args.eps, at_optimum=bool(args.sft_opt or args.dpo_opt), front=_front(args)))
 

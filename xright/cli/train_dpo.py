@@ -5,7 +5,6 @@
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import pairwise_losses
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -17,7 +16,7 @@ def main(argv=None):
     objective = flags.build_objective(args)
     spec = common.ObjectiveSpec(objective.loss, objective, flags.data_spec(args, "pairwise", name=objective.loss),
                                 args.micro_train_batch_size)
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single(objective.loss))
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ forms. All K completions of a prompt go through one forward and are never split 
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import EXO_LOSSES
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -20,7 +19,7 @@ def main(argv=None):
     objective = flags.build_objective(args, args.loss)
     spec = common.ObjectiveSpec(args.loss, objective, flags.data_spec(args, objective.kind, name=args.loss),
                                 args.micro_train_batch_size)
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single(args.loss))
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

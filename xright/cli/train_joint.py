@@ -20,6 +20,7 @@ import argparse
 import re
 
 from xright.cli import common, flags, lifecycle
+from xright.cli.lifecycle import UsageError
 from xright.objectives import OBJECTIVES
 from xright.schedules import SCHEDULES, ScheduleInputs, Single, Stopping
 
@@ -33,17 +34,17 @@ def parse_objectives(text: str) -> dict[str, str]:
         name, _, loss = entry.partition(":")
         loss = loss or name
         if loss == "rm":
-            raise lifecycle.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
-                                    "objectives share; train it on its own with xright.cli.train_rm")
+            raise UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
+                             "objectives share; train it on its own with xright.cli.train_rm")
         if loss not in losses:
-            raise lifecycle.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
+            raise UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-            raise lifecycle.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
+            raise UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
         if name in out:
-            raise lifecycle.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
+            raise UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
         out[name] = loss
     if not out:
-        raise lifecycle.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
+        raise UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
     return out
 
 
@@ -100,7 +101,7 @@ def make_schedule(args, weights: dict[str, float], tasks: dict):
     try:
         return (Single if args.train_only else SCHEDULES[args.schedule]).build(inputs)
     except ValueError as e:
-        raise lifecycle.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def epoch_steps(args, first: str):
@@ -122,30 +123,25 @@ def epoch_steps(args, first: str):
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--objectives", type=str, default=None)
-    known, _ = pre.parse_known_args(argv)
+    first = argparse.ArgumentParser(add_help=False)  # the objectives name the flags to parse
+    first.add_argument("--objectives", type=str, default=None)
+    known, _ = first.parse_known_args(argv)
     objectives = parse_objectives(known.objectives) if known.objectives else {}
     args = flags.parse(parser(objectives), argv)
     names = list(objectives)
     if args.train_only and args.train_only not in names:
-        raise lifecycle.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
-    specs = []
+        raise UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
+    specs, weights = [], {}
     for name, loss in objectives.items():
         pre = flags.flag_prefix(name)
         objective = flags.build_objective(args, loss, name)
         micro = getattr(args, pre + "micro_train_batch_size") or args.micro_train_batch_size
         specs.append(common.ObjectiveSpec(name, objective, flags.data_spec(args, objective.kind, pre, name=name),
                                           micro, getattr(args, pre + "opt")))
-
-    def schedule(total, per_epoch, tasks):  # the data is loaded by now
-        for sp in specs:
-            sp.objective.check_data(tasks[sp.name].loader.examples)
-        return make_schedule(args, {n: getattr(args, flags.flag_prefix(n) + "weight") for n in names}, tasks)
-
-    common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]),
+        weights[name] = getattr(args, pre + "weight")
+    common.run(args, specs, lambda tasks: make_schedule(args, weights, tasks),
+               steps_per_epoch=epoch_steps(args, names[0]),
                stopping=Stopping(args.eps, at_optimum=any(sp.optimum for sp in specs)))
-
 
 if __name__ == "__main__":
     lifecycle.main_guard(main)

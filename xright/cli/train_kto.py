@@ -9,7 +9,6 @@ given, name the prompt and completion fields.
 """
 
 from xright.cli import common, flags, lifecycle
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -25,12 +24,7 @@ def main(argv=None):
     objective = flags.build_objective(args, "kto")
     spec = common.ObjectiveSpec("kto", objective, flags.data_spec(args, "binary", name="kto"),
                                 args.micro_train_batch_size)
-
-    def schedule(total, per_epoch, tasks):  # the data is loaded by now: check the class balance
-        objective.check_data(tasks["kto"].loader.examples)
-        return Single("kto")
-
-    common.run(args, [spec], schedule)
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

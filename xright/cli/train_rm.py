@@ -12,7 +12,6 @@ import math
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import RewardModel
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -48,7 +47,7 @@ def main(argv=None):
         return {"reward_stats.json": {"mean": mean, "std": std, "eval_accuracy": ev["eval/rm/acc"],
                                       "eval_margin": ev["eval/rm/margin"]}}
 
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single("rm"), task="reward", extra_save_files=stats)
+    common.run(args, [spec], task="reward", extra_save_files=stats)
 
 
 if __name__ == "__main__":

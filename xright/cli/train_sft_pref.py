@@ -7,7 +7,6 @@
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import SFT
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -21,7 +20,7 @@ def main(argv=None):
     args = flags.parse(p, argv)
     spec = common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", name="sft", sft_from_chosen=True),
                                 args.rlhf_micro_train_batch_size)
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single("sft"))
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":
