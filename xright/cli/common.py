@@ -101,26 +101,22 @@ def _data(args, specs: list[ObjectiveSpec], strategy, batches):
     from xright.models import load_tokenizer
     from xright.trainer import Task
 
-    accum = {name: b.micro_steps for name, b in batches.items()}
     tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
-                               trust_remote_code=args.trust_remote_code,
-                               chat_template=getattr(args, "tokenizer_chat_template", None))
+                               trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
     data = {sp.name: load_data(sp.data, tokenizer, log=strategy.print) for sp in specs}
-    loaders = {}
+    tasks = {}
     for sp in specs:
+        accum = batches[sp.name].micro_steps
         try:
-            loaders[sp.name] = CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
-                                             tokenizer.pad_token_id, rank=strategy.rank,
-                                             world_size=strategy.world_size, seed=args.seed,
-                                             packed=args.packing_samples, group_by_length=args.group_by_length,
-                                             accumulation=accum[sp.name])
+            loader = CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size, tokenizer.pad_token_id,
+                                   rank=strategy.rank, world_size=strategy.world_size, seed=args.seed,
+                                   packed=args.packing_samples, group_by_length=args.group_by_length,
+                                   accumulation=accum)
         except ValueError as e:
             raise UsageError(f"{sp.name}: {e}") from None
-    for sp in specs:  # KTO's z is a mean over ranks (objectives import no deepspeed); KTO's class balance
-        sp.objective.bind(strategy)
-        sp.objective.check_data(loaders[sp.name].examples)
-    tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
-                           accum[sp.name], sp.optimum) for sp in specs}
+        sp.objective.bind(strategy)  # KTO's z is a mean over ranks (objectives import no deepspeed)
+        sp.objective.check_data(loader.examples)  # KTO's class balance
+        tasks[sp.name] = Task(sp.objective, loader, data[sp.name][1], sp.micro_batch_size, accum, sp.optimum)
     return tokenizer, data, tasks
 
 
@@ -136,9 +132,8 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
     model = load_model(args.pretrain, task=task, bf16=bf16, flash_attn=args.flash_attn, lora=lora,
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
-                       load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                       seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples,
-                       pad_token_id=tokenizer.pad_token_id)
+                       load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code, seed=args.seed,
+                       vocab_size=len(tokenizer), packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
     # the world size is not part of it: a checkpoint moves to another rank count (Strategy.plan_resume)
     signature = {"model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
                  "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
@@ -151,11 +146,9 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
                           hashlib.sha256("\n".join(e["id"] for e in t.loader.examples).encode()).hexdigest()[:16]
                           for k, t in tasks.items()}}
     optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
-        num_training_steps=total,
-        scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
-        if args.lr_scheduler == "cosine_with_min_lr" else None)
+    min_lr = {"min_lr": args.learning_rate * args.min_lr_ratio} if args.lr_scheduler == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
+                              num_training_steps=total, scheduler_specific_kwargs=min_lr)
     if args.load_checkpoint:  # another world size: convert to a universal checkpoint before the engine exists
         strategy.plan_resume(args.ckpt_path, signature)
     engine = strategy.prepare(model, optimizer, scheduler)
@@ -236,8 +229,7 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
     train_args = TrainArgs(
         total_steps=total, save_path=args.save_path,
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
-        logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
-        pad_id=tokenizer.pad_token_id, stopping=stopping or Stopping(),
+        logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks, stopping=stopping or Stopping(),
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)

@@ -232,23 +232,17 @@ def parse(p: argparse.ArgumentParser, argv=None):
     return args
 
 
-
-
 def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
+    """The ``DataSpec`` of one objective's data flags (``prefix``: ``--sft_dataset`` …) and the shared ones."""
     from xright.data import DataSpec
 
-    get = lambda f: getattr(args, prefix + f)  # noqa: E731
-    return DataSpec(
-        kind=kind, dataset=get("dataset"), dataset_probs=get("dataset_probs"), train_split=get("train_split"),
-        eval_split=get("eval_split"), eval_fraction=get("eval_fraction"), max_samples=int(get("max_samples")),
-        max_len=get("max_len"), truncation=args.truncation, input_key=args.input_key, output_key=args.output_key,
-        prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
-        completion_key=args.completion_key, label_key=args.label_key, completions_key=args.completions_key,
-        rewards_key=args.rewards_key, margin_key=args.margin_key, input_template=args.input_template,
-        apply_chat_template=args.apply_chat_template, multiturn=getattr(args, "multiturn", False),
-        pretrain_mode=args.pretrain_mode,
-        skip_bad_records=args.skip_bad_records, seed=args.seed, name=name,
-        cache_dir=getattr(args, "data_cache_dir", None), **extra)
+    own = ("dataset", "dataset_probs", "train_split", "eval_split", "eval_fraction", "max_len")
+    shared = ("truncation", "input_key", "output_key", "prompt_key", "chosen_key", "rejected_key", "completion_key",
+              "label_key", "completions_key", "rewards_key", "margin_key", "input_template", "apply_chat_template",
+              "multiturn", "pretrain_mode", "skip_bad_records", "seed")
+    return DataSpec(kind=kind, name=name, max_samples=int(getattr(args, prefix + "max_samples")),
+                    cache_dir=args.data_cache_dir, **{f: getattr(args, prefix + f) for f in own},
+                    **{f: getattr(args, f) for f in shared}, **extra)
 
 
 def safe_config(args) -> dict:

@@ -72,10 +72,8 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
     ]
     if args.train_only and args.train_only not in ("sft", PREF):
         raise UsageError(f"--train_only must be sft or {PREF}")
-    weights = paper_weights(args.lambd, sft="sft", pref=PREF)
-    common.run(args, specs, lambda tasks: train_joint.make_schedule(args, weights, tasks),
-               steps_per_epoch=train_joint.epoch_steps(args, "sft"),
-               stopping=Stopping(args.eps, at_optimum=bool(args.sft_opt or args.dpo_opt), front=_front(args)))
+    train_joint.run(args, specs, paper_weights(args.lambd, sft="sft", pref=PREF),
+                    Stopping(args.eps, at_optimum=bool(args.sft_opt or args.dpo_opt), front=_front(args)))
 
 
 def seq_main(argv, only: str, description: str):

@@ -1,7 +1,6 @@
-"""EXO (Ji et al., ICML 2024): reverse KL from the policy's distribution over K completions to a
-target — a preference (``exo-pref``, pairwise data, K = 2) or rewards (``exo-rw``, scored data:
-``prompt``, ``completions`` (K >= 2), ``rewards`` (K)); ``dpo-pref`` / ``dpo-rw`` are the forward-KL
-forms. All K completions of a prompt go through one forward and are never split across micro-batches.
+"""EXO (Ji et al., ICML 2024): reverse KL from the policy's distribution over K completions to a target, a
+preference (``exo-pref``, pairwise data) or rewards (``exo-rw``, scored data: ``prompt``, ``completions`` (K >= 2),
+``rewards``); ``dpo-pref`` / ``dpo-rw`` are the forward-KL forms. A prompt's K completions share one forward.
 
     deepspeed --module xright.cli.train_exo --loss exo-rw --dataset scored.jsonl --save_path ./ckpt/exo
 """

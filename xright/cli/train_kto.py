@@ -1,9 +1,6 @@
-"""KTO on binary feedback (``prompt``, ``completion``, ``label``) or on pairs unpaired into
-desirable (chosen) and undesirable (rejected) examples (Ethayarajh et al. 2024).
-
-z comes from mismatched pairs (x_i, y_{i+1}) of each micro-batch, so the micro batch size must be
-at least 2 (1 is refused before training). OpenRLHF's ``--input_key`` / ``--output_key``, when
-given, name the prompt and completion fields.
+"""KTO (Ethayarajh et al. 2024) on binary feedback (``prompt``, ``completion``, ``label``) or on pairs split into
+desirable (chosen) and undesirable (rejected) examples. Its z pairs the examples of a micro-batch: micro batch
+size >= 2. OpenRLHF's ``--input_key`` / ``--output_key``, when given, name the prompt and completion fields.
 
     deepspeed --module xright.cli.train_kto --pretrain tiny --beta 0.1 --save_path ./ckpt/kto
 """

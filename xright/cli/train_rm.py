@@ -1,9 +1,6 @@
-"""Reward model: Bradley–Terry on pairwise data, a scalar head read at the last real token.
-
-Saved in HF format (``AutoModelForSequenceClassification``, num_labels=1) with the reward
-normalisation statistics of the eval set: ``mean`` and ``std`` in config.json (as OpenRLHF) and in
-``reward_stats.json``. Scores: :func:`xright.objectives.reward_scores` (identical to the plain HF
-forward unless the tokenizer pads with its eos token, see there).
+"""Reward model: Bradley–Terry on pairwise data, a scalar head read at the last real token. Saved in HF format
+(``AutoModelForSequenceClassification``, num_labels=1) with the eval set's score ``mean`` and ``std`` in
+config.json (as OpenRLHF) and ``reward_stats.json``. Scores: :func:`xright.objectives.reward_scores`.
 
     deepspeed --module xright.cli.train_rm --pretrain tiny --save_path ./ckpt/rm
 """
