@@ -13,9 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-# The EXO reference code's log-weight for the dispreferred answer of a pair.
-_EXO_LOG_EPSILON = -10.0
-
 
 def sft_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the response tokens of each example (maximum-likelihood SFT).
@@ -170,7 +167,7 @@ def exo_pref_target(batch_size: int, epsilon: float | None = None, dtype: torch.
     reverse KL infinite.
     """
     if epsilon is None:
-        weights = torch.tensor([0.0, _EXO_LOG_EPSILON], dtype=torch.float64)
+        weights = torch.tensor([0.0, -10.0], dtype=torch.float64)  # the reference code's log-weights
         row = F.log_softmax(weights, dim=-1)
     else:
         if not 0.0 < epsilon < 1.0:

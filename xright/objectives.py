@@ -116,14 +116,12 @@ class PrefParams:
 
 
 PAIR_FLAGS = (
-    BETA,
-    Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
-    Flag("ipo_average", PrefParams.ipo_average,
-         "IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)"),
+    BETA, Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
+    Flag("ipo_average", PrefParams.ipo_average, "IPO on length-averaged log-probs (TRL/HALOs); default summed "
+         "(DPO reference code)"),
     Flag("slic_delta", PrefParams.slic_delta, "SLiC hinge margin δ"),
     Flag("slic_lambda", PrefParams.slic_lambda, "SLiC weight of the chosen NLL regulariser"),
-    Flag("simpo_gamma", PrefParams.simpo_gamma, "SimPO target margin γ (use --beta ≈ 2)"),
-    REF_PRETRAIN)
+    Flag("simpo_gamma", PrefParams.simpo_gamma, "SimPO target margin γ (use --beta ≈ 2)"), REF_PRETRAIN)
 
 
 @dataclass(frozen=True)
@@ -189,17 +187,6 @@ class Pairwise(Objective):
 
 # ---- reward model ---------------------------------------------------------------------------
 
-def _score_head(model):
-    """The scalar head of a sequence-classification model: HF's ``score`` (``classifier`` in some
-    architectures); under LoRA the ``modules_to_save`` wrapper around it, i.e. the shortest match."""
-    module = model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
-    names = {n: m for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")}
-    if not names:
-        raise ValueError(f"{type(module).__name__} has no 'score' or 'classifier' head: not a sequence-"
-                         "classification model (load it with load_model(task='reward'))")
-    return names[min(names, key=len)]
-
-
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each row, read at its last real token (the last 1 of ``attention_mask``): [N].
 
@@ -208,8 +195,15 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     captured with a hook and indexed by the mask. Where pad != eos both agree (the saved model's plain HF
     forward gives the same scores); where pad == eos, score a loaded model with this function.
     """
+    # the head: HF's ``score`` (``classifier`` in some architectures); under LoRA the ``modules_to_save``
+    # wrapper around it, i.e. the shortest match
+    module = model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
+    heads = {n: m for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")}
+    if not heads:
+        raise ValueError(f"{type(module).__name__} has no 'score' or 'classifier' head: not a sequence-"
+                         "classification model (load it with load_model(task='reward'))")
     captured = []
-    handle = _score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
+    handle = heads[min(heads, key=len)].register_forward_hook(lambda mod, args, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
@@ -260,7 +254,8 @@ class KTO(Objective):
 
     kind, needs_reference, min_micro_batch = "binary", True, 2
     live_reference_prefixes = ("kl_",)  # (x_i, y_{i+1}) changes with every epoch's shuffle
-    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"), REF_PRETRAIN)
+    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"),
+             REF_PRETRAIN)
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight

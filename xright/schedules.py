@@ -6,6 +6,7 @@ of Fernando et al. 2024, "Mitigating Forgetting in LLM Supervised Fine-Tuning an
 """
 
 import inspect
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -55,13 +56,10 @@ def _check_losses(losses, names, what, require_all):
         if missing:
             raise ValueError(f"{what}: missing loss for objective(s) {missing}; "
                              f"every objective in {list(names)} is needed")
-    out = {}
-    for k, v in losses.items():
-        v = float(v)
-        if math.isnan(v):
-            # A NaN score cannot be compared: the argmax would silently ignore it.
-            raise ValueError(f"{what}: loss of {k!r} is NaN")
-        out[k] = v
+    out = {k: float(v) for k, v in losses.items()}
+    nan = [k for k, v in out.items() if math.isnan(v)]
+    if nan:  # a NaN score cannot be compared: the argmax would silently ignore it
+        raise ValueError(f"{what}: loss of {nan[0]!r} is NaN")
     return out
 
 
@@ -145,7 +143,6 @@ class Sequential(Schedule):
         if not phases:
             raise ValueError("phases must be a non-empty list of (name, num_steps)")
         self.phases = []
-        ends, total = [], 0
         for i, phase in enumerate(phases):
             try:
                 name, n = phase
@@ -154,10 +151,9 @@ class Sequential(Schedule):
             _check_name(name)
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise ValueError(f"phase {i} ({name!r}): num_steps must be an int > 0, got {n!r}")
-            total += n
-            ends.append(total)
             self.phases.append((name, n))
-        self.boundaries = tuple(ends)  # cumulative ends: phase i covers [ends[i-1], ends[i])
+        # cumulative ends: phase i covers [boundaries[i-1], boundaries[i])
+        self.boundaries = tuple(itertools.accumulate(n for _, n in self.phases))
         self.names = tuple(dict.fromkeys(name for name, _ in self.phases))
 
     @classmethod
@@ -261,8 +257,7 @@ class Maxright(Schedule):
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
             raise ValueError(f"refresh_every must be an int >= 0 (0 = never after the first), got {refresh_every!r}")
         self.refresh_every = refresh_every
-        self.stale = {}
-        self._last = {}
+        self.stale, self._last = {}, {}
 
     def wants_refresh(self, step):
         if any(k not in self.stale for k in self.names):

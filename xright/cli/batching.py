@@ -73,12 +73,11 @@ def batch_plan(args, specs: list[ObjectiveSpec], world_size: int) -> dict[str, B
     plan = {}
     for sp in specs:
         if args.batch_meaning == "examples":
-            accum = accumulation_steps(args.train_batch_size, sp.micro_batch_size, world_size,
-                                       f"{sp.name} micro batch size")
+            micro, what = sp.micro_batch_size, f"{sp.name} micro batch size"
         else:
-            accum = accumulation_steps(
-                args.train_batch_size, args.micro_train_batch_size, world_size,
-                "--micro_train_batch_size (as XRIGHT: DeepSpeed's micro batch in loader batches)")
+            micro, what = args.micro_train_batch_size, ("--micro_train_batch_size (as XRIGHT: DeepSpeed's micro "
+                                                        "batch in loader batches)")
+        accum = accumulation_steps(args.train_batch_size, micro, world_size, what)
         plan[sp.name] = Batching(sp.micro_batch_size, accum, world_size)
     return plan
 
@@ -91,10 +90,9 @@ def ds_options(args, specs: list[ObjectiveSpec]):
         explicit |= {"micro_train_batch_size" for f in args.explicit if f.endswith("micro_train_batch_size")}
     return DSOptions(
         deepspeed=args.deepspeed, zero_stage=args.zero_stage, bf16=args.bf16, adam_offload=args.adam_offload,
-        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm,
-        train_batch_size=args.train_batch_size, micro_train_batch_size=ds_micro_batch(args, specs),
-        grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
-        explicit=explicit)
+        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm, train_batch_size=args.train_batch_size,
+        micro_train_batch_size=ds_micro_batch(args, specs), grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg,
+        disable_trace_cache=args.disable_trace_cache, explicit=explicit)
 
 
 def check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None:

@@ -14,6 +14,7 @@ from xright.cli.batching import (ObjectiveSpec, batch_plan, check_resolved_batch
                                  ds_options, write_batches)
 from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
+from xright.schedules import Single, Stopping
 
 
 def run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None = None, **kwargs) -> dict:
@@ -31,8 +32,6 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None = None,
 
 def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None, *, task: str = "causal",
          steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
-    from xright.schedules import Single
-
     strategy, batches = _configure(args, specs, task)
     tokenizer, data, tasks = _data(args, specs, strategy, batches)
     first = tasks[specs[0].name]
@@ -172,10 +171,9 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
     def live_reference():
         if is_peft(engine.module) and not ref_path:
             return Reference(lora_policy=engine)
-        ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn,
-                         trust_remote_code=args.trust_remote_code, seed=args.seed,
-                         vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
-                         pad_token_id=tokenizer.pad_token_id)
+        ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn, seed=args.seed,
+                         trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer), trainable=False,
+                         packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
         ref = strategy.prepare_reference(ref)
         strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
         return Reference(model=ref)
@@ -208,22 +206,19 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
              stopping, per_epoch: int, total: int):
     """The config dumps, the metrics logger and the Trainer."""
     from xright.logging import MetricsLogger, wandb_settings
-    from xright.schedules import Stopping
     from xright.strategy import atomic_write_json
     from xright.trainer import TrainArgs, Trainer
 
     strategy.write_config(args.save_path)
     if strategy.is_rank0:
         atomic_write_json(os.path.join(args.save_path, "xright_args.json"), safe_config(args))
-    logger = MetricsLogger(
-        args.save_path, strategy.is_rank0, resume=args.load_checkpoint,
-        wandb=wandb_settings(args.use_wandb, args.wandb_org, args.wandb_group, args.wandb_project,
-                             args.wandb_run_name),
-        tensorboard_dir=args.use_tensorboard, config=safe_config(args))
+    wandb = wandb_settings(args.use_wandb, args.wandb_org, args.wandb_group, args.wandb_project, args.wandb_run_name)
+    logger = MetricsLogger(args.save_path, strategy.is_rank0, resume=args.load_checkpoint, wandb=wandb,
+                           tensorboard_dir=args.use_tensorboard, config=safe_config(args))
+    counts = "loader batches, as XRIGHT's CLIs" if args.batch_meaning == "xright" else "examples"
     strategy.print(f"xright: {total} optimizer steps ({per_epoch} per epoch), world size {strategy.world_size}, "
                    f"ZeRO-{strategy.zero_stage}, objectives {', '.join(tasks)}; --train_batch_size "
-                   f"{args.train_batch_size} counts " +
-                   ("loader batches, as XRIGHT's CLIs" if args.batch_meaning == "xright" else "examples"))
+                   f"{args.train_batch_size} counts {counts}")
     for name, b in batches.items():
         strategy.print(f"xright: {name}: {b}")
     train_args = TrainArgs(

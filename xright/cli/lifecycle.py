@@ -63,9 +63,8 @@ def shutdown(code: int) -> None:
     left = close_process_group()
     main = getattr(sys.modules.get("__main__"), "__spec__", None)
     if left and main is not None and main.name.startswith("xright."):  # never inside a host process (pytest)
-        # A group outlived the teardown (ZeRO-3: see close_process_group). Its threads would be torn
-        # down by interpreter finalisation, which can abort the process and replace the code; everything
-        # is written, closed and flushed by now, so end the process without finalisation.
+        # A group outlived the teardown (ZeRO-3: see close_process_group): interpreter finalisation could abort
+        # on its threads and replace the code; all is written and flushed, so end without finalisation.
         if os.environ.get("XRIGHT_DEBUG_EXIT"):
             print(f"xright: {len(left)} gloo threads alive at exit ({', '.join(left)}): os._exit({code})",
                   file=sys.stderr, flush=True)

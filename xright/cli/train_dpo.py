@@ -10,7 +10,7 @@ from xright.objectives import pairwise_losses
 def main(argv=None):
     p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="openrlhf_train_dpo",
                            ckpt_path="./ckpt/checkpoints_dpo")
-    flags.add_data_flags(p, max_len=512, kind="pairwise")
+    flags.add_data_flags(p, max_len=512)
     flags.add_objective_flags(p, pairwise_losses(), default="dpo")
     args = flags.parse(p, argv)
     objective = flags.build_objective(args)

@@ -11,7 +11,7 @@ from xright.cli import common, flags, lifecycle
 def main(argv=None):
     p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="openrlhf_train_dpo",
                            ckpt_path="./ckpt/checkpoints_kto")
-    flags.add_data_flags(p, max_len=2048, kind="binary")
+    flags.add_data_flags(p, max_len=2048)
     flags.add_objective_flags(p, ["kto"])
     p.set_defaults(beta=0.01)  # OpenRLHF's train_kto default
     args = flags.parse(p, argv)

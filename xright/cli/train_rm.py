@@ -14,7 +14,7 @@ from xright.objectives import RewardModel
 def main(argv=None):
     p = flags.base_parser(__doc__, learning_rate=9e-6, max_epochs=1, micro_train_batch_size=1,
                            wandb_project="openrlhf_train_rm", ckpt_path="./ckpt/checkpoints_rm")
-    flags.add_data_flags(p, max_len=512, kind="pairwise")
+    flags.add_data_flags(p, max_len=512)
     p.set_defaults(prompt_key=None)  # OpenRLHF: HH-style pairs by default
     g = p.add_argument_group("reward model")
     g.add_argument("--loss", choices=["sigmoid", "logexp"], default="sigmoid")
