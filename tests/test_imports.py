@@ -11,9 +11,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "xright"
 
 # docs/DESIGN.md §3, bottom up; a package's modules may import each other
-FLOORS = {"xright.losses": 1, "xright.logprobs": 1, "xright.schedules": 1, "xright.strategy": 2, "xright.logging": 2,
-          "xright.data": 2, "xright.objectives": 3, "xright.models": 3, "xright.trainer": 4, "xright.refcache": 4,
+FLOORS = {"xright.losses": 1, "xright.logprobs": 1, "xright.schedules": 1, "xright.sharding": 1,
+          "xright.fingerprints": 1, "xright.files": 1, "xright.strategy": 2, "xright.logging": 2, "xright.data": 2,
+          "xright.objectives": 3, "xright.models": 3, "xright.trainer": 4, "xright.refcache": 4,
           "xright.generation": 4, "xright.cli": 5}
+# documented exceptions: fingerprints.reference reads the tiny model's config at call time
+KNOWN_UPWARD = {("xright.fingerprints", "xright.models")}
 NEVER = {"xright.objectives": ("xright.data", "xright.cli")}
 ONLY = {"deepspeed": "xright.strategy", "peft": "xright.models", "wandb": "xright.logging",
         "torch.utils.tensorboard": "xright.logging"}
@@ -83,8 +86,9 @@ def cycles(edges: dict[str, dict[str, int]]) -> list[set]:
 
 
 def floor(name: str) -> tuple[int, str]:
-    top = next(k for k in sorted(FLOORS, key=len, reverse=True) if name == k or name.startswith(k + "."))
-    return FLOORS[top], top
+    top = [k for k in FLOORS if name == k or name.startswith(k + ".")]
+    assert top, f"{name} has no floor: add it to FLOORS here and to docs/DESIGN.md §3"
+    return FLOORS[top[0]], top[0]
 
 
 def violations(edges: dict[str, dict[str, int]]) -> list[str]:
@@ -95,7 +99,8 @@ def violations(edges: dict[str, dict[str, int]]) -> list[str]:
         (fa, pa) = floor(a)
         for b, line in targets.items():
             fb, pb = floor(b)
-            if pa != pb and (fb > fa or (fb == fa and fa < 3)) or b.startswith(NEVER.get(a, ("-",))):
+            upward = pa != pb and (fb > fa or (fb == fa and fa < 3)) and (a, b) not in KNOWN_UPWARD
+            if upward or b.startswith(NEVER.get(a, ("-",))):
                 bad.append(f"{a}:{line} imports {b} (floor {fa} -> {fb})")
     return bad
 
