@@ -62,11 +62,11 @@ def main(argv=None, schedule: str | None = None, description: str = __doc__, **d
     args = flags.parse(p, argv)
     if not 0.0 <= args.lambd <= 1.0:
         raise UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
+    pairs = flags.data_spec(args, "pairwise", "rlhf_", name=PREF)
     specs = [common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", "sft_", name="sft"),
                                   args.sft_micro_train_batch_size, args.sft_opt),
-             common.ObjectiveSpec(PREF, flags.build_objective(args), flags.data_spec(args, "pairwise", "rlhf_",
-                                                                                      name=PREF),
-                                  args.rlhf_micro_train_batch_size, args.dpo_opt)]
+             common.ObjectiveSpec(PREF, flags.build_objective(args), pairs, args.rlhf_micro_train_batch_size,
+                                  args.dpo_opt)]
     if args.train_only and args.train_only not in ("sft", PREF):
         raise UsageError(f"--train_only must be sft or {PREF}")
     train_joint.run(args, specs, paper_weights(args.lambd, sft="sft", pref=PREF),
