@@ -355,7 +355,7 @@ def main():
                              args.rlhf_micro_train_batch_size, args.dpo_opt),
     ]
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    common.run(args, specs, lambda total, per_epoch, tasks: build_segments(args, tasks))
+    common.run(args, specs, lambda tasks: build_segments(args, tasks))
     decisions = decision_cost(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -143,3 +143,18 @@ def test_merge_lora_uses_the_runs_seed(tmp_path):
         logits = merged(input_ids=ids).logits
     torch.testing.assert_close(logits, adapted_logits(7), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits, adapted_logits(42), atol=1e-2)  # another base: the seed matters
+
+
+def test_merging_an_adapter_raises_no_deprecation_warning(tmp_path):
+    # peft's from_pretrained reads transformers' deprecated is_gradient_checkpointing: not a warning of ours to show
+    import warnings
+
+    from xright.models import load_for_inference, merge_saved_adapter
+
+    tok = tiny_tokenizer()
+    load_model("tiny", seed=3, vocab_size=len(tok), lora=LoraSpec(rank=4, alpha=8)).save_pretrained(tmp_path / "lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        merge_saved_adapter(None, str(tmp_path / "lora"), str(tmp_path / "merged"), tok, seed=3)
+        load_for_inference(str(tmp_path / "lora"), vocab_size=len(tok))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == len(tok)

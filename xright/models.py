@@ -436,7 +436,9 @@ def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, to
 
     base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False,
                       pad_token_id=tokenizer.pad_token_id)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with warnings.catch_warnings():  # as in _apply_lora: peft reads it, we do not
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
@@ -473,7 +475,9 @@ def load_for_inference(path: str | None, *, task: str = "causal", bf16: bool = F
     model = load_model(base, task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
                        trust_remote_code=trust_remote_code, seed=seed, vocab_size=vocab_size, trainable=False)
     try:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        with warnings.catch_warnings():  # as in _apply_lora
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {path!r} on base {base or TINY!r}: {e}") from e
     return model.eval().requires_grad_(False)

@@ -1,11 +1,5 @@
-"""Objectives: one class per kind of training signal, batch → (summed loss, summed metrics).
-
-An objective returns *sums* over its normalisation units (response tokens for SFT, examples for
-the preference losses) and reports how many units a micro-batch holds; the trainer divides by
-the units of the whole optimizer step across ranks, so every loss is a true global mean however
-the step is split into micro-batches and ranks (docs/DESIGN.md §4). Facts the loop needs (data kind,
-whether a reference model is needed) live here, never as ``if name == ...`` in the loop.
-"""
+"""Objectives: batch → (loss summed over its units, summed metrics), with the facts the loop asks of them
+(data kind, reference, flags) and the :data:`OBJECTIVES` registry (docs/DESIGN.md §1, §4, §5)."""
 
 from __future__ import annotations
 
@@ -122,14 +116,12 @@ class PrefParams:
 
 
 PAIR_FLAGS = (
-    BETA,
-    Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
-    Flag("ipo_average", PrefParams.ipo_average,
-         "IPO on length-averaged log-probs (TRL/HALOs); default summed (DPO reference code)"),
+    BETA, Flag("label_smoothing", PrefParams.label_smoothing, "conservative DPO ε"),
+    Flag("ipo_average", PrefParams.ipo_average, "IPO on length-averaged log-probs (TRL/HALOs); default summed "
+         "(DPO reference code)"),
     Flag("slic_delta", PrefParams.slic_delta, "SLiC hinge margin δ"),
     Flag("slic_lambda", PrefParams.slic_lambda, "SLiC weight of the chosen NLL regulariser"),
-    Flag("simpo_gamma", PrefParams.simpo_gamma, "SimPO target margin γ (use --beta ≈ 2)"),
-    REF_PRETRAIN)
+    Flag("simpo_gamma", PrefParams.simpo_gamma, "SimPO target margin γ (use --beta ≈ 2)"), REF_PRETRAIN)
 
 
 @dataclass(frozen=True)
@@ -185,46 +177,33 @@ class Pairwise(Objective):
             rho = split_choices(reference.sequence_logps(batch)[0], 2)
         else:
             rho = torch.zeros_like(pi)
-        losses, rc, rr = self.entry.fn(
-            self.params, pi[:, 0], pi[:, 1], rho[:, 0], rho[:, 1], lengths[:, 0], lengths[:, 1])
+        losses, rc, rr = self.entry.fn(self.params, pi[:, 0], pi[:, 1], rho[:, 0], rho[:, 1], lengths[:, 0],
+                                       lengths[:, 1])
         total = losses.sum()
-        return total, {
-            "loss": total.detach(),
-            "acc": (rc > rr).float().sum(),
-            "reward_chosen": rc.sum(),
-            "reward_rejected": rr.sum(),
-            "margin": (rc - rr).sum(),
-            "logp_chosen": pi[:, 0].detach().sum(),
-            "logp_rejected": pi[:, 1].detach().sum(),
-        }
+        return total, {"loss": total.detach(), "acc": (rc > rr).float().sum(), "reward_chosen": rc.sum(),
+                       "reward_rejected": rr.sum(), "margin": (rc - rr).sum(),
+                       "logp_chosen": pi[:, 0].detach().sum(), "logp_rejected": pi[:, 1].detach().sum()}
 
 
 # ---- reward model ---------------------------------------------------------------------------
 
-def _score_head(model):
-    """The scalar head of a sequence-classification model: HF's ``score`` (``classifier`` in some
-    architectures); under LoRA the ``modules_to_save`` wrapper around it, i.e. the shortest match."""
-    module = model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
-    names = {n: m for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")}
-    if not names:
-        raise ValueError(f"{type(module).__name__} has no 'score' or 'classifier' head: not a sequence-"
-                         "classification model (load it with load_model(task='reward'))")
-    return names[min(names, key=len)]
-
-
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each row, read at its last real token (the last 1 of ``attention_mask``): [N].
 
-    HF's ``*ForSequenceClassification`` pools at the rightmost token that differs from
-    ``config.pad_token_id``. When pad == eos (OpenRLHF's default for tokenizers without a pad
-    token) that skips the response's own final eos and reads the token before it, so the head's
-    per-token output is captured with a hook and indexed by the attention mask instead. Where
-    pad != eos (the tiny tokenizer, most chat tokenizers) both agree, so the saved model's plain
-    ``AutoModelForSequenceClassification`` forward gives the same scores; where pad == eos this
-    function is the loader to use (``AutoModelForSequenceClassification.from_pretrained`` + this).
+    HF's ``*ForSequenceClassification`` pools at the rightmost token other than ``pad_token_id``: with
+    pad == eos (OpenRLHF's default) that skips the response's final eos, so the head's per-token output is
+    captured with a hook and indexed by the mask. Where pad != eos both agree (the saved model's plain HF
+    forward gives the same scores); where pad == eos, score a loaded model with this function.
     """
+    # the head: HF's ``score`` (``classifier`` in some architectures); under LoRA the ``modules_to_save``
+    # wrapper around it, i.e. the shortest match
+    module = model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
+    heads = {n: m for n, m in module.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")}
+    if not heads:
+        raise ValueError(f"{type(module).__name__} has no 'score' or 'classifier' head: not a sequence-"
+                         "classification model (load it with load_model(task='reward'))")
     captured = []
-    handle = _score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
+    handle = heads[min(heads, key=len)].register_forward_hook(lambda mod, args, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
@@ -236,15 +215,10 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 class RewardModel(Objective):
-    """Bradley–Terry reward model: −log σ(s_c − s_r − m) on a scalar head (docs/DESIGN.md §1 ``rm``).
-
-    Trains a ``load_model(task="reward")`` model (num_labels=1), scores read by
-    :func:`reward_scores`. ``m`` is the batch's per-pair ``margin`` when present and
-    ``use_margin`` (Touvron et al. 2023, eq. 2); ``loss`` "sigmoid" or "logexp" (the same function,
-    OpenRLHF's two names). ``fp32`` upcasts the scores before the loss (``--compute_fp32_loss``).
-    ``reward_mean`` / ``reward_sq`` are the mean and second moment of all 2B scores, for the
-    normalisation statistics saved with the model.
-    """
+    """Bradley–Terry reward model −log σ(s_c − s_r − m) on the head of a ``load_model(task="reward")`` model
+    (:func:`reward_scores`). ``m``: the batch's per-pair ``margin`` with ``use_margin``; ``fp32`` upcasts the
+    scores for the loss. ``reward_mean`` / ``reward_sq``: mean and second moment of all 2B scores (the saved
+    normalisation)."""
 
     kind = "pairwise"
 
@@ -262,15 +236,9 @@ class RewardModel(Objective):
         margin = batch.get("margin") if self.use_margin else None
         total = L.bradley_terry(sc, sr, margin, self.loss).sum()
         sc, sr = sc.detach().float(), sr.detach().float()
-        return total, {
-            "loss": total.detach(),
-            "acc": (sc > sr).float().sum(),
-            "margin": (sc - sr).sum(),
-            "reward_chosen": sc.sum(),
-            "reward_rejected": sr.sum(),
-            "reward_mean": (sc + sr).sum() / 2,
-            "reward_sq": (sc ** 2 + sr ** 2).sum() / 2,
-        }
+        return total, {"loss": total.detach(), "acc": (sc > sr).float().sum(), "margin": (sc - sr).sum(),
+                       "reward_chosen": sc.sum(), "reward_rejected": sr.sum(), "reward_mean": (sc + sr).sum() / 2,
+                       "reward_sq": (sc ** 2 + sr ** 2).sum() / 2}
 
 
 # ---- KTO --------------------------------------------------------------------------------------
@@ -280,17 +248,14 @@ KTO_MICRO_BATCH_ERROR = ("KTO needs micro batch size >= 2: its KL estimate pairs
 
 
 class KTO(Objective):
-    """Kahneman–Tversky Optimisation on binary (desirable / undesirable) feedback (docs/DESIGN.md §1 ``kto``).
-
-    z is ``losses.kto_kl`` on the collator's mismatched rows (x_i, y_{i+1}) of the micro-batch
-    (policy forward without grad: z is detached anyway), averaged over ranks by
-    ``reduce_mean`` *before* ``losses.kto`` clamps it at 0. Micro batch size 1 is refused (the
-    collator and :meth:`check_micro_batch` say why) rather than pairing across micro-batches.
-    """
+    """KTO on binary feedback (docs/DESIGN.md §1 ``kto``). z is ``losses.kto_kl`` on the collator's mismatched
+    rows (x_i, y_{i+1}) of the micro-batch (policy forward without grad), averaged over ranks by
+    ``reduce_mean`` before ``losses.kto`` clamps it; micro batch size 1 is refused."""
 
     kind, needs_reference, min_micro_batch = "binary", True, 2
     live_reference_prefixes = ("kl_",)  # (x_i, y_{i+1}) changes with every epoch's shuffle
-    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"), REF_PRETRAIN)
+    flags = (BETA, Flag("desirable_loss_weight", 1.0, "λ_D"), Flag("undesirable_loss_weight", 1.0, "λ_U"),
+             REF_PRETRAIN)
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
@@ -336,22 +301,14 @@ class KTO(Objective):
 
 # ---- EXO ----------------------------------------------------------------------------------------
 
-EXO_LOSSES = {  # name -> (loss function, data kind)
-    "exo-pref": (L.exo, "pairwise"),
-    "exo-rw": (L.exo, "scored"),
-    "dpo-pref": (L.dpo_forward_kl, "pairwise"),
-    "dpo-rw": (L.dpo_forward_kl, "scored"),
-}
+EXO_LOSSES = {"exo-pref": (L.exo, "pairwise"), "exo-rw": (L.exo, "scored"),  # name -> (loss function, data kind)
+              "dpo-pref": (L.dpo_forward_kl, "pairwise"), "dpo-rw": (L.dpo_forward_kl, "scored")}
 
 
 class EXO(Objective):
-    """EXO (reverse KL) and its forward-KL DPO counterpart over K completions per prompt (Ji et al. 2024).
-
-    All K completions of a prompt are rows of one micro-batch (K-major, one forward), never split.
-    ``*-pref``: pairwise data, target ``losses.exo_pref_target(epsilon)`` (None: the EXO code's
-    log-weight −10 for the rejected answer; a float ε: TRL's [1 − ε, ε], e.g. 1e-3). ``*-rw``:
-    scored data, target softmax(r / β_r). β (``beta``) is β_π.
-    """
+    """EXO (reverse KL) and its forward-KL DPO counterpart over the K completions of a prompt, all rows of one
+    micro-batch (Ji et al. 2024). ``*-pref``: pairwise data, target ``losses.exo_pref_target(epsilon)``;
+    ``*-rw``: scored data, target softmax(r / β_r). ``beta`` is β_π."""
 
     needs_reference = True
     flags = (BETA, Flag("beta_r", 1.0, "reward temperature β_r of the *-rw target softmax(r/β_r)"),
@@ -391,7 +348,6 @@ class EXO(Objective):
             "margin": (implicit.max(-1).values - implicit.min(-1).values).sum(),
             "logp": pi.detach().mean(-1).sum(),
         }
-
 
 
 # ---- the registry: one plain name -> factory (.flags, .build(name, get)) ------------------------------

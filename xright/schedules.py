@@ -1,33 +1,25 @@
-"""Schedules: which objectives an optimizer step computes, and with what weight.
+"""Schedules: which objectives an optimizer step computes, and with what weight (docs/DESIGN.md §1, §2).
 
-A schedule is pure Python (no torch) so that its decision is cheap, testable and identical on
-every rank: each rank holds the same seeded schedule, and the loop still broadcasts rank 0's
-plan, because a disagreement deadlocks ZeRO-3 and silently mixes gradients under ZeRO-2
-(docs/DESIGN.md §2.1). A plan is one dict per optimizer step, so gradient accumulation never mixes
-objectives except in `Mix`, where mixing is the point (§2.2).
-
-Objectives are always referred to by name (§2.4); every schedule's state can be saved to JSON and
-restored so that a resumed run makes exactly the picks the uninterrupted run would have (§2.5).
-
-The joint schedules follow Fernando et al. 2024, "Mitigating Forgetting in LLM Supervised
-Fine-Tuning and Preference Learning": `Alright` is their Algorithm 1 (ALRIGHT), `Maxright` their
-Algorithm 2 (MAXRIGHT). In the two-objective CLIs the weights come from `paper_weights`.
+Pure Python, seeded, the same on every rank; a plan is one dict name -> weight per optimizer step, and
+every schedule's state saves to JSON for an exact resume. `Alright` and `Maxright` are Algorithms 1 and 2
+of Fernando et al. 2024, "Mitigating Forgetting in LLM Supervised Fine-Tuning and Preference Learning".
 """
 
 import inspect
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
 
 
-def _check_name(name, what="objective name"):
+def _check_name(name):
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+        raise ValueError(f"objective name must be a non-empty string, got {name!r}")
     return name
 
 
 def _check_weights(weights):
-    """Validated copy of a name -> weight dict, in the caller's order (the order of `names`)."""
+    """Validated copy of a name -> weight dict, in the caller's order (that of `names`)."""
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"weights must be a non-empty dict name -> weight, got {weights!r}")
     out = {}
@@ -64,13 +56,10 @@ def _check_losses(losses, names, what, require_all):
         if missing:
             raise ValueError(f"{what}: missing loss for objective(s) {missing}; "
                              f"every objective in {list(names)} is needed")
-    out = {}
-    for k, v in losses.items():
-        v = float(v)
-        if math.isnan(v):
-            # A NaN score cannot be compared: the argmax would silently ignore it.
-            raise ValueError(f"{what}: loss of {k!r} is NaN")
-        out[k] = v
+    out = {k: float(v) for k, v in losses.items()}
+    nan = [k for k, v in out.items() if math.isnan(v)]
+    if nan:  # a NaN score cannot be compared: the argmax would silently ignore it
+        raise ValueError(f"{what}: loss of {nan[0]!r} is NaN")
     return out
 
 
@@ -123,12 +112,8 @@ class Schedule:
 
     def load_state_dict(self, state):
         if state.get("schedule") != self.kind or list(state.get("names", ())) != list(self.names):
-            raise ValueError(
-                f"state is for schedule {state.get('schedule')!r} with objectives "
-                f"{state.get('names')}, not {self.kind!r} with {list(self.names)}")
-
-    def __repr__(self):
-        return f"{type(self).__name__}(names={self.names})"
+            raise ValueError(f"state is for schedule {state.get('schedule')!r} with objectives {state.get('names')}, "
+                             f"not {self.kind!r} with {list(self.names)}")
 
 
 class Single(Schedule):
@@ -148,11 +133,8 @@ class Single(Schedule):
 
 
 class Sequential(Schedule):
-    """Objective A for its steps, then B, ... (SFT→DPO): the forgetting-prone baseline.
-
-    `phases` is a list of (name, num_steps). After the last phase the schedule stays in it, so a
-    loop that runs a few steps longer than planned keeps training the last objective.
-    """
+    """Objective A for its steps, then B, ... (SFT→DPO), the forgetting-prone baseline. `phases`: a list of
+    (name, num_steps); after the last phase the schedule stays in it (a longer loop keeps training it)."""
 
     kind = "sequential"
 
@@ -161,7 +143,6 @@ class Sequential(Schedule):
         if not phases:
             raise ValueError("phases must be a non-empty list of (name, num_steps)")
         self.phases = []
-        ends, total = [], 0
         for i, phase in enumerate(phases):
             try:
                 name, n = phase
@@ -170,10 +151,9 @@ class Sequential(Schedule):
             _check_name(name)
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise ValueError(f"phase {i} ({name!r}): num_steps must be an int > 0, got {n!r}")
-            total += n
-            ends.append(total)
             self.phases.append((name, n))
-        self.boundaries = tuple(ends)  # cumulative ends: phase i covers [ends[i-1], ends[i])
+        # cumulative ends: phase i covers [boundaries[i-1], boundaries[i])
+        self.boundaries = tuple(itertools.accumulate(n for _, n in self.phases))
         self.names = tuple(dict.fromkeys(name for name, _ in self.phases))
 
     @classmethod
@@ -196,10 +176,7 @@ class Sequential(Schedule):
 
 
 class Mix(Schedule):
-    """loss = Σ w_k·L_k with every objective of w_k > 0 computed every step.
-
-    The costly baseline: each step pays for all objectives, where ALRIGHT/MAXRIGHT pay for one.
-    """
+    """loss = Σ w_k·L_k, every objective of w_k > 0 computed every step: the costly baseline."""
 
     kind = "mix"
 
@@ -212,14 +189,9 @@ class Mix(Schedule):
 
 
 class Alright(Schedule):
-    """ALRIGHT (Fernando et al. 2024, Algorithm 1): each step, one objective k drawn with
-    probability w_k / Σw; only its batch is drawn and computed.
-
-    The picked loss is used unweighted (plan gives it 1.0): the weights set how often an
-    objective is trained, which in expectation optimises the weighted mix at one objective's cost.
-    The draw comes from the schedule's own `random.Random(seed)`, so it neither disturbs nor
-    depends on the global RNGs that data loading and dropout use.
-    """
+    """ALRIGHT: each step, one objective k drawn with probability w_k / Σw, its loss unweighted (the weights
+    set how often: the weighted mix in expectation, at one objective's cost). The draw comes from the
+    schedule's own `random.Random(seed)`, apart from the global RNGs of data loading and dropout."""
 
     kind = "alright"
 
@@ -248,8 +220,7 @@ class Alright(Schedule):
 
     def state_dict(self):
         version, internal, gauss = self.rng.getstate()
-        return {**super().state_dict(), "seed": self.seed,
-                "rng": [version, list(internal), gauss]}
+        return {**super().state_dict(), "seed": self.seed, "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -259,19 +230,12 @@ class Alright(Schedule):
 
 
 class Maxright(Schedule):
-    """MAXRIGHT (Fernando et al. 2024, Algorithm 2): each step, train the objective that is
-    furthest from its optimum, k = argmax_k w_k·(L̃_k − L*_k).
+    """MAXRIGHT: each step, the objective furthest from its optimum, k = argmax_k w_k·(L̃_k − L*_k).
 
-    Exact current losses of every objective would cost a forward pass each per step, so the
-    scores use stale losses L̃_k: the stepped objective's L̃_k is overwritten with the loss it
-    just had (`observe`), and all are recomputed without grad on one batch each before the first
-    step and every `refresh_every` steps (`wants_refresh`/`refresh`; 0 = only before the first).
-    L*_k = optima.get(k, 0.0) is the objective's known optimum. Ties go to the first objective
-    in `names`, so every rank (and every resume) breaks them identically. Objectives with weight
-    0 are never picked (their score would be 0 whatever their loss).
-
-    The pick is deterministic; `seed` is kept for API symmetry with Alright and saved in state.
-    """
+    L̃_k are stale losses: the stepped objective's is the loss it just had (`observe`); all are recomputed
+    without grad on one batch each before the first step and every `refresh_every` steps (0: only before
+    the first). L*_k = optima.get(k, 0.0). Ties go to the first of `names` (the same on every rank and
+    resume); weight-0 objectives are never picked. The pick is deterministic: `seed` is only saved."""
 
     kind = "maxright"
     needs_losses = True
@@ -293,8 +257,7 @@ class Maxright(Schedule):
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
             raise ValueError(f"refresh_every must be an int >= 0 (0 = never after the first), got {refresh_every!r}")
         self.refresh_every = refresh_every
-        self.stale = {}
-        self._last = {}
+        self.stale, self._last = {}, {}
 
     def wants_refresh(self, step):
         if any(k not in self.stale for k in self.names):
@@ -310,9 +273,8 @@ class Maxright(Schedule):
     def plan(self, step):
         missing = [k for k in self.names if k not in self.stale]
         if missing:
-            raise RuntimeError(
-                f"Maxright.plan({step}): no stale loss for {missing}; call refresh() with every "
-                "objective's loss first (the loop does so when wants_refresh(step) is True)")
+            raise RuntimeError(f"Maxright.plan({step}): no stale loss for {missing}; call refresh() with every "
+                               "objective's loss first (the loop does so when wants_refresh(step) is True)")
         best, best_score, info = None, -math.inf, {}
         for k in self.names:
             info[f"stale/{k}"] = self.stale[k]
@@ -329,8 +291,7 @@ class Maxright(Schedule):
         return dict(self._last)
 
     def state_dict(self):
-        return {**super().state_dict(), "seed": self.seed,
-                "stale": dict(self.stale), "last": dict(self._last)}
+        return {**super().state_dict(), "seed": self.seed, "stale": dict(self.stale), "last": dict(self._last)}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -339,13 +300,7 @@ class Maxright(Schedule):
         self._last = {k: float(v) for k, v in state.get("last", {}).items()}
 
 
-SCHEDULES = {
-    "single": Single,
-    "sequential": Sequential,
-    "mix": Mix,
-    "alright": Alright,
-    "maxright": Maxright,
-}
+SCHEDULES = {s.kind: s for s in (Single, Sequential, Mix, Alright, Maxright)}
 
 
 @dataclass(frozen=True)
@@ -369,10 +324,7 @@ class Stopping:
 
 
 def paper_weights(lambd, sft="sft", pref="dpo"):
-    """The paper's two-objective weights: w_pref = λ, w_sft = 1 − λ (λ = 0: SFT only, 1: DPO only).
-
-    SFT comes first in the dict, so it is first in `names` and wins MAXRIGHT ties.
-    """
+    """The paper's two-objective weights w_pref = λ, w_sft = 1 − λ; SFT first (it wins MAXRIGHT's ties)."""
     try:
         lambd = float(lambd)
     except (TypeError, ValueError):

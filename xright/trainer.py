@@ -46,7 +46,6 @@ class TrainArgs:
     eval_at_start: bool = True
     stopping: Stopping = field(default_factory=Stopping)  # the joint runs' early stopping
     debug_log_picks: bool = False
-    pad_id: int = 0
     # resumable checkpoints (docs/DESIGN.md §2 invariant 5)
     save_steps: int = -1
     ckpt_path: str = "./ckpt/checkpoints"

@@ -7,9 +7,8 @@ from xright.cli.lifecycle import UsageError
 
 
 def batch_sizes_from_file(args) -> None:
-    """A --deepspeed file's batch sizes stand for the batch flags the user did not type, so that the
-    loop trains what the written config says (a typed flag that contradicts the file is an error later).
-    A file with micro batch and accumulation but no train_batch_size means micro × accumulation × ranks."""
+    """A --deepspeed file's batch sizes stand for the batch flags the user did not type (a typed flag that
+    contradicts it is an error later); micro batch and accumulation without train_batch_size: × ranks."""
     if not getattr(args, "deepspeed", None):
         return
     from xright.strategy import ConfigError, read_ds_config
@@ -33,8 +32,6 @@ def batch_sizes_from_file(args) -> None:
             world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher before Python starts
             args.train_batch_size = args.micro_train_batch_size * given["gradient_accumulation_steps"] * world
 
-
-# ---- run --------------------------------------------------------------------------------------
 
 @dataclass
 class ObjectiveSpec:
@@ -76,12 +73,11 @@ def batch_plan(args, specs: list[ObjectiveSpec], world_size: int) -> dict[str, B
     plan = {}
     for sp in specs:
         if args.batch_meaning == "examples":
-            accum = accumulation_steps(args.train_batch_size, sp.micro_batch_size, world_size,
-                                       f"{sp.name} micro batch size")
+            micro, what = sp.micro_batch_size, f"{sp.name} micro batch size"
         else:
-            accum = accumulation_steps(
-                args.train_batch_size, args.micro_train_batch_size, world_size,
-                "--micro_train_batch_size (as XRIGHT: DeepSpeed's micro batch in loader batches)")
+            micro, what = args.micro_train_batch_size, ("--micro_train_batch_size (as XRIGHT: DeepSpeed's micro "
+                                                        "batch in loader batches)")
+        accum = accumulation_steps(args.train_batch_size, micro, world_size, what)
         plan[sp.name] = Batching(sp.micro_batch_size, accum, world_size)
     return plan
 
@@ -94,15 +90,14 @@ def ds_options(args, specs: list[ObjectiveSpec]):
         explicit |= {"micro_train_batch_size" for f in args.explicit if f.endswith("micro_train_batch_size")}
     return DSOptions(
         deepspeed=args.deepspeed, zero_stage=args.zero_stage, bf16=args.bf16, adam_offload=args.adam_offload,
-        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm,
-        train_batch_size=args.train_batch_size, micro_train_batch_size=ds_micro_batch(args, specs),
-        grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg, disable_trace_cache=args.disable_trace_cache,
-        explicit=explicit)
+        ref_offload=getattr(args, "ref_offload", False), max_norm=args.max_norm, train_batch_size=args.train_batch_size,
+        micro_train_batch_size=ds_micro_batch(args, specs), grad_accum_dtype=args.grad_accum_dtype, zpg=args.zpg,
+        disable_trace_cache=args.disable_trace_cache, explicit=explicit)
 
 
 def check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None:
-    """The loop trains the batch sizes of the DeepSpeed config it writes, or stops (parse() takes a
-    --deepspeed file's values for the flags not typed; a caller that skipped parse() may disagree)."""
+    """The loop trains the batch sizes of the DeepSpeed config it writes, or stops (a caller that skipped
+    parse() may disagree with a --deepspeed file)."""
     from xright.strategy import ConfigError
 
     want = (args.train_batch_size, ds_micro_batch(args, specs))
@@ -110,8 +105,8 @@ def check_resolved_batches(args, specs: list[ObjectiveSpec], cfg: dict) -> None:
     if got != want:
         raise ConfigError(f"the DeepSpeed config ({args.deepspeed or 'from --zero_stage'}) resolves to "
                           f"train_batch_size {got[0]}, train_micro_batch_size_per_gpu {got[1]} but the loop would "
-                          f"train {want[0]} and "
-                          f"{want[1]}; set --train_batch_size / --micro_train_batch_size to the file's values")
+                          f"train {want[0]} and {want[1]}; set --train_batch_size / --micro_train_batch_size to the "
+                          "file's values")
 
 
 def write_batches(args, batches: dict[str, Batching], tasks: dict, strategy) -> None:

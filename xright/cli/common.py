@@ -14,19 +14,14 @@ from xright.cli.batching import (ObjectiveSpec, batch_plan, check_resolved_batch
                                  ds_options, write_batches)
 from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
+from xright.schedules import Single, Stopping
 
 
-def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> dict:
-    """Build everything from flags, train, save. Returns the final eval metrics.
-
-    ``make_schedule(total_steps, steps_per_epoch, tasks)`` builds the schedule once the data
-    sizes are known; ``steps_per_epoch(tasks)`` defines a (joint) epoch (default: the first
-    objective's optimizer steps per pass over its data).
-
-    However it ends, the engines it built are released (their ZeRO state, parameters and DeepSpeed's
-    process-wide patches), so that several runs in one process (a notebook, a sweep) behave as separate
-    launches; the process group stays up for the next run.
-    """
+def run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None = None, **kwargs) -> dict:
+    """Build everything from flags, train, save; the final eval metrics. ``make_schedule(tasks)`` builds the
+    schedule once the data is loaded (default: the first objective alone); ``steps_per_epoch(tasks)``: the
+    steps of a (joint) epoch (default: one pass over the first objective's data). However it ends, the
+    engines it built are released, so that several runs in one process behave as separate launches."""
     try:  # (the run's objects live in _run's frame: gone before release_engines collects them)
         return _run(args, specs, make_schedule, **kwargs)
     finally:
@@ -35,15 +30,16 @@ def run(args, specs: list[ObjectiveSpec], make_schedule: Callable, **kwargs) -> 
         release_engines()
 
 
-def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable, *, task: str = "causal",
+def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None, *, task: str = "causal",
          steps_per_epoch: Callable | None = None, extra_save_files: Callable | None = None, stopping=None) -> dict:
     strategy, batches = _configure(args, specs, task)
     tokenizer, data, tasks = _data(args, specs, strategy, batches)
-    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(tasks[specs[0].name].loader) // tasks[specs[0].name].grad_accum
+    first = tasks[specs[0].name]
+    per_epoch = steps_per_epoch(tasks) if steps_per_epoch else len(first.loader) // first.grad_accum
     total = args.max_steps if args.max_steps else args.max_epochs * per_epoch
     engine, signature = _policy(args, task, strategy, tokenizer, tasks, total)
     reference = _reference(args, specs, strategy, engine, tokenizer, data, tasks, total)
-    schedule = make_schedule(total, per_epoch, tasks)
+    schedule = make_schedule(tasks) if make_schedule else Single(specs[0].name)
     if args.debug_rank_seed:
         schedule.reseed(args.seed + 1000 * strategy.rank)
     trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, tokenizer,
@@ -104,25 +100,22 @@ def _data(args, specs: list[ObjectiveSpec], strategy, batches):
     from xright.models import load_tokenizer
     from xright.trainer import Task
 
-    accum = {name: b.micro_steps for name, b in batches.items()}
     tokenizer = load_tokenizer(args.pretrain, use_fast=not args.disable_fast_tokenizer,
-                               trust_remote_code=args.trust_remote_code,
-                               chat_template=getattr(args, "tokenizer_chat_template", None))
+                               trust_remote_code=args.trust_remote_code, chat_template=args.tokenizer_chat_template)
     data = {sp.name: load_data(sp.data, tokenizer, log=strategy.print) for sp in specs}
-    loaders = {}
+    tasks = {}
     for sp in specs:
+        accum = batches[sp.name].micro_steps
         try:
-            loaders[sp.name] = CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size,
-                                             tokenizer.pad_token_id, rank=strategy.rank,
-                                             world_size=strategy.world_size, seed=args.seed,
-                                             packed=args.packing_samples, group_by_length=args.group_by_length,
-                                             accumulation=accum[sp.name])
+            loader = CyclingLoader(data[sp.name][0], sp.objective.kind, sp.micro_batch_size, tokenizer.pad_token_id,
+                                   rank=strategy.rank, world_size=strategy.world_size, seed=args.seed,
+                                   packed=args.packing_samples, group_by_length=args.group_by_length,
+                                   accumulation=accum)
         except ValueError as e:
             raise UsageError(f"{sp.name}: {e}") from None
-    for sp in specs:  # KTO's z is a mean over ranks; objectives import no deepspeed
-        sp.objective.bind(strategy)
-    tasks = {sp.name: Task(sp.objective, loaders[sp.name], data[sp.name][1], sp.micro_batch_size,
-                           accum[sp.name], sp.optimum) for sp in specs}
+        sp.objective.bind(strategy)  # KTO's z is a mean over ranks (objectives import no deepspeed)
+        sp.objective.check_data(loader.examples)  # KTO's class balance
+        tasks[sp.name] = Task(sp.objective, loader, data[sp.name][1], sp.micro_batch_size, accum, sp.optimum)
     return tokenizer, data, tasks
 
 
@@ -138,9 +131,8 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
     model = load_model(args.pretrain, task=task, bf16=bf16, flash_attn=args.flash_attn, lora=lora,
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_use_reentrant=args.gradient_checkpointing_use_reentrant,
-                       load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code,
-                       seed=args.seed, vocab_size=len(tokenizer), packing=args.packing_samples,
-                       pad_token_id=tokenizer.pad_token_id)
+                       load_in_4bit=args.load_in_4bit, trust_remote_code=args.trust_remote_code, seed=args.seed,
+                       vocab_size=len(tokenizer), packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
     # the world size is not part of it: a checkpoint moves to another rank count (Strategy.plan_resume)
     signature = {"model": args.pretrain or "tiny", "lora_rank": args.lora_rank,
                  "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
@@ -153,11 +145,9 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
                           hashlib.sha256("\n".join(e["id"] for e in t.loader.examples).encode()).hexdigest()[:16]
                           for k, t in tasks.items()}}
     optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
-        num_training_steps=total,
-        scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
-        if args.lr_scheduler == "cosine_with_min_lr" else None)
+    min_lr = {"min_lr": args.learning_rate * args.min_lr_ratio} if args.lr_scheduler == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
+                              num_training_steps=total, scheduler_specific_kwargs=min_lr)
     if args.load_checkpoint:  # another world size: convert to a universal checkpoint before the engine exists
         strategy.plan_resume(args.ckpt_path, signature)
     engine = strategy.prepare(model, optimizer, scheduler)
@@ -181,15 +171,26 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
     def live_reference():
         if is_peft(engine.module) and not ref_path:
             return Reference(lora_policy=engine)
-        ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn,
-                         trust_remote_code=args.trust_remote_code, seed=args.seed,
-                         vocab_size=len(tokenizer), trainable=False, packing=args.packing_samples,
-                         pad_token_id=tokenizer.pad_token_id)
+        ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn, seed=args.seed,
+                         trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer), trainable=False,
+                         packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
         ref = strategy.prepare_reference(ref)
         strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
         return Reference(model=ref)
 
-    if not _precompute_pays(args, ref_specs, tasks, total, strategy):
+    # --precompute_ref_log_probs, unless left at its default for a run whose steps cannot draw every training
+    # example once (a smoke test): then one pass over all of them costs more than the live forwards it saves
+    precompute = getattr(args, "precompute_ref_log_probs", False)
+    if precompute and "precompute_ref_log_probs" not in args.explicit:
+        for sp in ref_specs:  # an objective picked at every step draws micro × accum × world examples per step
+            t = tasks[sp.name]
+            drawn, have = total * t.micro_batch_size * t.grad_accum * strategy.world_size, len(t.loader.examples)
+            if drawn < have:
+                strategy.print(f"reference log-probs: live ({total} steps draw at most {drawn} of the {have} "
+                               f"{sp.name} examples; --precompute_ref_log_probs forces the pass)")
+                precompute = False
+                break
+    if not precompute:
         return live_reference()
     from xright import fingerprints, refcache
 
@@ -207,29 +208,25 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
              stopping, per_epoch: int, total: int):
     """The config dumps, the metrics logger and the Trainer."""
     from xright.logging import MetricsLogger, wandb_settings
-    from xright.schedules import Stopping
     from xright.files import atomic_write_json
     from xright.trainer import TrainArgs, Trainer
 
     strategy.write_config(args.save_path)
     if strategy.is_rank0:
         atomic_write_json(os.path.join(args.save_path, "xright_args.json"), safe_config(args))
-    logger = MetricsLogger(
-        args.save_path, strategy.is_rank0, resume=args.load_checkpoint,
-        wandb=wandb_settings(args.use_wandb, args.wandb_org, args.wandb_group, args.wandb_project,
-                             args.wandb_run_name),
-        tensorboard_dir=args.use_tensorboard, config=safe_config(args))
+    wandb = wandb_settings(args.use_wandb, args.wandb_org, args.wandb_group, args.wandb_project, args.wandb_run_name)
+    logger = MetricsLogger(args.save_path, strategy.is_rank0, resume=args.load_checkpoint, wandb=wandb,
+                           tensorboard_dir=args.use_tensorboard, config=safe_config(args))
+    counts = "loader batches, as XRIGHT's CLIs" if args.batch_meaning == "xright" else "examples"
     strategy.print(f"xright: {total} optimizer steps ({per_epoch} per epoch), world size {strategy.world_size}, "
                    f"ZeRO-{strategy.zero_stage}, objectives {', '.join(tasks)}; --train_batch_size "
-                   f"{args.train_batch_size} counts " +
-                   ("loader batches, as XRIGHT's CLIs" if args.batch_meaning == "xright" else "examples"))
+                   f"{args.train_batch_size} counts {counts}")
     for name, b in batches.items():
         strategy.print(f"xright: {name}: {b}")
     train_args = TrainArgs(
         total_steps=total, save_path=args.save_path,
         eval_steps=args.eval_steps if args.eval_steps > 0 else per_epoch,
-        logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks,
-        pad_id=tokenizer.pad_token_id, stopping=stopping or Stopping(),
+        logging_steps=max(1, args.logging_steps), debug_log_picks=args.debug_log_picks, stopping=stopping or Stopping(),
         save_steps=args.save_steps, ckpt_path=args.ckpt_path, max_ckpt_num=args.max_ckpt_num,
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)
@@ -249,21 +246,3 @@ def _save(args, task: str, strategy, engine, tokenizer, extra_files) -> None:
                             seed=args.seed, task=task)  # the tiny base is built from the run's seed
     strategy.barrier()
     strategy.print(f"saved to {args.save_path}")
-
-
-def _precompute_pays(args, ref_specs, tasks, total: int, strategy) -> bool:
-    """--precompute_ref_log_probs, unless left at its default for a run whose steps cannot draw every
-    training example once (a smoke test of a few steps): then one pass over all of them costs more
-    than the live reference forwards it replaces."""
-    if not getattr(args, "precompute_ref_log_probs", False):
-        return False
-    if "precompute_ref_log_probs" in args.explicit:
-        return True
-    for sp in ref_specs:  # an objective picked at every step draws micro × accum × world examples per step
-        t = tasks[sp.name]
-        drawn, have = total * t.micro_batch_size * t.grad_accum * strategy.world_size, len(t.loader.examples)
-        if drawn < have:
-            strategy.print(f"reference log-probs: live ({total} steps draw at most {drawn} of the {have} {sp.name} "
-                           "examples; --precompute_ref_log_probs forces the pass)")
-            return False
-    return True

@@ -15,9 +15,8 @@ BATCH_MEANINGS = {
     "examples": ("examples per optimizer step over all ranks: each objective accumulates train_batch_size / "
                  "(its micro batch × ranks) micro-batches",
                  "examples per rank per micro-batch"),
-    # XRIGHT's CLIs (train_sft_dpo_*, train_sft_seq, train_dpo_seq, train_sft_pref) give DeepSpeed a micro
-    # batch of --micro_train_batch_size (1: the joint ones have no such flag) while every micro-step is one
-    # loader batch, so --train_batch_size counts loader batches, not examples
+    # XRIGHT's CLIs (train_sft_dpo_*, *_seq, train_sft_pref): DeepSpeed's micro batch is --micro_train_batch_size
+    # (1 in the joint ones, which lack the flag) while a micro-step is one loader batch
     "xright": ("as XRIGHT: loader batches per optimizer step over all ranks: each objective accumulates "
                "train_batch_size / (--micro_train_batch_size × ranks) loader batches of its own "
                "--*micro_train_batch_size examples (the paper passes the number of GPUs: one loader batch per rank)",
@@ -121,8 +120,7 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
     return p
 
 
-def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int = 2048, kind: str = "sft",
-                   keys: bool = True) -> None:
+def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int = 2048, keys: bool = True) -> None:
     """``--dataset`` & co. (``--sft_dataset``/``--rlhf_dataset`` in the joint CLIs)."""
     g = p.add_argument_group(f"{prefix or ''}data")
     g.add_argument(f"--{prefix}dataset", type=str, default=None,
@@ -214,16 +212,9 @@ def parse(p: argparse.ArgumentParser, argv=None):
     """Parse, and record which flags the user typed (a typed flag may contradict a ds_config)."""
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    probe = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in p._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest}
-            if action.nargs == 0:
-                kwargs.update(action="store_const", const=True)
-            else:
-                kwargs["nargs"] = action.nargs
-            probe.add_argument(*action.option_strings, **kwargs)
-    args.explicit = set(vars(probe.parse_known_args(argv)[0]))
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    typed = p.parse_args(argv, argparse.Namespace(**{d: unset for d in [a.dest for a in p._actions] + [*p._defaults]}))
+    args.explicit = {k for k, v in vars(typed).items() if v is not unset}
     batch_sizes_from_file(args)
     token = getattr(args, "use_wandb", None)
     if token and token.lower() not in ("true", "false", "1", "0", "yes", "no", "none"):
@@ -232,23 +223,17 @@ def parse(p: argparse.ArgumentParser, argv=None):
     return args
 
 
-
-
 def data_spec(args, kind: str, prefix: str = "", name: str = "data", **extra):
+    """The ``DataSpec`` of one objective's data flags (``prefix``: ``--sft_dataset`` …) and the shared ones."""
     from xright.data import DataSpec
 
-    get = lambda f: getattr(args, prefix + f)  # noqa: E731
-    return DataSpec(
-        kind=kind, dataset=get("dataset"), dataset_probs=get("dataset_probs"), train_split=get("train_split"),
-        eval_split=get("eval_split"), eval_fraction=get("eval_fraction"), max_samples=int(get("max_samples")),
-        max_len=get("max_len"), truncation=args.truncation, input_key=args.input_key, output_key=args.output_key,
-        prompt_key=args.prompt_key, chosen_key=args.chosen_key, rejected_key=args.rejected_key,
-        completion_key=args.completion_key, label_key=args.label_key, completions_key=args.completions_key,
-        rewards_key=args.rewards_key, margin_key=args.margin_key, input_template=args.input_template,
-        apply_chat_template=args.apply_chat_template, multiturn=getattr(args, "multiturn", False),
-        pretrain_mode=args.pretrain_mode,
-        skip_bad_records=args.skip_bad_records, seed=args.seed, name=name,
-        cache_dir=getattr(args, "data_cache_dir", None), **extra)
+    own = ("dataset", "dataset_probs", "train_split", "eval_split", "eval_fraction", "max_len")
+    shared = ("truncation", "input_key", "output_key", "prompt_key", "chosen_key", "rejected_key", "completion_key",
+              "label_key", "completions_key", "rewards_key", "margin_key", "input_template", "apply_chat_template",
+              "multiturn", "pretrain_mode", "skip_bad_records", "seed")
+    return DataSpec(kind=kind, name=name, max_samples=int(getattr(args, prefix + "max_samples")),
+                    cache_dir=args.data_cache_dir, **{f: getattr(args, prefix + f) for f in own},
+                    **{f: getattr(args, f) for f in shared}, **extra)
 
 
 def safe_config(args) -> dict:

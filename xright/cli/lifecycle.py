@@ -18,13 +18,9 @@ class Terminated(Exception):
 
 
 def main_guard(fn: Callable[[], None]) -> None:
-    """Run a CLI, then tear down in order and exit with the code the run decided.
-
-    Input and configuration errors end it with one clear line, not a traceback. Whatever happened,
-    the engines and process groups are torn down while the interpreter is intact
-    (``strategy.close_process_group``), after the exception and its frames are released, so that no
-    communication thread outlives ``main`` to abort the process at exit and replace the code.
-    """
+    """Run a CLI, then tear down in order and exit with the code the run decided. Input errors end it with one
+    line; the engines and process groups are torn down while the interpreter is intact and the exception's
+    frames are gone, so that no communication thread outlives ``main`` to abort the process at exit."""
     shutdown(guarded(fn))
 
 
@@ -38,12 +34,9 @@ def guarded(fn: Callable[[], None]) -> int:
     try:
         fn()
         code = EXIT_OK
-    except (DataError, ConfigError, ModelLoadError, UsageError) as e:
+    except (DataError, ConfigError, ModelLoadError, UsageError, NonFiniteLoss) as e:
         print(f"xright: error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_USAGE
-    except NonFiniteLoss as e:
-        print(f"xright: error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_NONFINITE
+        code = EXIT_NONFINITE if isinstance(e, NonFiniteLoss) else EXIT_USAGE
     except Terminated as e:
         print(f"xright: {e}", file=sys.stderr, flush=True)
         code = EXIT_TERMINATED
@@ -70,9 +63,8 @@ def shutdown(code: int) -> None:
     left = close_process_group()
     main = getattr(sys.modules.get("__main__"), "__spec__", None)
     if left and main is not None and main.name.startswith("xright."):  # never inside a host process (pytest)
-        # A group outlived the teardown (ZeRO-3: see close_process_group). Its threads would be torn
-        # down by interpreter finalisation, which can abort the process and replace the code; everything
-        # is written, closed and flushed by now, so end the process without finalisation.
+        # A group outlived the teardown (ZeRO-3: see close_process_group): interpreter finalisation could abort
+        # on its threads and replace the code; all is written and flushed, so end without finalisation.
         if os.environ.get("XRIGHT_DEBUG_EXIT"):
             print(f"xright: {len(left)} gloo threads alive at exit ({', '.join(left)}): os._exit({code})",
                   file=sys.stderr, flush=True)

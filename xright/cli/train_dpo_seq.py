@@ -1,7 +1,4 @@
-"""Sequential training, DPO phase: trains DPO and evaluates both SFT and DPO (XRIGHT's flags).
-
-    deepspeed --module xright.cli.train_dpo_seq --pretrain ./ckpt/seq_sft --save_path ./ckpt/seq_sft_dpo
-"""
+"""Sequential training, DPO phase: trains DPO and evaluates both SFT and DPO (XRIGHT's flags)."""
 
 from xright.cli import joint, lifecycle
 

@@ -1,14 +1,12 @@
-"""EXO (Ji et al., ICML 2024): reverse KL from the policy's distribution over K completions to a
-target — a preference (``exo-pref``, pairwise data, K = 2) or rewards (``exo-rw``, scored data:
-``prompt``, ``completions`` (K >= 2), ``rewards`` (K)); ``dpo-pref`` / ``dpo-rw`` are the forward-KL
-forms. All K completions of a prompt go through one forward and are never split across micro-batches.
+"""EXO (Ji et al., ICML 2024): reverse KL from the policy's distribution over K completions to a target, a
+preference (``exo-pref``, pairwise data) or rewards (``exo-rw``, scored data: ``prompt``, ``completions`` (K >= 2),
+``rewards``); ``dpo-pref`` / ``dpo-rw`` are the forward-KL forms. A prompt's K completions share one forward.
 
     deepspeed --module xright.cli.train_exo --loss exo-rw --dataset scored.jsonl --save_path ./ckpt/exo
 """
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import EXO_LOSSES
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -20,7 +18,7 @@ def main(argv=None):
     objective = flags.build_objective(args, args.loss)
     spec = common.ObjectiveSpec(args.loss, objective, flags.data_spec(args, objective.kind, name=args.loss),
                                 args.micro_train_batch_size)
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single(args.loss))
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

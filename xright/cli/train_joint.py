@@ -3,15 +3,11 @@
     deepspeed --module xright.cli.train_joint --objectives sft,dpo,kto --schedule maxright \\
         --sft_weight 0.5 --dpo_weight 0.3 --kto_weight 0.2 --sft_opt 0.9 --kto_micro_train_batch_size 4
 
-``--objectives`` lists NAME or NAME:LOSS entries (NAME defaults to LOSS, so two objectives can share
-a loss on different data: ``--objectives sft,dpo,hh:dpo``). Every NAME gets its own flags, prefixed
-with NAME ('-' becomes '_'): ``--NAME_dataset`` (and ``_dataset_probs``, ``_train_split``,
-``_eval_split``, ``_eval_fraction``, ``_max_samples``, ``_max_len``), ``--NAME_micro_train_batch_size``
-(default ``--micro_train_batch_size``), ``--NAME_weight`` (default 1), ``--NAME_opt`` (its optimum
-L*, default 0) and ``--NAME_beta`` (default: the loss's usual β). Loss-specific hyperparameters
-(``--label_smoothing``, ``--simpo_gamma``, ``--desirable_loss_weight``, ``--beta_r`` …) are shared.
-Metrics are ``train/NAME/*`` and ``eval/NAME/*``. Reward modelling is not offered: it trains a
-scalar-head model, not the causal LM the other objectives share.
+``--objectives``: NAME or NAME:LOSS entries (NAME defaults to LOSS; ``sft,dpo,hh:dpo`` trains dpo twice on two
+data sets). Each NAME ('-' read as '_') has its own ``--NAME_dataset`` (and the other data flags),
+``--NAME_micro_train_batch_size`` (default ``--micro_train_batch_size``), ``--NAME_weight`` (1), ``--NAME_opt``
+(its optimum L*, 0), ``--NAME_beta`` (the loss's β); other hyperparameters (``--label_smoothing`` …) are shared.
+Metrics are ``train/NAME/*``, ``eval/NAME/*``. Not the reward model: it trains a scalar head, not the shared LM.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ import argparse
 import re
 
 from xright.cli import common, flags, lifecycle
+from xright.cli.lifecycle import UsageError
 from xright.objectives import OBJECTIVES
 from xright.schedules import SCHEDULES, ScheduleInputs, Single, Stopping
 
@@ -33,17 +30,17 @@ def parse_objectives(text: str) -> dict[str, str]:
         name, _, loss = entry.partition(":")
         loss = loss or name
         if loss == "rm":
-            raise lifecycle.UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
-                                    "objectives share; train it on its own with xright.cli.train_rm")
+            raise UsageError("--objectives: rm trains a scalar-head reward model, not the causal LM the other "
+                             "objectives share; train it on its own with xright.cli.train_rm")
         if loss not in losses:
-            raise lifecycle.UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
+            raise UsageError(f"--objectives: unknown loss {loss!r} in {entry!r}; choose from {losses}")
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-            raise lifecycle.UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
+            raise UsageError(f"--objectives: objective name {name!r} must be lower-case letters, digits, - or _")
         if name in out:
-            raise lifecycle.UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
+            raise UsageError(f"--objectives: {name!r} appears twice; name them apart, e.g. {name}2:{loss}")
         out[name] = loss
     if not out:
-        raise lifecycle.UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
+        raise UsageError("--objectives: name at least one objective, e.g. --objectives sft,dpo,kto")
     return out
 
 
@@ -91,24 +88,26 @@ def parser(objectives: dict[str, str]) -> argparse.ArgumentParser:
     return p
 
 
-def make_schedule(args, weights: dict[str, float], tasks: dict):
-    """The schedule named by ``--schedule`` over ``weights`` (also used by the paper's presets)."""
-    inputs = ScheduleInputs(
-        weights, {n: t.optimum for n, t in tasks.items()}, args.seed, refresh_every=max(args.max_eval_steps, 0),
-        phase_steps={n: args.max_epochs * (len(t.loader) // t.grad_accum) for n, t in tasks.items()},
-        order=tuple(n.strip() for n in args.order.split(",")) if args.order else (), only=args.train_only)
-    try:
-        return (Single if args.train_only else SCHEDULES[args.schedule]).build(inputs)
-    except ValueError as e:
-        raise lifecycle.UsageError(str(e)) from None
+def run(args, specs: list[common.ObjectiveSpec], weights: dict[str, float], stopping: Stopping) -> None:
+    """A joint run (this CLI and the paper's presets): the schedule named by ``--schedule`` over ``weights``;
+    an epoch of ``--steps_per_epoch`` steps, else one pass over the first objective's data (XRIGHT: the SFT
+    loader), the trained objective's (``--train_only``), all phases (sequential) or the shorter loader
+    (``--equal_length``, XRIGHT's zip)."""
+    def steps(tasks):  # optimizer steps of one pass over each objective's data
+        return {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
 
+    def schedule(tasks):
+        inputs = ScheduleInputs(
+            weights, {n: t.optimum for n, t in tasks.items()}, args.seed, refresh_every=max(args.max_eval_steps, 0),
+            phase_steps={n: args.max_epochs * k for n, k in steps(tasks).items()},
+            order=tuple(n.strip() for n in args.order.split(",")) if args.order else (), only=args.train_only)
+        try:
+            return (Single if args.train_only else SCHEDULES[args.schedule]).build(inputs)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
-def epoch_steps(args, first: str):
-    """Optimizer steps in a joint epoch: ``--steps_per_epoch``, else one pass over ``first``'s data
-    (XRIGHT: the SFT loader), the trained objective's (``--train_only``), all phases (sequential),
-    or the shorter loader (``--equal_length``, XRIGHT's zip)."""
-    def count(tasks):
-        per = {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
+    def epoch(tasks):
+        per = steps(tasks)
         if args.steps_per_epoch:
             return args.steps_per_epoch
         if args.equal_length:
@@ -117,34 +116,28 @@ def epoch_steps(args, first: str):
             return per[args.train_only]
         if args.schedule == "sequential":
             return sum(per.values())
-        return per[first]
-    return count
+        return per[specs[0].name]
+
+    common.run(args, specs, schedule, steps_per_epoch=epoch, stopping=stopping)
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--objectives", type=str, default=None)
-    known, _ = pre.parse_known_args(argv)
+    first = argparse.ArgumentParser(add_help=False)  # the objectives name the flags to parse
+    first.add_argument("--objectives", type=str, default=None)
+    known, _ = first.parse_known_args(argv)
     objectives = parse_objectives(known.objectives) if known.objectives else {}
     args = flags.parse(parser(objectives), argv)
-    names = list(objectives)
-    if args.train_only and args.train_only not in names:
-        raise lifecycle.UsageError(f"--train_only must be one of {names}, got {args.train_only!r}")
-    specs = []
+    if args.train_only and args.train_only not in objectives:
+        raise UsageError(f"--train_only must be one of {list(objectives)}, got {args.train_only!r}")
+    specs, weights = [], {}
     for name, loss in objectives.items():
         pre = flags.flag_prefix(name)
         objective = flags.build_objective(args, loss, name)
         micro = getattr(args, pre + "micro_train_batch_size") or args.micro_train_batch_size
         specs.append(common.ObjectiveSpec(name, objective, flags.data_spec(args, objective.kind, pre, name=name),
                                           micro, getattr(args, pre + "opt")))
-
-    def schedule(total, per_epoch, tasks):  # the data is loaded by now
-        for sp in specs:
-            sp.objective.check_data(tasks[sp.name].loader.examples)
-        return make_schedule(args, {n: getattr(args, flags.flag_prefix(n) + "weight") for n in names}, tasks)
-
-    common.run(args, specs, schedule, steps_per_epoch=epoch_steps(args, names[0]),
-               stopping=Stopping(args.eps, at_optimum=any(sp.optimum for sp in specs)))
+        weights[name] = getattr(args, pre + "weight")
+    run(args, specs, weights, Stopping(args.eps, at_optimum=any(sp.optimum for sp in specs)))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""KTO on binary feedback (``prompt``, ``completion``, ``label``) or on pairs unpaired into
-desirable (chosen) and undesirable (rejected) examples (Ethayarajh et al. 2024).
-
-z comes from mismatched pairs (x_i, y_{i+1}) of each micro-batch, so the micro batch size must be
-at least 2 (1 is refused before training). OpenRLHF's ``--input_key`` / ``--output_key``, when
-given, name the prompt and completion fields.
+"""KTO (Ethayarajh et al. 2024) on binary feedback (``prompt``, ``completion``, ``label``) or on pairs split into
+desirable (chosen) and undesirable (rejected) examples. Its z pairs the examples of a micro-batch: micro batch
+size >= 2. OpenRLHF's ``--input_key`` / ``--output_key``, when given, name the prompt and completion fields.
 
     deepspeed --module xright.cli.train_kto --pretrain tiny --beta 0.1 --save_path ./ckpt/kto
 """
 
 from xright.cli import common, flags, lifecycle
-from xright.schedules import Single
 
 
 def main(argv=None):
     p = flags.base_parser(__doc__, learning_rate=1e-5, max_epochs=1, wandb_project="openrlhf_train_dpo",
                            ckpt_path="./ckpt/checkpoints_kto")
-    flags.add_data_flags(p, max_len=2048, kind="binary")
+    flags.add_data_flags(p, max_len=2048)
     flags.add_objective_flags(p, ["kto"])
     p.set_defaults(beta=0.01)  # OpenRLHF's train_kto default
     args = flags.parse(p, argv)
@@ -25,12 +21,7 @@ def main(argv=None):
     objective = flags.build_objective(args, "kto")
     spec = common.ObjectiveSpec("kto", objective, flags.data_spec(args, "binary", name="kto"),
                                 args.micro_train_batch_size)
-
-    def schedule(total, per_epoch, tasks):  # the data is loaded by now: check the class balance
-        objective.check_data(tasks["kto"].loader.examples)
-        return Single("kto")
-
-    common.run(args, [spec], schedule)
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,6 @@
-"""Reward model: Bradley–Terry on pairwise data, a scalar head read at the last real token.
-
-Saved in HF format (``AutoModelForSequenceClassification``, num_labels=1) with the reward
-normalisation statistics of the eval set: ``mean`` and ``std`` in config.json (as OpenRLHF) and in
-``reward_stats.json``. Scores: :func:`xright.objectives.reward_scores` (identical to the plain HF
-forward unless the tokenizer pads with its eos token, see there).
+"""Reward model: Bradley–Terry on pairwise data, a scalar head read at the last real token. Saved in HF format
+(``AutoModelForSequenceClassification``, num_labels=1) with the eval set's score ``mean`` and ``std`` in
+config.json (as OpenRLHF) and ``reward_stats.json``. Scores: :func:`xright.objectives.reward_scores`.
 
     deepspeed --module xright.cli.train_rm --pretrain tiny --save_path ./ckpt/rm
 """
@@ -12,13 +9,12 @@ import math
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import RewardModel
-from xright.schedules import Single
 
 
 def main(argv=None):
     p = flags.base_parser(__doc__, learning_rate=9e-6, max_epochs=1, micro_train_batch_size=1,
                            wandb_project="openrlhf_train_rm", ckpt_path="./ckpt/checkpoints_rm")
-    flags.add_data_flags(p, max_len=512, kind="pairwise")
+    flags.add_data_flags(p, max_len=512)
     p.set_defaults(prompt_key=None)  # OpenRLHF: HH-style pairs by default
     g = p.add_argument_group("reward model")
     g.add_argument("--loss", choices=["sigmoid", "logexp"], default="sigmoid")
@@ -48,7 +44,7 @@ def main(argv=None):
         return {"reward_stats.json": {"mean": mean, "std": std, "eval_accuracy": ev["eval/rm/acc"],
                                       "eval_margin": ev["eval/rm/margin"]}}
 
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single("rm"), task="reward", extra_save_files=stats)
+    common.run(args, [spec], task="reward", extra_save_files=stats)
 
 
 if __name__ == "__main__":

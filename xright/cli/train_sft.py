@@ -5,7 +5,6 @@
 
 from xright.cli import common, flags, lifecycle
 from xright.objectives import SFT
-from xright.schedules import Single
 
 
 def main(argv=None):
@@ -15,7 +14,7 @@ def main(argv=None):
     args = flags.parse(p, argv)
     spec = common.ObjectiveSpec("sft", SFT(), flags.data_spec(args, "sft", name="sft"),
                                 args.micro_train_batch_size)
-    common.run(args, [spec], lambda total, per_epoch, tasks: Single("sft"))
+    common.run(args, [spec])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-"""Joint SFT + DPO with the ALRIGHT schedule (Fernando et al. 2024); XRIGHT's flags.
-
-    deepspeed --module xright.cli.train_sft_dpo_alright --lambd 0.5 --save_path ./ckpt/alright
-"""
+"""Joint SFT + DPO with the ALRIGHT schedule (Fernando et al. 2024); XRIGHT's flags."""
 
 from xright.cli import joint, lifecycle
 

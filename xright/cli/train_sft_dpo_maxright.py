@@ -1,7 +1,4 @@
-"""Joint SFT + DPO with the MAXRIGHT schedule (Fernando et al. 2024); XRIGHT's flags.
-
-    deepspeed --module xright.cli.train_sft_dpo_maxright --lambd 0.5 --save_path ./ckpt/maxright
-"""
+"""Joint SFT + DPO with the MAXRIGHT schedule (Fernando et al. 2024); XRIGHT's flags."""
 
 from xright.cli import joint, lifecycle
 

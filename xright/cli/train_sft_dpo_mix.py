@@ -1,7 +1,4 @@
-"""Joint SFT + DPO with the MIX schedule (Fernando et al. 2024); XRIGHT's flags.
-
-    deepspeed --module xright.cli.train_sft_dpo_mix --lambd 0.5 --save_path ./ckpt/mix
-"""
+"""Joint SFT + DPO with the MIX schedule (Fernando et al. 2024); XRIGHT's flags."""
 
 from xright.cli import joint, lifecycle
 

@@ -1,7 +1,4 @@
-"""Sequential training, SFT phase: trains SFT and evaluates both SFT and DPO (XRIGHT's flags).
-
-    deepspeed --module xright.cli.train_sft_seq --pretrain REF --save_path ./ckpt/seq_sft
-"""
+"""Sequential training, SFT phase: trains SFT and evaluates both SFT and DPO (XRIGHT's flags)."""
 
 from xright.cli import joint, lifecycle
 
