@@ -190,6 +190,32 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
     return cfg
 
 
+def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
+    """The templates' "auto" bucket sizes: hidden² elements, as transformers' DeepSpeed integration (at least
+    2**20), instead of DeepSpeed's 5e8 (2 GB per fp32 buffer, two of them with overlap_comm; the pages fill up
+    to the model's size as gradients are copied in)."""
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if _get(cfg, f"zero_optimization.{key}") == "auto":
+            _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
+
+
+def _share_master_weights(optimizer) -> None:
+    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even when the model is fp32 itself, where it
+    is bit for bit the partition: one more copy of the weights (263 MB at 65.7M parameters). Make it the
+    partition (DeepSpeed's copy back after each step is then onto itself), as DeepSpeed's own reload_states
+    moves it: new ``.data``, then the parameters' links into it rebuilt."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return
+    masters = optimizer.single_partition_of_fp32_groups
+    for i, master in enumerate(masters):
+        part = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
+            master.data = part.data
+    optimizer._link_all_hp_params()
+
+
 def _unlink_shm_buffer(rank: int, world_size: int) -> None:
     """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
 
@@ -407,10 +433,12 @@ class Strategy:
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
 
     def prepare(self, model, optimizer, scheduler):
+        fill_bucket_sizes(self.ds_config, getattr(model.config, "hidden_size", None))
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         _ENGINES.append(engine)
+        _share_master_weights(engine.optimizer)
         return engine
 
     def prepare_reference(self, model):
