@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xright import strategy as S
 from xright.models import load_model
@@ -64,3 +65,45 @@ def test_fp32_master_weights_are_the_model_weights(stage, monkeypatch):
         assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(state, opt.optimizer.state.values()))
     finally:
         S.release_engines()
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the most elements any op's output had."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.inputs:
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
+    n = S.SlicedAdamW.SLICE
+    sizes = [(3, n + 5), (2 * n + 7,), (5,)]  # a flat ZeRO partition, a matrix, a bias
+    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))  # noqa: E731
+                    for i, s in enumerate(sizes)]
+    ours, theirs = make(), make()
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa
+    opt, ref = S.SlicedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)), torch.optim.AdamW(groups(theirs), lr=1e-2,
+                                                                                           betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        watch = LargestOutput()
+        watch.inputs = {t.untyped_storage().data_ptr() for p in ours for t in (p, p.grad, *opt.state[p].values())}
+        with watch:
+            opt.step()
+        ref.step()
+        if step:  # (the first step allocates the moments)
+            assert watch.most <= n
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
+    assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4

@@ -14,6 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero import utils as zero_utils
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
@@ -214,6 +215,38 @@ def _share_master_weights(optimizer) -> None:
         if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
             master.data = part.data
     optimizer._link_all_hp_params()
+
+
+class SlicedAdamW(torch.optim.AdamW):
+    """torch's AdamW (its single-tensor path: the same arithmetic element by element) on slices of
+    :data:`SLICE` elements of each parameter. Whole, its step allocates two temporaries the size of the
+    parameter (√v, then √v / bias correction), and a ZeRO partition is one flat parameter: 2 × the model's fp32
+    size at the peak of every step."""
+
+    SLICE = 1 << 20
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim.adam import adam
+
+        if closure is not None or any(g["foreach"] or g["fused"] or g["amsgrad"] or g["maximize"] or g["capturable"]
+                                      or g["differentiable"] for g in self.param_groups):
+            return super().step(closure)
+        for group in self.param_groups:
+            lists = [], [], [], [], [], []
+            complex_ = self._init_group(group, *lists)
+            for p, g, m, v, count in zip(*lists[:4], lists[5]):
+                whole = not all(t.is_contiguous() and t.device.type == "cpu" for t in (p, g, m, v))
+                for part in zip(*((t,) if whole else t.view(-1).split(self.SLICE) for t in (p, g, m, v))):
+                    # adam() counts the step in the tensor it is given: each slice gets the count before the step
+                    adam(*([t] for t in part), [], [count.clone()], foreach=False, amsgrad=False, has_complex=complex_,
+                         beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], maximize=False, decoupled_weight_decay=True)
+                count += 1
+        return None
+
+
+zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(SlicedAdamW)  # torch's AdamW: DeepSpeed's ZeRO checks the exact type
 
 
 def _unlink_shm_buffer(rank: int, world_size: int) -> None:
@@ -428,9 +461,10 @@ class Strategy:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
-        # torch's fused kernel on a GPU (one launch per step, nothing to compile); the CPU path is unchanged
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
+        # torch's fused kernel on a GPU (one launch per step, nothing to compile); elsewhere its arithmetic by slices
+        if self.device.type == "cuda":
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+        return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
 
     def prepare(self, model, optimizer, scheduler):
         fill_bucket_sizes(self.ds_config, getattr(model.config, "hidden_size", None))
