@@ -70,17 +70,15 @@ def test_fp32_master_weights_are_the_model_weights(stage, monkeypatch):
 
 
 class LargestOutput(TorchDispatchMode):
-    """Records the most elements any op's output had."""
+    """Records the most elements of any new tensor an op returned (``inputs``: storages that are not new)."""
 
-    def __init__(self):
-        super().__init__()
-        self.most = 0
+    most, inputs = 0, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.inputs:
-                self.most = max(self.most, t.numel())
+        new = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+               if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.inputs]
+        self.most = max([self.most, *new])
         return out
 
 
