@@ -209,8 +209,7 @@ def _share_master_weights(optimizer) -> None:
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
-    masters = optimizer.single_partition_of_fp32_groups
-    for i, master in enumerate(masters):
+    for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
         part = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
         if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
             master.data = part.data
@@ -236,7 +235,7 @@ class SlicedAdamW(torch.optim.AdamW):
             lists = [], [], [], [], [], []
             complex_ = self._init_group(group, *lists)
             for p, g, m, v, count in zip(*lists[:4], lists[5]):
-                whole = not all(t.is_contiguous() and t.device.type == "cpu" for t in (p, g, m, v))
+                whole = not all(t.is_contiguous() for t in (p, g, m, v))
                 for part in zip(*((t,) if whole else t.view(-1).split(self.SLICE) for t in (p, g, m, v))):
                     # adam() counts the step in the tensor it is given: each slice gets the count before the step
                     adam(*([t] for t in part), [], [count.clone()], foreach=False, amsgrad=False, has_complex=complex_,
@@ -477,10 +476,11 @@ class Strategy:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
-        # torch's fused kernel on a GPU (one launch per step, nothing to compile); elsewhere its arithmetic by slices
-        if self.device.type == "cuda":
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
-        return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
+        if self.device.type == "cpu":
+            return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
+        # torch's fused kernel on a GPU (one launch per step, nothing to compile)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
 
     def prepare(self, model, optimizer, scheduler):
         fill_bucket_sizes(self.ds_config, getattr(model.config, "hidden_size", None))
