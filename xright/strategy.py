@@ -469,11 +469,9 @@ class Strategy:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        # empty groups are dropped: ZeRO-3 drops them too, which would desynchronise the LR scheduler. The small
-        # group first: ZeRO-1/2 step the groups in order, and their gradients share one buffer, freed once every
-        # group has taken its flat copy; the big group last steps without it (-1 fp32 model copy at the peak)
-        groups = [g for g in ({"params": no_decay, "weight_decay": 0.0},
-                              {"params": decay, "weight_decay": weight_decay}) if g["params"]]
+        # empty groups are dropped: ZeRO-3 drops them too, which would desynchronise the LR scheduler
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if self.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
