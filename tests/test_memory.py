@@ -1,7 +1,7 @@
 """What a run holds besides its activations (issue 19's floor): DeepSpeed's bucket sizes follow the model, an fp32
-ZeRO-1/2 engine keeps no second copy of the weights as its master weights, and the optimizer step allocates no
-temporaries the size of the model. In-process engines (world size 1); the numbers are those of the unchanged
-path, bit for bit."""
+ZeRO-1/2 engine keeps no second copy of the weights as its master weights, the optimizer step allocates no
+temporaries the size of the model, and CPU runs give freed tensors back to the system. In-process engines (world
+size 1); the numbers are those of the unchanged path, bit for bit."""
 
 import json
 import subprocess
