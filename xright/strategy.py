@@ -248,20 +248,6 @@ class SlicedAdamW(torch.optim.AdamW):
 zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(SlicedAdamW)  # torch's AdamW: DeepSpeed's ZeRO checks the exact type
 
 
-def return_freed_memory() -> None:
-    """Make glibc return every block over 128 KiB to the system when it is freed (CPU runs: torch's CPU tensors
-    come from malloc). By default each large free raises glibc's mmap threshold to that block's size (up to
-    32 MiB), after which blocks that size come from its heap and stay resident when freed: the activations of
-    each step and DeepSpeed's gradient copies kept ~200 MB more peak RSS in issue 19's DPO run. 128 KiB is
-    glibc's initial threshold, fixed; a no-op without glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _unlink_shm_buffer(rank: int, world_size: int) -> None:
     """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
 
@@ -411,8 +397,6 @@ class Strategy:
         if accel.device_name() != "cpu":
             accel.set_device(self.local_rank)
         self.device = torch.device(accel.current_device_name())
-        if self.device.type == "cpu":
-            return_freed_memory()
         self.seed = seed
         self.ds_config: dict | None = None
         self._hf_ds_config = None
