@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from xright.strategy import ConfigError, DSOptions, accumulation_steps, build_ds_config, reference_config
+from xright.strategy import (ConfigError, DSOptions, accumulation_steps, build_ds_config, fill_bucket_sizes,
+                             reference_config)
 
 
 def write(tmp_path, cfg, name="ds.json"):
@@ -22,6 +23,7 @@ def test_template_from_zero_stage_gets_flags():
     assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    fill_bucket_sizes(cfg, 128)  # the bucket sizes follow the model: filled when the engine is built
     assert "auto" not in json.dumps(cfg)
 
 

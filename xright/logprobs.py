@@ -1,28 +1,20 @@
 """The one implementation of per-token and per-sequence log-probs.
 
-Batches follow the collators' layout (``xright.data.collate``): ``input_ids``, ``attention_mask``
-and ``loss_mask`` [N, T], where ``loss_mask[n, t]`` marks token t as a response token. Token t is
-predicted from position t − 1, so the first position never carries a log-prob. Pairwise and
-K-way batches put all K completions of every prompt in the N = K·B rows (row k·B + b is
-completion k of example b), so chosen and rejected go through the model in one forward.
+Batches follow the collators' layout (``xright.data.collate``): ``input_ids``, ``attention_mask`` and
+``loss_mask`` [N, T] (response tokens); token t is predicted from position t − 1. K-way batches hold completion
+k of example b in row k·B + b, so all K go through the model in one forward. The packed layout (one
+padding-free row [1, L] with ``position_ids``, ``cu_seqlens``, ``max_seqlen``) passes the sequence boundaries
+to the attention and its log-probs are scattered back to [N, T−1]: callers get the same tensors from either.
 
-The packed layout (``collate(..., packed=True)``, ``--packing_samples``) holds the same N rows as
-one padding-free row [1, L] with ``position_ids``, ``cu_seqlens`` and ``max_seqlen`` and no
-``attention_mask``. Its forward passes the sequence boundaries explicitly (``cu_seq_lens_*``,
-``max_length_*``: flash-attention-2's variable-length kernel and xright's per-sequence SDPA read
-them; plain SDPA/eager fall back to transformers' block-diagonal mask built from the position ids)
-and its log-probs are scattered back to [N, T−1], so callers get the same tensors from either layout.
-
-The log-probs come from the last hidden states and the output head in chunks of tokens
-(:func:`target_logps`, ``--logprob_chunk_size``), for the response tokens only: the ``[tokens, vocab]``
-logits never exist whole, in the forward or the backward. A model whose head this module cannot
-reproduce exactly (not a plain linear layer, a LoRA-adapted head, an unknown transform of the logits:
-checked once per model on a short input against the model's own logits) takes the full path, and the
-run says so once.
+The log-probs come from the last hidden states and the output head in chunks of response tokens
+(:func:`target_logps`, ``--logprob_chunk_size``): the ``[tokens, vocab]`` logits never exist whole. A head this
+module cannot reproduce exactly (checked once per model against the model's own logits) takes the full path,
+and the run says so once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -30,15 +22,8 @@ from typing import Callable
 import torch
 
 CHUNK_SIZE: int | None = None  # tokens per chunk of the output head; None: automatic; 0: the full path
-LOGITS_BUDGET = 1 << 24  # floats in one chunk's logits under the automatic chunk size (64 MB in fp32)
+LOGITS_BUDGET = 1 << 24  # floats in one chunk's logits when CHUNK_SIZE is None (64 MB in fp32)
 say: Callable[[str], None] = print  # where the one-line fallback notices go (run() sets the rank-0 print)
-
-
-def chunk_tokens(vocab_size: int, chunk_size: int | None = None) -> int:
-    """Tokens per chunk: ``chunk_size`` (else :data:`CHUNK_SIZE`), or when neither is set as many as keep one
-    chunk's logits within :data:`LOGITS_BUDGET` floats (the whole batch in one chunk for a small vocabulary)."""
-    n = CHUNK_SIZE if chunk_size is None else chunk_size
-    return n if n is not None else max(64, LOGITS_BUDGET // vocab_size)
 
 
 @dataclass(frozen=True)
@@ -121,17 +106,15 @@ class _TargetLogps(torch.autograd.Function):
 
 
 def target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Head, chunk: int) -> torch.Tensor:
-    """log p(targets) [M] (float32) from the last hidden states [M, H] and the output head, ``chunk`` tokens at
-    a time: no [M, V] tensor exists, in the forward or the backward (each chunk's logits are recomputed there).
-    Gradients reach the hidden states and the head's weight and bias."""
+    """log p(targets) [M] (float32) from the last hidden states [M, H] and the output head, ``chunk`` tokens at a
+    time: no [M, V] tensor exists, forward or backward. Gradients reach the hidden states and the head."""
     m = head.module
     return _call_as(m, lambda h: _TargetLogps.apply(h, m.weight, m.bias, targets, head, max(1, chunk)), hidden)
 
 
 def _call_as(module: torch.nn.Module, forward: Callable, *args):
-    """``module(*args)`` with ``forward`` in place of its forward, so that the module's hooks run around it: under
-    ZeRO-3 DeepSpeed's gather the head's weight for the forward, again for the backward (before the gradient
-    reaches the weight, while it is whole), and release it after each, once per call."""
+    """``module(*args)`` with ``forward`` in place of its forward, so that its hooks run around it: ZeRO-3 gathers
+    the head's weight for the forward and for the backward (while the gradient reaches it), once per call."""
     saved = module.__dict__.get("forward")
     module.forward = forward
     try:
@@ -144,10 +127,7 @@ def _call_as(module: torch.nn.Module, forward: Callable, *args):
 
 
 def gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets] without materialising the full log-softmax.
-
-    logits [N, T, V], targets [N, T] → [N, T] (float32).
-    """
+    """log softmax(logits)[targets] without the full log-softmax: [N, T, V], [N, T] → [N, T] (float32)."""
     logits = logits.float()
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -170,12 +150,8 @@ def model_inputs(batch: dict, prefix: str = "") -> dict:
 
 
 def unpack(values: torch.Tensor, batch: dict, prefix: str = "") -> torch.Tensor:
-    """Per-target-token values of a packed row [1, L−1] → the padded layout's [N, T−1] (0 at pads).
-
-    Target token j of the row (predicted at j−1) is token ``position_ids[j]`` of sequence n, i.e.
-    column position − 1 of row n; each sequence's first token (position 0) has no prediction of its own
-    and is dropped, as the padded layout's shift drops it.
-    """
+    """Per-target-token values of a packed row [1, L−1] → the padded layout's [N, T−1] (0 at pads): target j of
+    the row is token ``position_ids[j]`` of its sequence n, column position − 1 of row n (positions 0 dropped)."""
     cu = batch[prefix + "cu_seqlens"].to(values.device, torch.long)
     pos = batch[prefix + "position_ids"][0, 1:].to(values.device)
     seq = torch.searchsorted(cu[1:], torch.arange(1, pos.numel() + 1, device=values.device), right=True)
@@ -185,10 +161,8 @@ def unpack(values: torch.Tensor, batch: dict, prefix: str = "") -> torch.Tensor:
 
 
 def token_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the response tokens (0 elsewhere) and the response mask, both [N, T−1], from either layout.
-
-    ``chunk_size``: tokens per chunk of the output head (default :data:`CHUNK_SIZE`; 0: the full logits).
-    """
+    """Log-probs of the response tokens (0 elsewhere) and the response mask, both [N, T−1], from either layout;
+    ``chunk_size``: tokens per chunk of the output head (default :data:`CHUNK_SIZE`; 0: the full logits)."""
     inputs = model_inputs(batch, prefix)
     targets = inputs["input_ids"][:, 1:]
     mask = batch[prefix + "loss_mask"][:, 1:]
@@ -200,8 +174,8 @@ def token_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = N
         # the model's own forward (a DeepSpeed engine's hooks see its outputs), its head applied to no position
         out = model(**inputs, output_hidden_states=True, logits_to_keep=targets.new_zeros(0))
         keep = mask.bool()
-        picked = target_logps(out.hidden_states[-1][:, :-1][keep], targets[keep], head,
-                              chunk_tokens(head.module.out_features, n))
+        chunk = n if n is not None else max(64, LOGITS_BUDGET // head.module.out_features)
+        picked = target_logps(out.hidden_states[-1][:, :-1][keep], targets[keep], head, chunk)
         logps = picked.new_zeros(keep.shape).masked_scatter(keep, picked)
     mask = mask.to(logps.dtype)
     if is_packed(batch, prefix):
@@ -245,10 +219,8 @@ def _find_head(model, root) -> tuple[Head | None, str]:
     # the check: on a short fixed input (the same on every rank), the head must give the model's own logits
     ids = (torch.arange(1, 17, device=linear.weight.device) * 7919 % linear.out_features)[None]
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
-    modes = {m: m.training for m in root.modules()}
-    root.eval()
     try:
-        with torch.no_grad():
+        with evaluating(root), torch.no_grad():
             full = model(**kw).logits[0].float()
             out = model(**kw, output_hidden_states=True, logits_to_keep=ids.new_zeros(0))
             if out.logits is not None and out.logits.numel():
@@ -258,14 +230,23 @@ def _find_head(model, root) -> tuple[Head | None, str]:
             ours = _call_as(linear, head.logits, out.hidden_states[-1][0])
     except (TypeError, ValueError, AttributeError, IndexError) as e:
         return None, f"its forward refuses (output_hidden_states, logits_to_keep): {e}"
-    finally:
-        for m, training in modes.items():
-            m.training = training
     tol = 1e-4 if linear.weight.dtype == torch.float32 else 3e-2  # relative; bf16 logits carry 8 bits
     err = (ours - full).abs().max().item() if ours.shape == full.shape else float("inf")
     if not err <= tol * full.abs().max().clamp_min(1.0).item():
         return None, f"its logits are not scale·cap·tanh(head(last hidden state)/cap) (max difference {err:.3g})"
     return head, ""
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """``model`` in eval mode inside, each submodule's own mode restored after (the probes run mid-training)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def num_tokens(batch: dict) -> torch.Tensor:
@@ -276,11 +257,7 @@ def num_tokens(batch: dict) -> torch.Tensor:
 
 def sequence_logps(model, batch: dict, prefix: str = "", chunk_size: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-prob and response length per row: ([N], [N]).
-
-    Divide the first by the second for the length-averaged variants (IPO-average, SimPO). For a packed
-    row this is a segment sum of the row's token log-probs.
-    """
+    """Summed response log-prob and response length per row: ([N], [N]) (their ratio: IPO-average, SimPO)."""
     logps, mask = token_logps(model, batch, prefix, chunk_size)
     return (logps * mask).sum(-1), mask.sum(-1)
 

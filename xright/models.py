@@ -1,28 +1,18 @@
-"""Model and tokenizer loading: hub ids, local paths and the built-in ``tiny`` default.
-
-The only module that imports peft. Nothing here knows about DeepSpeed: the strategy wraps what
-this module returns.
-"""
+"""Model and tokenizer loading: hub ids, local paths and the built-in ``tiny`` default. The only module that
+imports peft; nothing here knows about DeepSpeed (the strategy wraps what this module returns)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
+import json
 import os
 import re
 import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    GPTNeoXForSequenceClassification,
-    PreTrainedTokenizerFast,
-)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast)
 
 TINY = "tiny"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
@@ -53,9 +43,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS, padding_side="right"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS,
+                                   padding_side="right")
     fast.chat_template = TINY_CHAT_TEMPLATE
     fast.model_max_length = 1024
     return fast
@@ -63,20 +52,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(vocab_size: int = 258) -> GPTNeoXConfig:
     """A ~0.9M-parameter GPT-NeoX: big enough to learn the built-in tasks in a CPU minute."""
-    return GPTNeoXConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=1024,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 2,
-    )
+    return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=512, max_position_embeddings=1024, rotary_pct=0.25,
+                         use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=vocab_size - 1,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 2)
 
 
 def _check_local(path: str) -> None:
@@ -121,17 +100,10 @@ VARLEN_SDPA_CHECKED = VARLEN_SDPA + "_checked"
 def register_varlen_attention() -> str:
     """Register (idempotent) xright's variable-length attention with transformers; return its name.
 
-    A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` kwarg that
-    ``logprobs.model_inputs`` passes to every packed forward. Plain SDPA on a packed row computes the
-    whole L×L product under a block-diagonal mask (measured only 1.16× over padded batches here); this
-    computes Σ Lᵢ². Without ``cu_seq_lens_q`` (padded batches, generation, or a model class that does not
-    pass its forward's kwargs down to its attention) it is transformers' SDPA with the mask transformers
-    built, which for a packed row is the block-diagonal mask it derives from the position ids: the mask
-    function is transformers' own, so a row whose boundaries do not reach the attention is still exact
-    (:func:`check_model` reports which of the two ran, and moves a model whose every attention call got
-    the boundaries to ``VARLEN_SDPA_CHECKED``, which builds no mask for packed rows). Sliding windows
-    (Mistral, some Qwen2 layers) are not applied to packed rows: a sequence longer than the window is an
-    error.
+    A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs``
+    passes (Σ Lᵢ² instead of plain SDPA's L×L under a block-diagonal mask). Without it (padded batches,
+    generation, a class that does not pass its kwargs down) it is transformers' SDPA under transformers' own
+    mask, so still exact. Sliding windows are not applied to packed rows: a longer sequence is an error.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -156,39 +128,25 @@ def register_varlen_attention() -> str:
 
     AttentionInterface.register(VARLEN_SDPA, attention)
     AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
-    # the same attention for a model whose every attention call was seen to get the boundaries
-    # (check_model): transformers' L×L mask of a packed row would be built and never read (measured
-    # 130 ms and 23 MiB per forward at 4.9k tokens on one CPU thread, 256 MiB at 16k)
+    # the same for a model whose every attention call was seen to get the boundaries (check_model): transformers'
+    # L×L mask of a packed row would be built and never read (130 ms, 23 MiB per forward at 4.9k tokens)
     AttentionInterface.register(VARLEN_SDPA_CHECKED, attention)
     AttentionMaskInterface.register(VARLEN_SDPA_CHECKED, no_packed_mask)
     return VARLEN_SDPA
 
 
 def attn_implementation(flash_attn: bool) -> str | None:
-    """What to ask transformers for: flash-attention-2 with ``--flash_attn``, else None, which transformers
-    resolves to SDPA where the model class supports it and to the class's own eager attention where it
-    does not (Gemma-2's soft-capping, Bloom/MPT's ALiBi, GPT-Neo, XGLM, GPT-OSS's sinks …).
-    ``--packing_samples`` then swaps SDPA for the per-sequence SDPA (:func:`load_model`)."""
+    """flash-attention-2 with ``--flash_attn``, else None: transformers' choice (SDPA, or the class's eager)."""
     if not flash_attn:
         return None
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
-        raise ModelLoadError(
-            "--flash_attn needs the flash-attn package and a CUDA GPU "
-            "(pip install 'xright[flash]'); drop the flag to use PyTorch SDPA"
-        )
+        raise ModelLoadError("--flash_attn needs the flash-attn package and a CUDA GPU (pip install 'xright[flash]'); "
+                             "drop the flag to use PyTorch SDPA")
     return "flash_attention_2"
 
 
-def _use_varlen(model) -> None:
-    """--packing_samples on a model that runs SDPA through transformers' attention interface: the
-    per-sequence SDPA. Other classes keep their attention (and transformers' block-diagonal mask)."""
-    if model.config._attn_implementation == "sdpa" and getattr(model, "_supports_attention_backend", False):
-        model.config._attn_implementation = register_varlen_attention()
-
-
-# Layers that carry state along a row (recurrent, state-space, linear attention): whatever the mask, a
-# packed sequence would start from the state its predecessor left. Found from config fields where the
-# family has them, by model type where it has none.
+# Layers that carry state along a row (recurrent, state-space, linear attention): a packed sequence would start
+# from the state its predecessor left. Found from config fields, or the model type where a family has none.
 _STATE_FIELDS = re.compile(r"^(mamba_|ssm_|lru_|linear_attn|linear_conv|conv_l_cache$|state_size$|d_state$|"
                            r"conv1d_width$|time_mix|rescale_every$)")
 _STATE_TYPES = {"rwkv", "xlstm", "mamba", "mamba2", "falcon_mamba"}
@@ -211,33 +169,22 @@ def recurrent_state(config) -> str | None:
     return None
 
 
-def _hf_model(model):
-    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
-    from transformers import PreTrainedModel
-
-    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-
-
 # The packed-vs-padded probe: a few short sequences of fixed tokens (the same on every rank, so that
 # ranks probing a ZeRO-3 engine in lockstep decide alike)
 _PROBE_LENGTHS = (6, 3, 11, 8)
 
 
 def check_model(model, *, packing: bool) -> str:
-    """Decide, before step 1, how ``model`` (a model, a peft model or a DeepSpeed engine: under ZeRO-3
-    every rank must call this together) attends and, with ``packing``, whether its packed rows give
-    exactly its padded rows' log-probs; return the line to print, or raise :class:`PackingRefused`.
-
-    Refused outright: layers with state along the row (:func:`recurrent_state`). Otherwise two
-    forwards decide: (1) per-token log-probs of a packed row against the same sequences padded
-    (within 1e-5 × the largest |log-prob| in float32; 1e-2 × in 16-bit, where the two layouts' rounding
-    differs by ~5e-4 ×) and (2) the row again with its first sequence changed: no other sequence's
-    log-probs may move (within 1e-6 ×, in any precision: exact attention gives identical numbers). The
-    second check catches a leak across sequences that the first cannot see under 16-bit noise.
-    Accepted with every attention call of the packed row given its boundaries, the model moves to
+    """How ``model`` (a model, peft model or DeepSpeed engine: under ZeRO-3 every rank calls this together)
+    attends and, with ``packing``, whether its packed rows are exact; the line to print, or
+    :class:`PackingRefused`. Packed vs padded log-probs of the same sequences must agree (1e-5 × the largest
+    |log-prob| in fp32, 1e-2 × in 16-bit), and changing one sequence must not move the others (1e-6 ×: catches a
+    leak that 16-bit noise hides). A model whose every attention call got the boundaries moves to
     ``VARLEN_SDPA_CHECKED`` (no packed-row mask built: it would never be read).
     """
-    hf = _hf_model(model)
+    from transformers import AttentionInterface, PreTrainedModel
+
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
     config = hf.config
     line = f"attention: {config._attn_implementation} ({config.model_type})"
     if not packing:
@@ -248,7 +195,7 @@ def check_model(model, *, packing: bool) -> str:
                              "from one sequence of a packed row into the next; drop --packing_samples "
                              "(--group_by_length also cuts padding)")
     from xright.data.collate import collate
-    from xright.logprobs import token_logps
+    from xright.logprobs import evaluating, token_logps
 
     vocab = hf.get_input_embeddings().num_embeddings
     pad = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
@@ -259,20 +206,26 @@ def check_model(model, *, packing: bool) -> str:
             for i, n in enumerate(_PROBE_LENGTHS)]
     changed = [dict(seqs[0], prompt_ids=tokens(1), response_ids=tokens(_PROBE_LENGTHS[0] - 1))] + seqs[1:]
     device = next(model.parameters()).device
-    calls = []
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            run = lambda exs, packed: token_logps(model, {  # noqa: E731
-                k: v.to(device) if torch.is_tensor(v) else v for k, v in collate("sft", exs, pad, packed).items()})
-            padded, mask = run(seqs, False)
-            with _counting_varlen(calls):
-                packed, _ = run(seqs, True)
-            other, _ = run(changed, True)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    # the cu_seq_lens_q of each call into xright's per-sequence SDPA (None: the row under the mask)
+    calls, mapping = [], AttentionInterface._global_mapping
+    inner = {name: mapping[name] for name in (VARLEN_SDPA, VARLEN_SDPA_CHECKED) if name in mapping}
+
+    def counted(fn):
+        def attention(*args, cu_seq_lens_q=None, **kwargs):
+            calls.append(cu_seq_lens_q)
+            return fn(*args, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+        return attention
+
+    with evaluating(model), torch.no_grad():
+        run = lambda exs, packed: token_logps(model, {  # noqa: E731
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in collate("sft", exs, pad, packed).items()})
+        padded, mask = run(seqs, False)
+        mapping.update({name: counted(fn) for name, fn in inner.items()})
+        try:
+            packed, _ = run(seqs, True)
+        finally:
+            mapping.update(inner)
+        other, _ = run(changed, True)
     scale = max(1.0, float((padded * mask).abs().max()))
     full = next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.float32
     delta = float(((packed - padded) * mask).abs().max())
@@ -295,42 +248,14 @@ def check_model(model, *, packing: bool) -> str:
     return f"{line}; packed rows exact (max |Δ| log-prob {delta:.1e} vs padded, {how})"
 
 
-@contextlib.contextmanager
-def _counting_varlen(calls: list):
-    """Records the ``cu_seq_lens_q`` (None: the whole row under the mask) of each call into xright's
-    per-sequence SDPA, if it is registered: which attention a probe's packed row really ran."""
-    from transformers import AttentionInterface
-
-    mapping = AttentionInterface._global_mapping
-    inner = {name: mapping[name] for name in (VARLEN_SDPA, VARLEN_SDPA_CHECKED) if name in mapping}
-
-    def counted(fn):
-        def attention(*args, cu_seq_lens_q=None, **kwargs):
-            calls.append(cu_seq_lens_q)
-            return fn(*args, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
-        return attention
-
-    mapping.update({name: counted(fn) for name, fn in inner.items()})
-    try:
-        yield
-    finally:
-        mapping.update(inner)
-
-
 def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False, flash_attn: bool = False,
                lora: LoraSpec | None = None, gradient_checkpointing: bool = False,
                gradient_checkpointing_use_reentrant: bool = False, load_in_4bit: bool = False,
                trust_remote_code: bool = False, seed: int = 42, vocab_size: int | None = None,
                trainable: bool = True, packing: bool = False, pad_token_id: int | None = None):
-    """Policy, reference or reward model. Attention: see :func:`attn_implementation`; with ``packing`` a
-    model that runs SDPA through transformers' attention interface gets the per-sequence SDPA
-    (:func:`register_varlen_attention`). Whether its packed rows are exact is :func:`check_model`'s call.
-
-    ``task`` is "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification,
-    num_labels=1: a scalar head that HF reads at the last non-pad token). ``tiny`` builds a
-    GPT-NeoX from :func:`tiny_config` with weights seeded by ``seed`` so that every rank (and the
-    reference) starts from the same tensors. A config without a pad id gets ``pad_token_id`` (the
-    tokenizer's, which pads the batches), else its first eos id.
+    """Policy, reference or reward model (``task`` "causal", or "reward": a num_labels=1 sequence classifier).
+    ``tiny`` is :func:`tiny_config`'s GPT-NeoX seeded by ``seed`` (every rank and the reference start from the
+    same tensors). A config without a pad id gets ``pad_token_id`` (the tokenizer's), else its first eos id.
     """
     if task not in ("causal", "reward"):
         raise ValueError(f"unknown task {task!r}")
@@ -345,21 +270,33 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
         # The class constructor, not from_config: from_config would build under ZeRO-3's zero.Init,
         # which initialises differently, and the tiny model must be the same tensors at every stage.
         cls = GPTNeoXForCausalLM if task == "causal" else GPTNeoXForSequenceClassification
-        with _seeded(seed):
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
             model = cls(config).to(dtype)
+        finally:
+            torch.random.set_rng_state(state)
     else:
         _check_local(pretrain)
         kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
         if task == "reward":
             kwargs["num_labels"] = 1
         if load_in_4bit:
-            kwargs["quantization_config"] = _four_bit_config(dtype)
+            if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+                raise ModelLoadError("--load_in_4bit needs bitsandbytes and a CUDA GPU")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True)
         try:
             model = auto.from_pretrained(pretrain, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {pretrain!r}: {e}") from e
-    if packing and not flash_attn:
-        _use_varlen(model)
+    # packed rows: the per-sequence SDPA where the class runs SDPA through transformers' attention interface
+    if packing and not flash_attn and model.config._attn_implementation == "sdpa" and \
+            getattr(model, "_supports_attention_backend", False):
+        model.config._attn_implementation = register_varlen_attention()
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         # Llama-3.x-Instruct lists several eos ids; transformers 5 refuses a list as the pad id
@@ -379,25 +316,6 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
     return model
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
-def _four_bit_config(dtype):
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        raise ModelLoadError("--load_in_4bit needs bitsandbytes and a CUDA GPU")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True)
-
-
 def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -406,10 +324,8 @@ def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
     targets = [spec.target_modules] if isinstance(spec.target_modules, str) else list(spec.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    config = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-        task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none",
-    )
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                        task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none")
     if gradient_checkpointing:
         model.enable_input_require_grads()
     with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing (not our call)
@@ -428,17 +344,22 @@ def adapters_disabled(model):
     return model.disable_adapter()
 
 
+def _merged(base, adapter_dir: str):
+    """``base`` with a saved LoRA adapter merged in (peft reads the deprecated is_gradient_checkpointing; we do not)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
 def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, tokenizer, *, seed: int,
                         task: str = "causal") -> None:
     """``--merge_lora``: base model + the saved adapter, merged and saved in HF format. ``seed`` is the
     run's: the built-in tiny base is built from it (no default, so no caller can silently get another base)."""
-    from peft import PeftModel
-
     base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False,
                       pad_token_id=tokenizer.pad_token_id)
-    with warnings.catch_warnings():  # as in _apply_lora: peft reads it, we do not
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = _merged(base, adapter_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
@@ -446,38 +367,27 @@ def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, to
 def load_for_inference(path: str | None, *, task: str = "causal", bf16: bool = False, flash_attn: bool = False,
                        load_in_4bit: bool = False, trust_remote_code: bool = False, seed: int = 42,
                        vocab_size: int | None = None):
-    """A frozen model for generation or scoring: a hub id / HF dir, ``tiny``, or a LoRA adapter dir.
-
-    An adapter dir as xright saves it (``adapter_config.json`` without ``config.json``) is loaded on
-    its base and merged, so generation runs at the speed of a plain model. The base is the
-    adapter's ``base_model_name_or_path``, else the ``pretrain`` of the run's ``xright_args.json``
-    (else ``tiny``); ``tiny`` is seeded by that run's ``seed``, because its base weights are built
-    from it and an adapter on other base weights would be meaningless.
+    """A frozen model for generation or scoring: a hub id / HF dir, ``tiny``, or a LoRA adapter dir as xright
+    saves it (no ``config.json``), merged into its base: the adapter's ``base_model_name_or_path``, else the
+    ``pretrain`` (and ``seed``, which built a tiny base) of the run's ``xright_args.json``, else ``tiny``.
     """
-    import json
-
-    adapter = path not in (None, TINY) and os.path.exists(os.path.join(os.path.expanduser(path), "adapter_config.json")) \
-        and not os.path.exists(os.path.join(os.path.expanduser(path), "config.json"))
-    if not adapter:
-        return load_model(path, task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
-                          trust_remote_code=trust_remote_code, seed=seed, vocab_size=vocab_size, trainable=False)
-    from peft import PeftModel
-
-    path = os.path.expanduser(path)
-    with open(os.path.join(path, "adapter_config.json")) as f:
+    kw = dict(task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
+              trust_remote_code=trust_remote_code, vocab_size=vocab_size, trainable=False)
+    full = os.path.expanduser(path) if path not in (None, TINY) else None
+    if not full or not os.path.exists(os.path.join(full, "adapter_config.json")) or \
+            os.path.exists(os.path.join(full, "config.json")):
+        return load_model(path, seed=seed, **kw)
+    with open(os.path.join(full, "adapter_config.json")) as f:
         base = json.load(f).get("base_model_name_or_path") or None
-    run_args = os.path.join(path, "xright_args.json")
+    run_args = os.path.join(full, "xright_args.json")
     if os.path.exists(run_args):
         with open(run_args) as f:
             saved = json.load(f)
         base = base or saved.get("pretrain")
         seed = saved.get("seed", seed)
-    model = load_model(base, task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
-                       trust_remote_code=trust_remote_code, seed=seed, vocab_size=vocab_size, trainable=False)
+    model = load_model(base, seed=seed, **kw)
     try:
-        with warnings.catch_warnings():  # as in _apply_lora
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model = _merged(model, full)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load LoRA adapter {path!r} on base {base or TINY!r}: {e}") from e
+        raise ModelLoadError(f"cannot load LoRA adapter {full!r} on base {base or TINY!r}: {e}") from e
     return model.eval().requires_grad_(False)

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero import utils as zero_utils
 
 from xright.files import atomic_write_json, install_checkpoint, save_model
 
@@ -184,6 +185,63 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
     if offload:
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     return cfg
+
+
+def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
+    """The templates' "auto" bucket sizes: hidden² elements, as transformers' DeepSpeed integration (at least
+    2**20), instead of DeepSpeed's 5e8 (2 GB per fp32 buffer, two of them with overlap_comm; the pages fill up
+    to the model's size as gradients are copied in)."""
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if _get(cfg, f"zero_optimization.{key}") == "auto":
+            _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
+
+
+def _share_master_weights(optimizer) -> None:
+    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even when the model is fp32 itself, where it
+    is bit for bit the partition: one more copy of the weights (263 MB at 65.7M parameters). Make it the
+    partition (DeepSpeed's copy back after each step is then onto itself), as DeepSpeed's own reload_states
+    moves it: new ``.data``, then the parameters' links into it rebuilt."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return
+    for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+        part = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
+            master.data = part.data
+    optimizer._link_all_hp_params()
+
+
+class SlicedAdamW(torch.optim.AdamW):
+    """torch's AdamW (its single-tensor path: the same arithmetic element by element) on slices of
+    :data:`SLICE` elements of each parameter. Whole, its step allocates two temporaries the size of the
+    parameter (√v, then √v / bias correction), and a ZeRO partition is one flat parameter: 2 × the model's fp32
+    size at the peak of every step."""
+
+    SLICE = 1 << 20
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim.adam import adam
+
+        if closure is not None or any(g["foreach"] or g["fused"] or g["amsgrad"] or g["maximize"] or g["capturable"]
+                                      or g["differentiable"] for g in self.param_groups):
+            return super().step(closure)
+        for group in self.param_groups:
+            lists = [], [], [], [], [], []
+            complex_ = self._init_group(group, *lists)
+            for p, g, m, v, count in zip(*lists[:4], lists[5]):
+                whole = not all(t.is_contiguous() for t in (p, g, m, v))
+                for part in zip(*((t,) if whole else t.view(-1).split(self.SLICE) for t in (p, g, m, v))):
+                    # adam() counts the step in the tensor it is given: each slice gets the count before the step
+                    adam(*([t] for t in part), [], [count.clone()], foreach=False, amsgrad=False, has_complex=complex_,
+                         beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], maximize=False, decoupled_weight_decay=True)
+                count += 1
+        return None
+
+
+zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(SlicedAdamW)  # torch's AdamW: DeepSpeed's ZeRO checks the exact type
 
 
 def _unlink_shm_buffer(rank: int, world_size: int) -> None:
@@ -360,15 +418,19 @@ class Strategy:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
-        # torch's fused kernel on a GPU (one launch per step, nothing to compile); the CPU path is unchanged
+        if self.device.type == "cpu":
+            return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
+        # torch's fused kernel on a GPU (one launch per step, nothing to compile)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
 
     def prepare(self, model, optimizer, scheduler):
+        fill_bucket_sizes(self.ds_config, getattr(model.config, "hidden_size", None))
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         _ENGINES.append(engine)
+        _share_master_weights(engine.optimizer)
         return engine
 
     def prepare_reference(self, model):

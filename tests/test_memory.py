@@ -1,0 +1,108 @@
+"""What a run holds besides its activations (issue 19's floor): DeepSpeed's bucket sizes follow the model, an fp32
+ZeRO-1/2 engine keeps no second copy of the weights as its master weights, the optimizer step allocates no
+temporaries the size of the model. In-process engines (world size 1); the numbers are those of the unchanged path,
+bit for bit."""
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xright import strategy as S
+from xright.models import load_model
+
+
+def test_auto_bucket_sizes_scale_with_the_model():
+    for template, keys in (("zero2.json", ("reduce_bucket_size", "allgather_bucket_size")),
+                           ("zero3.json", ("reduce_bucket_size",))):
+        for hidden, want in ((4096, 4096 ** 2), (256, 1 << 20), (None, int(5e8))):
+            cfg = S.read_ds_config(f"{S.TEMPLATES}/{template}")
+            S.fill_bucket_sizes(cfg, hidden)
+            assert [cfg["zero_optimization"][k] for k in keys] == [want] * len(keys), (template, hidden)
+            assert "auto" not in json.dumps({k: v for k, v in cfg["zero_optimization"].items() if "bucket" in k})
+    written = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345}}
+    S.fill_bucket_sizes(written, 4096)
+    assert written["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
+
+
+def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None):
+    """An in-process fp32 engine of the tiny model after ``steps`` AdamW steps on fixed random batches."""
+    if not share:
+        monkeypatch.setattr(S, "_share_master_weights", lambda optimizer: None)
+    st = S.Strategy()
+    st.configure(S.DSOptions(zero_stage=stage, train_batch_size=2, micro_train_batch_size=2))
+    model = load_model("tiny", seed=3)
+    engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (2, 16), generator=g)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fp32_master_weights_are_the_model_weights(stage, monkeypatch):
+    try:
+        engine = train(stage)
+        opt = engine.optimizer
+        assert opt.reduce_bucket_size == 1 << 20  # the template's "auto" at hidden 128
+        for master, flat in zip(opt.single_partition_of_fp32_groups, opt.bit16_groups_flat):
+            assert master.data_ptr() == flat.data_ptr() and master.numel() == flat.numel()
+        # the parameters' links into the master weights (safe_get_full_fp32_param, universal checkpoints) moved too
+        flats = {f.untyped_storage().data_ptr() for f in opt.bit16_groups_flat}
+        assert {p._hp_mapping.hp_fragment.untyped_storage().data_ptr() for p in engine.module.parameters()} == flats
+        ours = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        state = [s["exp_avg_sq"].clone() for s in opt.optimizer.state.values()]
+        S.release_engines()
+        engine = train(stage, share=False, monkeypatch=monkeypatch)
+        opt = engine.optimizer
+        assert all(m.data_ptr() != f.data_ptr() for m, f in zip(opt.single_partition_of_fp32_groups,
+                                                                opt.bit16_groups_flat))
+        for n, p in engine.module.named_parameters():
+            assert torch.equal(p, ours[n]), n
+        assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(state, opt.optimizer.state.values()))
+    finally:
+        S.release_engines()
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the most elements of any new tensor an op returned (``inputs``: storages that are not new)."""
+
+    most, inputs = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        new = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+               if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in self.inputs]
+        self.most = max([self.most, *new])
+        return out
+
+
+def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
+    n = S.SlicedAdamW.SLICE
+    sizes = [(3, n + 5), (2 * n + 7,), (5,)]  # a flat ZeRO partition, a matrix, a bias
+    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))  # noqa: E731
+                    for i, s in enumerate(sizes)]
+    ours, theirs = make(), make()
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa
+    opt, ref = S.SlicedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95)), torch.optim.AdamW(groups(theirs), lr=1e-2,
+                                                                                           betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        watch = LargestOutput()
+        watch.inputs = {t.untyped_storage().data_ptr() for p in ours for t in (p, p.grad, *opt.state[p].values())}
+        with watch:
+            opt.step()
+        ref.step()
+        if step:  # (the first step allocates the moments)
+            assert watch.most <= n
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
+    assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4
+
