@@ -1,29 +1,22 @@
-"""Generation and scoring: the sampling loop, reward labelling (post-processors) and the win-rate judge. A
-second consumer of the training pieces: models from :mod:`xright.models`, engines from :mod:`xright.strategy`,
-prompts and their templates, ids and file/line errors from :mod:`xright.data`, scores from
-:func:`xright.objectives.reward_scores` (the score ``train_rm`` trains and evaluates).
+"""Generation and scoring: the sampling loop, reward labelling (post-processors) and the win-rate judge, with
+the trainers' own prompts, templates, tokenisation and reward score (:func:`xright.objectives.reward_scores`).
 
-Batching and sharding (:mod:`xright.sharding`)
-    Prompts are sorted by token length and cut into micro-batches, the same whatever the number of ranks, and
-    batch j is sampled under its own seed ``seed + j``: greedy output (and, on this CPU, sampled output) is
-    identical for any world size and stage. Under ZeRO-3 ``generate`` also runs with ``synced_gpus=True`` (a
-    finished rank keeps stepping until all are done).
-
-Prompts are rendered and tokenised exactly as the trainers do (:func:`read_prompts`, :func:`encode_prompts`); a
-completion ends at the first eos of the tokenizer or of the model's generation config (:func:`eos_ids`).
+Prompts are sorted by token length and cut into micro-batches (:mod:`xright.sharding`), the same whatever the
+number of ranks, and batch j is sampled under its own seed ``seed + j``: greedy output (and, on this CPU, sampled
+output) is identical for any world size and stage. Under ZeRO-3 ``generate`` also runs with ``synced_gpus=True``
+(a finished rank keeps stepping until all are done).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
 
 from xright.data.chat import ChatRenderer
 from xright.data.kinds import canonicalize
-from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend, parse_probs, source_labels
+from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend_split, number_copies, parse_probs, source_labels
 from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
 from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
 from xright.data import synthetic
@@ -32,9 +25,8 @@ from xright.sharding import plan_batches, run_pass
 
 # ---- prompts and records ------------------------------------------------------------------------
 
-def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
-    """``make(obj, rid)`` over every record of ``spec.dataset`` (train split), blended; a bad record
-    stops with its file, line and field, as the trainers do."""
+def _records(spec: DataSpec, make) -> list[dict]:
+    """``make(obj, rid)`` over every record of ``spec.dataset`` (train split), blended; a bad record stops."""
     sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
     probs = parse_probs(sources, spec.dataset_probs)
     parts = []
@@ -50,23 +42,17 @@ def _records(spec: DataSpec, make, max_samples: int) -> list[dict]:
             except BadRecord as e:
                 raise DataError(describe(where, loc, e)) from None
         parts.append(recs)
-    out = blend(parts, probs, max_samples, spec.seed)
+    out = blend_split(parts, probs, spec.max_samples, spec.seed)[0]
     if not out:
         raise DataError(f"{spec.dataset}: no records in split {spec.train_split!r}")
     # an oversampled source repeats records: the n-th copy gets "~n" on its ids as in the training data,
     # so that the post-processors do not merge the copies' groups and the judge sees distinct prompts
-    seen: Counter = Counter()
-    for i, r in enumerate(out):
-        seen[r["id"]] += 1
-        if seen[r["id"]] > 1:
-            out[i] = {**r, **{k: f"{r[k]}~{seen[r['id']]}" for k in ("id", "prompt_id") if k in r}}
-    return out
+    return number_copies(out, ("id", "prompt_id"))
 
 
 def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> list[dict]:
-    """Prompt records ``{"id", "prompt", "raw_prompt"}``: each record's prompt as
-    :func:`xright.data.records.generation_prompt` reads it (the ``input_key`` field, text or messages; an HH
-    dialogue through its last ``"\n\nAssistant:"``, raw), or without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
+    """Prompt records ``{"id", "prompt", "raw_prompt"}`` (:func:`xright.data.records.generation_prompt`), or
+    without a dataset the built-in preference prompts (``train_split`` "train", else the eval pool).
     ``start``/``count`` slice the blended set (XRIGHT's ``--iter`` × ``--rollout_batch_size``): the blend of
     ``max_samples`` prompts is drawn once, whatever the slice, so successive slices partition it."""
     if not spec.dataset:
@@ -74,8 +60,8 @@ def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> li
         pairs = synthetic.preference_records(min(BUILTIN_TRAIN, spec.max_samples), spec.seed, split)
         recs = [{"id": r["id"], "prompt": r["prompt"], "raw_prompt": False} for r in pairs]
     else:
-        recs = _records(spec, lambda obj, rid: dict(zip(("id", "prompt", "raw_prompt"), (rid, *generation_prompt(obj, spec)))),
-                        spec.max_samples)
+        recs = _records(spec, lambda obj, rid: dict(zip(("id", "prompt", "raw_prompt"),
+                                                        (rid, *generation_prompt(obj, spec)))))
     if start >= len(recs):
         raise DataError(f"{spec.dataset or 'built-in prompts'}: no prompts from index {start}: the blend has "
                         f"{len(recs)} (max_samples {spec.max_samples})")
@@ -83,34 +69,28 @@ def read_prompts(spec: DataSpec, start: int = 0, count: int | None = None) -> li
 
 
 def read_answers(spec: DataSpec) -> list[dict]:
-    """(prompt, answer) records for scoring: ``{"id", "prompt_id", "prompt", "response", "raw_prompt"}``.
-
-    Fields ``input_key`` / ``output_key`` (as :func:`generate` writes them); ``prompt_id`` groups the
-    K answers of one prompt (the prompt text where a record has none).
-    """
+    """(prompt, answer) records for scoring: ``{"id", "prompt_id", "prompt", "response", "raw_prompt"}`` from
+    fields ``input_key`` / ``output_key``; ``prompt_id`` (else the prompt text) groups one prompt's K answers."""
     def make(obj, rid):
         answer = obj.get(spec.output_key)
         if isinstance(answer, str) and not answer.strip():  # an empty answer is still an answer to score
             prompt = get_field(obj, spec.input_key)
             prompt = prompt if isinstance(prompt, list) else text_field(prompt, spec.input_key)
-            rec = {"id": rid, "prompt": prompt, "response": answer,
-                   "raw_prompt": False}
+            rec = {"id": rid, "prompt": prompt, "response": answer, "raw_prompt": False}
         else:
             rec = canonicalize("sft", obj, rid, spec)[0][0]
         rec["id"] = str(obj.get("id", rid))
         rec["prompt_id"] = str(obj.get("prompt_id", rec["prompt"]))
         return rec
 
-    return _records(spec, make, spec.max_samples)
+    return _records(spec, make)
 
 
 def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_len: int) -> list[list[int]]:
-    """Prompt token ids as the trainers build them. Text: the tokenizer's leading special tokens (BOS; none
-    when the rendered text already starts with the BOS text) + the text's own tokens, never trailing specials
-    (a tokenizer that appends eos would otherwise end every prompt). Messages (and text under
-    ``apply_chat_template``): :meth:`ChatRenderer.prompt_ids`, the chat template's own tokens with the
-    generation prompt and nothing added (as the trainers encode a conversation's prompt). A prompt longer
-    than ``prompt_max_len`` (> 0) keeps its leading BOS and the last tokens of its text."""
+    """Prompt token ids as the trainers build them. Text: the tokenizer's leading special tokens (none when the
+    text starts with the BOS text) + the text's tokens, never trailing specials (an appended eos would end every
+    prompt). Messages: :meth:`ChatRenderer.prompt_ids`. A prompt longer than ``prompt_max_len`` (> 0) keeps its
+    leading BOS and the last tokens of its text."""
     chat = [is_chat(r, spec) for r in records]
     texts = [prompt_text(r, tokenizer, spec) for r, c in zip(records, chat) if not c]
     with_, without = (list(tokenizer("a", add_special_tokens=flag)["input_ids"]) for flag in (True, False))
@@ -201,8 +181,7 @@ def cut_at_eos(tokens: list[int], eos_ids: int | list[int]) -> tuple[list[int], 
 def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_ids: int | list[int], pad_id: int,
                    seed: int, synced: bool = False, device=None, streamer=None) -> list[list[list[int]]]:
     """K = ``sampling.n`` completions (token ids, eos cut off) for each prompt of one left-padded batch,
-    sampled under ``seed`` (the global RNG is restored afterwards); a completion ends at the first of
-    ``eos_ids`` (see :func:`eos_ids`)."""
+    sampled under ``seed`` (the global RNG is restored afterwards)."""
     ids, mask = left_pad(prompts, pad_id)
     device = device or next(_module(model).parameters()).device
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
@@ -264,9 +243,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_si
 # ---- scoring --------------------------------------------------------------------------------------
 
 def tokenize_answers(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
-    """(prompt, answer) records -> the examples ``train_rm`` scores (the trainers' own tokenisation: prompt +
-    answer + eos, cut to ``max_len`` by the same rule), each with ``"index"`` into ``records``; records
-    dropped by that rule are missing from the output (see the counts)."""
+    """(prompt, answer) records -> the examples ``train_rm`` scores (the trainers' tokenisation and ``max_len``
+    rule), each with ``"index"`` into ``records``; records that rule drops are missing (see the counts)."""
     examples, counts = tokenize([{**r, "id": str(i)} for i, r in enumerate(records)], tokenizer, replace(spec, kind="sft"))
     for e in examples:
         e["index"] = int(str(e["id"]).split("@", 1)[0])  # tokenize may decorate the record id
@@ -380,12 +358,9 @@ def exo(records, opts: PostOptions | None = None) -> list[dict]:
 
 
 def kto(records, opts: PostOptions | None = None) -> list[dict]:
-    """Completions labelled desirable / undesirable -> binary records (``train_kto``).
-
-    With ``opts.kto_threshold`` t: reward > t is desirable, otherwise undesirable. Without it, relative to
-    the prompt's median reward: above is desirable, below undesirable, equal to it (ties, or the middle of
-    an odd K) carries no preference and is left out.
-    """
+    """Completions labelled desirable / undesirable -> binary records (``train_kto``): with
+    ``opts.kto_threshold`` t, reward > t is desirable; else above the prompt's median reward is, below is not,
+    and equal to it (ties, or the middle of an odd K) carries no preference and is left out."""
     t = getattr(opts, "kto_threshold", None)
     out = []
     for g in _groups(records):
@@ -404,12 +379,9 @@ def kto(records, opts: PostOptions | None = None) -> list[dict]:
     return out
 
 
-CSFT_TEMPLATE = "{input} <rm_score>: {reward} "
-
-
 def csft(records, opts: PostOptions | None = None) -> list[dict]:
     """Conditional SFT (Wang et al. 2023, XRIGHT's csft): the reward written into the prompt -> SFT records."""
-    template = getattr(opts, "reward_template", None) or CSFT_TEMPLATE
+    template = getattr(opts, "reward_template", None) or "{input} <rm_score>: {reward} "
     if "{input}" not in template or "{reward}" not in template:
         raise ValueError(f"--reward_template must contain {{input}} and {{reward}}: {template!r}")
     def condition(prompt, reward):  # messages: the reward goes into the last (user) turn

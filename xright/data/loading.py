@@ -167,11 +167,6 @@ def _apportion(total: int, probs: list[float]) -> list[int]:
     return counts
 
 
-def blend(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int) -> list[dict]:
-    """Blend record lists by ``probs`` (the rule: docs/data.md)."""
-    return blend_split(parts, probs, max_samples, seed)[0]
-
-
 def blend_split(parts: list[list[dict]], probs: list[float], max_samples: int, seed: int,
                 eval_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, held-out eval, per-source contributions) by the blending and eval_fraction rules (docs/data.md);
@@ -211,13 +206,13 @@ def blend_split(parts: list[list[dict]], probs: list[float], max_samples: int, s
     return train, held, contributions
 
 
-def _number_copies(records: list[dict]) -> list[dict]:
-    """The n-th occurrence (n >= 2) of a record id gets ``~n``, so ids are unique within a split."""
+def number_copies(records: list[dict], keys: tuple = ("id",)) -> list[dict]:
+    """The n-th occurrence (n >= 2) of a record id gets ``~n`` on its ``keys``, so ids are unique within a split."""
     seen: Counter = Counter()
     out = []
     for r in records:
         seen[r["id"]] += 1
-        out.append(r if seen[r["id"]] == 1 else {**r, "id": f"{r['id']}~{seen[r['id']]}"})
+        out.append(r if seen[r["id"]] == 1 else {**r, **{k: f"{r[k]}~{seen[r['id']]}" for k in keys if k in r}})
     return out
 
 
@@ -331,8 +326,8 @@ def _load(spec: DataSpec, tokenizer, log, tok):
         eval_recs = train_recs[:k]
         log(f"warning: {spec.name}: eval_split=dummy: the eval set is the first {k} train records, which are "
             "also trained on (XRIGHT's behaviour); its losses are optimistic. Use eval_fraction for a disjoint one")
-    train_recs = _number_copies(train_recs)
-    eval_recs = _number_copies(eval_recs) if eval_recs is not None else None
+    train_recs = number_copies(train_recs)
+    eval_recs = number_copies(eval_recs) if eval_recs is not None else None
     train, counts = tok(train_recs, "train")
     _log_split(spec, "train", len(train), counts, train_stats, log)
     if not train:
