@@ -112,18 +112,6 @@ def data_spec(args):
                     apply_chat_template=args.apply_chat_template, seed=args.seed, name="prompts")
 
 
-def check(args) -> None:
-    if args.best_of_n < 1 or args.micro_batch_size < 1 or args.max_new_tokens < 1:
-        raise lifecycle.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
-    if args.post_processor and args.eval_task != "rm":
-        raise lifecycle.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
-    if args.eval_task == "generate_alpaca_eval" and args.best_of_n != 1:
-        raise lifecycle.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
-    if args.greedy_sampling and args.best_of_n > 1 and os.environ.get("RANK", "0") == "0":
-        print(f"warning: --greedy_sampling with --best_of_n {args.best_of_n}: the {args.best_of_n} completions of a "
-              "prompt are identical", flush=True)
-
-
 def prompts(args, tokenizer):
     from xright.generation import encode_prompts, read_prompts
 
@@ -254,7 +242,15 @@ def run_rm(args, strategy, tokenizer) -> None:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    check(args)
+    if args.best_of_n < 1 or args.micro_batch_size < 1 or args.max_new_tokens < 1:
+        raise lifecycle.UsageError("--best_of_n, --micro_batch_size and --max_new_tokens must be >= 1")
+    if args.post_processor and args.eval_task != "rm":
+        raise lifecycle.UsageError("--post_processor needs --eval_task rm: it turns scored answers into training data")
+    if args.eval_task == "generate_alpaca_eval" and args.best_of_n != 1:
+        raise lifecycle.UsageError("generate_alpaca_eval writes one output per instruction: drop --best_of_n")
+    if args.greedy_sampling and args.best_of_n > 1 and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --greedy_sampling with --best_of_n {args.best_of_n}: the {args.best_of_n} completions of a "
+              "prompt are identical", flush=True)
     if args.eval_task == "generate_vllm":
         return run_vllm(args)
     from transformers import set_seed

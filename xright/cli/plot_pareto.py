@@ -148,10 +148,9 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
                 seq.steps += p.steps
                 seq.wall_time = None if seq.wall_time is None or p.wall_time is None else seq.wall_time + p.wall_time
                 if i < len(chain) - 1:
-                    end = Run(path=p.path, name=p.name, args=p.args, evals=p.evals, final=p.final, steps=seq.steps,
-                              wall_time=seq.wall_time, method=f"{seq.method}, after phase {i + 1} "
-                              f"({_label(p.args['train_only'])})")
-                    rows.append(end)
+                    rows.append(Run(path=p.path, name=p.name, args=p.args, evals=p.evals, final=p.final,
+                                    steps=seq.steps, wall_time=seq.wall_time, method=f"{seq.method}, after phase "
+                                    f"{i + 1} ({_label(p.args['train_only'])})"))
             r = seq
         elif only:
             r.method = f"{_label(only)} only"

@@ -16,9 +16,7 @@ def collate(kind: str, examples: list[dict], pad_id: int, packed: bool = False) 
 
 
 def pack(batch: dict) -> dict:
-    """A padded micro-batch -> the packed layout: its N sequences concatenated into one row, with
-    ``position_ids``, ``cu_seqlens`` and ``max_seqlen`` for each row prefix ("" and KTO's "kl_") instead of
-    ``attention_mask``; a sequence's first token is never scored (docs/data.md)."""
+    """A padded micro-batch -> the packed layout (docs/data.md): its N sequences concatenated into one row."""
     out = dict(batch)
     for prefix in [k[: -len("attention_mask")] for k in batch if k.endswith("attention_mask")]:
         real = out.pop(prefix + "attention_mask").bool()
@@ -38,14 +36,8 @@ def example_length(example: dict) -> int:
 
 
 class CyclingLoader:
-    """Endless micro-batches of one objective's data for one rank, from one global order of examples.
-
-    Epoch e is ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`` (identity without
-    ``shuffle``) cut to a multiple of ``G = world_size × micro_batch_size × accumulation``; rank r takes every
-    world_size-th example of each micro-step's share, so runs with the same G see the same examples at every
-    step. ``group_by_length`` sorts windows of ``group_window`` global batches by length; ``packed`` gives the
-    packed layout (:func:`pack`). The state is global (epoch, examples drawn by all ranks): docs/data.md.
-    """
+    """Endless micro-batches of one objective's data for one rank, from one global order of examples that does
+    not depend on the rank count (the order, ``group_by_length`` and the global state: docs/data.md)."""
 
     def __init__(self, examples: list[dict], kind: str, micro_batch_size: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, seed: int = 42, shuffle: bool = True, packed: bool = False,

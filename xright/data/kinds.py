@@ -74,8 +74,7 @@ class DataKind:
         return ex
 
     def collate(self, examples: list[dict], pad_id: int) -> dict:
-        """A micro-batch -> right-padded ``input_ids`` / ``attention_mask`` / ``loss_mask`` [B,T] and ``ids``; K
-        answers lie K-major (row ``k*B + b`` is answer k of example b) with ``num_choices`` = K (docs/data.md)."""
+        """A micro-batch -> right-padded rows; K answers lie K-major (the batch layout: docs/data.md)."""
         if not examples:
             raise ValueError("collate needs at least one example")
         ids = [e["id"] for e in examples]
@@ -146,10 +145,9 @@ class SFT(DataKind):
 class Binary(DataKind):
     """``{"prompt", "completion", "label"}`` (KTO); a pair gives two records, chosen desirable.
 
-    KTO's KL estimate pairs prompt i with the completion of example i+1 of the same micro-batch: the rows
-    ``kl_*`` of :meth:`collate`, cut on the right to the example's ``max_len`` (as truncation cuts; a row
-    made of two examples that each fit cannot be dropped alone). Records unpaired from pairs come as
-    (chosen, rejected) neighbours: :meth:`prepare` shuffles them so that these pairs rarely share a prompt.
+    KTO's KL rows ``kl_*`` pair prompt i with the completion of example i+1 of the same micro-batch (docs/data.md).
+    Records unpaired from pairs come as (chosen, rejected) neighbours: :meth:`prepare` shuffles them so that
+    these pairs rarely share a prompt.
     """
 
     columns = {"label": "bool"}

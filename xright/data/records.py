@@ -196,7 +196,6 @@ def _iter_csv(path: str, spec, base: str):
 
 
 def _iter_file(path: str, spec, base: str):
-    """(path, locator, id, raw record or None, BadRecord or None) for each record of one file."""
     suffix = _data_suffix(path)
     if suffix in (".json", ".jsonl"):
         data = _read_bytes(path)
