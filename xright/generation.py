@@ -148,13 +148,6 @@ class Sampling:
     n: int = 1             # completions per prompt (--best_of_n)
     seed: int = 42
 
-    def generate_kwargs(self) -> dict:
-        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=not self.greedy, num_beams=1,
-                  num_return_sequences=self.n, repetition_penalty=self.repetition_penalty, use_cache=True)
-        if not self.greedy:
-            kw.update(top_p=self.top_p, temperature=self.temperature)
-        return kw
-
 
 def _module(model):
     return model.module if hasattr(model, "module") else model  # a DeepSpeed engine wraps the model
@@ -183,12 +176,16 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_i
     """K = ``sampling.n`` completions (token ids, eos cut off) for each prompt of one left-padded batch,
     sampled under ``seed`` (the global RNG is restored afterwards)."""
     ids, mask = left_pad(prompts, pad_id)
+    kw = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy, num_beams=1,
+              num_return_sequences=sampling.n, repetition_penalty=sampling.repetition_penalty, use_cache=True)
+    if not sampling.greedy:
+        kw.update(top_p=sampling.top_p, temperature=sampling.temperature)
     device = device or next(_module(model).parameters()).device
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
         torch.manual_seed(seed)
         out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=synced,
-                                      streamer=streamer, **sampling.generate_kwargs())
+                                      streamer=streamer, **kw)
     new = out[:, ids.shape[1]:].tolist()
     K = sampling.n
     return [[cut_at_eos(new[b * K + k], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
@@ -201,10 +198,9 @@ class Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
-        self.start, self.items, self.tokens, self.unit = time.perf_counter(), 0, 0, unit
+        self.start, self.tokens = time.perf_counter(), 0
 
     def update(self, items: int, tokens: int = 0) -> None:
-        self.items += items
         self.tokens += tokens
         dt = max(time.perf_counter() - self.start, 1e-9)
         if self.tokens:  # tqdm shows prompts/s itself

@@ -1,7 +1,4 @@
-"""Data: records and validation (:mod:`.records`), one definition per data kind (:mod:`.kinds`), tokenisation
-(:mod:`.tokenise`), tokenised examples on disk (:mod:`.store`), loading and blending (:mod:`.loading`), collation
-and cycling loaders (:mod:`.collate`), built-in synthetic data (:mod:`.synthetic`). See docs/data.md.
-"""
+"""Data: records, kinds, tokenisation, the store, loading and the loaders; the modules: docs/data.md."""
 
 from .collate import CyclingLoader, collate
 from .kinds import KINDS, DataKind

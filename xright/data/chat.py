@@ -1,9 +1,5 @@
-"""Chat templates at token level: messages -> (prompt ids, answer ids), the one rendering every caller uses.
-
-The prompt is rendered with the generation prompt, each whole conversation without; the prompt's tokens must
-be a token prefix of each conversation's, the answer is the rest (ending with the template's end of turn, eos
-appended only where the template renders no special token after it). A record that breaks these rules is
-refused (:class:`~xright.data.records.BadRecord`), never cut at a shifted boundary. Rules: docs/data.md.
+"""Chat templates at token level: messages -> (prompt ids, answer ids), the one rendering every caller uses. A
+record that breaks the rules of docs/data.md is refused (a BadRecord), never cut at a shifted boundary.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ def _short(text: str, n: int = 40) -> str:
 
 
 class ChatRenderer:
-    """Renders and tokenises conversations with ``tokenizer``'s chat template (see the module docstring)."""
+    """Renders and tokenises conversations with ``tokenizer``'s chat template (docs/data.md)."""
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):

@@ -1,9 +1,5 @@
-"""DataSpec and load_data: sources -> validated, blended, split, tokenised and truncated examples.
-
-Blending (comma-separated sources, ``dataset_probs``, seeded, exact proportions up to rounding) and the eval set
-(``eval_fraction``: a disjoint seeded hold-out; ``eval_split="dummy"``: the first 3 % of train; else each
-source's ``eval_split``): exact rules in docs/data.md.
-"""
+"""DataSpec and load_data: sources -> validated, blended, split, tokenised and truncated examples (the blending
+and eval-set rules: docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """Raw sources -> raw records with where they come from (file and line, id), and the field validators.
-
-Sources: local ``.json`` (an array or JSON lines), ``.jsonl``, ``.parquet``, ``.csv``, each optionally ``.gz``;
-a directory (files named by split); otherwise a hub name (``name`` or ``name@data_dir``). Record ids,
-locators, CSV conversion and the canonical records the kinds (:mod:`.kinds`) build: docs/data.md.
+Sources, record ids, locators, CSV conversion and the canonical records the kinds build: docs/data.md.
 """
 
 from __future__ import annotations
@@ -297,9 +294,7 @@ def short(value) -> str:
 
 
 def split_hh(chosen: str, rejected: str, field: str = "chosen") -> tuple[str, str, str, bool]:
-    """HH-RLHF pair -> (prompt, chosen response, rejected response, differ_early): the prompt is the dialogues'
-    common prefix cut after its last ``HH_MARK``; ``differ_early`` when that is not the last ``HH_MARK`` of
-    either dialogue (each response then holds several turns)."""
+    """HH-RLHF pair -> (prompt, chosen response, rejected response, differ_early) (the rule: docs/data.md)."""
     n = len(os.path.commonprefix([chosen, rejected]))
     cut = chosen.rfind(HH_MARK, 0, n)
     if cut < 0:

@@ -46,10 +46,6 @@ def task(rng: random.Random) -> tuple[str, str]:
     return f"count '{c}' in '{w}'", str(w.count(c))
 
 
-def _pool(prompt: str) -> int:
-    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little") % 4
-
-
 def _draw(n: int, seed: int, pool: int):
     rng = random.Random(f"xright-synthetic/{seed}/{pool}")
     seen: set[str] = set()
@@ -57,7 +53,8 @@ def _draw(n: int, seed: int, pool: int):
         if len(seen) == n:
             return
         prompt, answer = task(rng)
-        if _pool(prompt) == pool and prompt not in seen:
+        h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")  # the pools never share a prompt
+        if h % 4 == pool and prompt not in seen:
             seen.add(prompt)
             yield prompt, answer, rng
     raise RuntimeError(f"could not draw {n} distinct synthetic prompts")

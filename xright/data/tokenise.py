@@ -1,8 +1,4 @@
-"""Tokenisation: canonical records -> examples of token ids, truncated to ``max_len`` (rules: docs/data.md).
-
-Plain text: prompt and each answer tokenised together as one text; chat records rendered at token level by
-:class:`xright.data.chat.ChatRenderer`. What an example holds is its kind's (:mod:`.kinds`).
-"""
+"""Tokenisation: canonical records -> examples of token ids, truncated to ``max_len`` (rules: docs/data.md)."""
 
 from __future__ import annotations
 
@@ -41,7 +37,7 @@ def _token_at(encoding, pos: int, end: int, n: int) -> int:
 
 def _encode_together(tokenizer, prompts: list[str], groups: list[list[str]]):
     """(prompt ids, [K response ids]) per prompt and its K responses, with the ids of the whole texts
-    (see the module docstring for the boundary and special tokens)."""
+    (the boundary and special tokens: docs/data.md)."""
     if not prompts:
         return [], []
     bos = getattr(tokenizer, "bos_token", None)
