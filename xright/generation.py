@@ -23,8 +23,6 @@ from xright.data import synthetic
 from xright.sharding import plan_batches, run_pass
 
 
-# ---- prompts and records ------------------------------------------------------------------------
-
 def _records(spec: DataSpec, make) -> list[dict]:
     """``make(obj, rid)`` over every record of ``spec.dataset`` (train split), blended; a bad record stops."""
     sources = [s.strip() for s in str(spec.dataset).split(",") if s.strip()]
@@ -124,8 +122,6 @@ def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_le
         out.append(lead + x)
     return out
 
-
-# ---- sampling -----------------------------------------------------------------------------------
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
@@ -236,8 +232,6 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, micro_batch_si
     return local
 
 
-# ---- scoring --------------------------------------------------------------------------------------
-
 def tokenize_answers(records: list[dict], tokenizer, spec: DataSpec) -> tuple[list[dict], dict]:
     """(prompt, answer) records -> the examples ``train_rm`` scores (the trainers' tokenisation and ``max_len``
     rule), each with ``"index"`` into ``records``; records that rule drops are missing (see the counts)."""
@@ -283,8 +277,6 @@ def normalize(rewards: list[float], mean: float | None, std: float | None) -> tu
     std = std or 1.0
     return [(r - mean) / std for r in rewards], how
 
-
-# ---- post-processors: scored completions -> training records ------------------------------------
 
 def write_records(path: str, records: list[dict], json_list: bool = False) -> None:
     """JSON lines (or one JSON array), written to a temporary file and renamed: never half a file."""
@@ -399,8 +391,6 @@ POST_PROCESSORS = {
     "kto": (kto, "binary", "train_kto"),
 }
 
-
-# ---- the win-rate judge ----------------------------------------------------------------------------
 
 def win_rate(a: list[float], b: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Win rate of A over B on paired scores (ties count half), with a percentile bootstrap interval

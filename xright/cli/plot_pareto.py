@@ -311,8 +311,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     md = table(rows, s_opt, d_opt, source)
     png, md_path = os.path.join(args.out, f"{args.name}.png"), os.path.join(args.out, f"{args.name}.md")
-    with open(md_path, "w") as f:
-        f.write(md)
+    Path(md_path).write_text(md)
     print(md, end="")
     result = {"points": points, "rows": rows, "optimum": (s_opt, d_opt), "table": md}
     if args.table_only:

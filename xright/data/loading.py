@@ -82,10 +82,6 @@ class SourceStats:
     k: int | None = None     # scored: the number of completions of every record
     k_where: str = ""        # scored: where the first record (which set k) is
 
-    def add(self, other: "SourceStats") -> None:  # (a split's totals: only the counts are logged)
-        for name in ("read", "bad", "identical", "differ_early", "empty_response"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 def k_mismatch(k: int, first_k: int, first_where: str) -> str:
     return (f"has K={k} completions but the first record ({first_where}) has K={first_k}; every scored "
@@ -248,7 +244,8 @@ def _read_split(spec: DataSpec, sources: list[str], split: str, required: bool, 
             log(f"{spec.name}: {st.source}: {st.differ_early} HH pairs diverge before their last "
                 "'\\n\\nAssistant:'; their prompt is the shared prefix and each response holds several turns")
         parts.append(KINDS[spec.kind].prepare(recs, spec))
-        total.add(st)
+        for name in ("read", "bad", "identical", "differ_early", "empty_response"):  # the split's totals: counts only
+            setattr(total, name, getattr(total, name) + getattr(st, name))
         each.append(st)
     return parts, total, each
 
