@@ -9,6 +9,8 @@ output) is identical for any world size and stage. Under ZeRO-3 ``generate`` als
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -20,6 +22,7 @@ from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend_split, number_cop
 from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
 from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
 from xright.data import synthetic
+from xright.files import atomic_write
 from xright.sharding import plan_batches, run_pass
 
 
@@ -280,11 +283,6 @@ def normalize(rewards: list[float], mean: float | None, std: float | None) -> tu
 
 def write_records(path: str, records: list[dict], json_list: bool = False) -> None:
     """JSON lines (or one JSON array), written to a temporary file and renamed: never half a file."""
-    import json
-    import os
-
-    from xright.files import atomic_write
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, json.dumps(records, indent=2, ensure_ascii=False) if json_list else
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

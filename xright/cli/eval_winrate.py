@@ -122,6 +122,7 @@ def main(argv=None):
     from xright.data import DataSpec
     from xright.generation import markdown_table, read_answers, score, tokenize_answers, win_rate
     from xright.models import load_for_inference, load_tokenizer
+    from xright.sharding import gather_ordered
     from xright.strategy import Strategy, configure_inference
 
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
@@ -157,10 +158,8 @@ def main(argv=None):
     local = score(model, list(where.values()), args.micro_batch_size, tokenizer.pad_token_id, rank=strategy.rank,
                   world_size=strategy.world_size, synced=strategy.zero_stage == 3 and strategy.world_size > 1,
                   device=strategy.device)
-    by_key = {}
-    for part in strategy.all_gather_object(local):
-        by_key.update(part)
-    scores = {e["index"]: by_key[where[key(e)]["index"]] for e in examples}
+    unique = gather_ordered(local, len(where), strategy.all_gather_object)
+    scores = {e["index"]: unique[where[key(e)]["index"]] for e in examples}
     if strategy.is_rank0:
         at = iter(range(len(flat)))  # flat is every file's answers in turn: its i-th answer has scores[i]
         length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731

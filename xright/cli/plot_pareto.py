@@ -90,9 +90,8 @@ def read_run(path: str) -> Run:
     if not final:
         raise PlotError(f"{path}: metrics.jsonl has no eval record")
     steps = done.get("step", max((int(r["step"]) for r in records if "objectives" in r), default=0))
-    name = os.path.basename(os.path.normpath(path))
-    return Run(path=path, name=name, args=args, evals=evals, final=final, steps=int(steps),
-               wall_time=done.get("wall_time"), stopped_early=done.get("stopped_early"))
+    return Run(path=path, name=os.path.basename(os.path.normpath(path)), args=args, evals=evals, final=final,
+               steps=int(steps), wall_time=done.get("wall_time"), stopped_early=done.get("stopped_early"))
 
 
 def _norm(p: str) -> str:

@@ -37,23 +37,14 @@ def responses(example: dict) -> list:
 
 
 class DataKind:
-    """One kind of data. A subclass defines ``records``, ``answers`` and ``builtin``; the rest has defaults."""
+    """One kind of data. A subclass defines ``records(rec, rid, spec)`` (a raw record, a dict -> its canonical
+    records and whether it is an HH pair that differs early), ``answers(rec, spec)`` (a canonical record -> its K
+    answers and their field names, for errors) and ``builtin(spec, split, n)`` (the canonical records of the
+    built-in data, ``dataset=None``); the rest has defaults."""
 
     single = True       # one answer per example ("response_ids"), else K of them ("responses")
     mask_roles = False  # a chat answer of several turns trains only the assistant's ("response_mask")
     columns: dict[str, str] = {}  # extra example fields, stored as Arrow columns: name -> "bool", "[float64]" (a list)
-
-    def records(self, rec: dict, rid: str, spec) -> tuple[list[dict], bool]:
-        """Canonical records of a raw record (a dict), and whether it is an HH pair that differs early."""
-        raise NotImplementedError
-
-    def answers(self, rec: dict, spec) -> tuple[list, list[str]]:
-        """A canonical record's K answers and their field names (for errors)."""
-        raise NotImplementedError
-
-    def builtin(self, spec, split: str, n: int) -> list[dict]:
-        """Canonical records of the built-in synthetic data (``dataset=None``)."""
-        raise NotImplementedError
 
     def prepare(self, records: list[dict], spec) -> list[dict]:
         """The canonical records of one source (or the built-in ones) before blending."""
