@@ -28,8 +28,7 @@ from pathlib import Path
 from xright.cli import flags, lifecycle
 
 def add_generation_flags(p: argparse.ArgumentParser, pretrain_help: str) -> None:
-    """The model, template and sampling flags of the generating CLIs (this one and interactive_chat, which sets
-    its own sampling defaults)."""
+    """The model, template and sampling flags of this CLI and interactive_chat (which sets its sampling defaults)."""
     p.add_argument("--pretrain", type=str, default=None, help=pretrain_help)
     for name in ("bf16", "flash_attn", "load_in_4bit", "disable_fast_tokenizer", "trust_remote_code"):
         p.add_argument(f"--{name}", action="store_true", default=False)

@@ -103,11 +103,8 @@ def _label(objective: str) -> str:
 
 
 def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """Name each run's method and join sequential phases into chains.
-
-    Returns (points, rows): points are plotted (and are rows); rows also hold the ends of the
-    earlier phases of sequential chains.
-    """
+    """Name each run's method and join sequential phases into chains: (points, rows), the points plotted (and
+    listed), the rows also the ends of the earlier phases of sequential chains."""
     phases = [r for r in runs if r.args.get("train_only")]
     by_dir = {}
     for r in phases:
@@ -223,8 +220,7 @@ def _draw(ax, points: list[Run], rows: list[Run], s_opt, d_opt, trajectories: st
     seen = set()
     for r in sorted(plotted, key=_sort_key):
         color, marker = STYLE.get(r.method, ("black", "."))
-        show_traj = trajectories == "all" or (trajectories == "sequential" and r.method.startswith("Sequential"))
-        if show_traj:
+        if trajectories == "all" or (trajectories == "sequential" and r.method.startswith("Sequential")):
             tr = [(a, b) for _, a, b in r.evals if a is not None and b is not None]
             if len(tr) > 1:
                 ax.plot([a for a, _ in tr], [b for _, b in tr], "--", color=color, lw=0.9, alpha=0.6, zorder=1)
