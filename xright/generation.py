@@ -350,12 +350,11 @@ def kto(records, opts: PostOptions | None = None) -> list[dict]:
     t = getattr(opts, "kto_threshold", None)
     out = []
     for g in _groups(records):
+        cut = t
         if t is None:
             rewards = sorted(r["reward"] for r in g)
             mid = len(rewards) // 2
             cut = rewards[mid] if len(rewards) % 2 else (rewards[mid - 1] + rewards[mid]) / 2
-        else:
-            cut = t
         for r in g:
             if t is None and r["reward"] == cut:
                 continue

@@ -45,9 +45,7 @@ def describe(source: str, loc: str | None, err: BadRecord) -> str:
 
 
 def _data_suffix(path: str) -> str | None:
-    name = path.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = path.lower().removesuffix(".gz")
     return next((s for s in DATA_SUFFIXES if name.endswith(s)), None)
 
 
