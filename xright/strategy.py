@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import glob
 import json
 import os
 import shutil
@@ -197,10 +199,8 @@ def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
 
 
 def _share_master_weights(optimizer) -> None:
-    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even when the model is fp32 itself, where it
-    is bit for bit the partition: one more copy of the weights (263 MB at 65.7M parameters). Make it the
-    partition (DeepSpeed's copy back after each step is then onto itself), as DeepSpeed's own reload_states
-    moves it: new ``.data``, then the parameters' links into it rebuilt."""
+    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even for an fp32 model, where it is the partition
+    bit for bit (263 MB more at 65.7M parameters): make it the partition, as DeepSpeed's reload_states moves it."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
@@ -244,35 +244,15 @@ class SlicedAdamW(torch.optim.AdamW):
 zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(SlicedAdamW)  # torch's AdamW: DeepSpeed's ZeRO checks the exact type
 
 
-def _unlink_shm_buffer(rank: int, world_size: int) -> None:
-    """DeepSpeed's CPU shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_*`` (~69 MB per rank, RAM) and
-    never unlinks it. Once every rank has mapped its peers' buffers (a barrier after ``init_distributed``) the
-    names are not needed: unlinked, the kernel frees the memory when the last process exits."""
-    if os.environ.get("LOCAL_SIZE") != str(world_size):  # the op only maps buffers when all ranks are local
-        return
-    dist.barrier()
-    try:
-        os.unlink(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-            os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)))
-    except FileNotFoundError:
-        pass
-
-
 # Engines built by Strategy.prepare*/: torn down, in order, by close_process_group().
 _ENGINES: list = []
 
 
 def close_process_group() -> list[str]:
-    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective.
-
-    A gloo group's native threads stop only when its last reference goes, and DeepSpeed keeps references
-    (``deepspeed.utils.groups``, every ZeRO-3 parameter's ``ds_process_group``): destroyed during interpreter
-    finalisation they raced C++ static destruction (SIGABRT after a complete run). Returns the names of gloo
-    threads still alive (under ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation).
+    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective. Gloo threads
+    left to interpreter finalisation raced C++ static destruction (SIGABRT after a complete run). Returns the names
+    of gloo threads still alive (ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation).
     """
-    import gc
-    import glob
-
     release_engines()
     if dist.is_initialized():
         from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
@@ -296,8 +276,6 @@ def release_engines() -> None:
     """Destroy every engine built in this process; the process group stays. Also undoes what would leak into a
     later run in the same process: transformers' global ZeRO-3 config, and ``zero.Init``'s replacement of
     ``torch.nn.functional.linear`` (left in place, a later run's losses differ in the 7th digit)."""
-    import gc
-
     while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
         release_engine(_ENGINES[0], collect=False)
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
@@ -313,8 +291,6 @@ def release_engines() -> None:
 def release_engine(engine, collect: bool = True) -> None:
     """Free one engine now with its module and every parameter: ``engine.destroy()`` (DeepSpeed 0.19.8) keeps
     ``engine.module``, and the ZeRO-3 forward stack and our engine list keep more references."""
-    import gc
-
     try:
         engine.destroy()
     except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
@@ -344,12 +320,23 @@ class Strategy:
     def __init__(self, seed: int = 42):
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            with socket.socket() as sock:  # a free port
+                sock.bind(("127.0.0.1", 0))
+                os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
         if not dist.is_initialized():
             deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        _unlink_shm_buffer(self.rank, self.world_size)
+        # DeepSpeed's CPU shm comm op creates /dev/shm/deepspeed_allreduce_buffer_* (~69 MB per rank, RAM) and never
+        # unlinks it; once every rank has mapped its peers' (the barrier), unlinked, it goes when the last process
+        # exits. The op only maps buffers when all ranks are local.
+        if os.environ.get("LOCAL_SIZE") == str(self.world_size):
+            dist.barrier()
+            try:
+                os.unlink(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+                    os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), self.rank)))
+            except FileNotFoundError:
+                pass
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         accel = get_accelerator()
         if accel.device_name() != "cpu":
@@ -475,8 +462,6 @@ class Strategy:
         if self.world_size > 1:
             dist.barrier()
 
-    # ---- saving --------------------------------------------------------------------------
-
     def save_hf(self, engine, tokenizer, path: str, extra_files: dict | None = None) -> None:
         """HF-format model (``save_pretrained`` + tokenizer) written atomically to ``path``; a LoRA run's adapter
         (peft's ``save_pretrained`` keeps the adapter keys only). The state dict is whole on rank 0."""
@@ -487,8 +472,6 @@ class Strategy:
         if self.is_rank0:
             save_model(engine.module, state, tokenizer, path, extra_files)
         self.barrier()
-
-    # ---- randomness ----------------------------------------------------------------------
 
     def seed_rank(self) -> None:
         """Once the models are built (under the shared ``--seed``, identical on every rank), each rank its own torch
@@ -609,12 +592,6 @@ class Strategy:
             get_accelerator().set_rng_state(torch.tensor(state["ranks"][self.rank]["accelerator"], dtype=torch.uint8))
         state["tag"] = tag
         return state
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure_inference(strategy: Strategy, zero_stage: int, bf16: bool) -> dict:
