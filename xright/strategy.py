@@ -392,8 +392,6 @@ class Strategy:
             os.makedirs(out_dir, exist_ok=True)
             atomic_write_json(os.path.join(out_dir, "ds_config.json"), self.ds_config)
 
-    # ---- engines -------------------------------------------------------------------------
-
     def optimizer(self, model, lr: float, betas, weight_decay: float):
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -430,8 +428,6 @@ class Strategy:
             return engine
         dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else None
         return model.to(device=self.device, dtype=dtype).eval()
-
-    # ---- collectives ---------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum/max/mean of a tensor over ranks (a new tensor; the input is untouched)."""
@@ -479,8 +475,6 @@ class Strategy:
         seed = self.seed + 1_000_003 * self.rank
         torch.manual_seed(seed)
         get_accelerator().manual_seed_all(seed)
-
-    # ---- checkpoints -----------------------------------------------------------------------
 
     _last_checkpoint: tuple[str, str] | None = None  # (tag, xright state) of this process's last save
 
