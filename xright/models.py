@@ -359,8 +359,7 @@ def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, to
     run's: the built-in tiny base is built from it (no default, so no caller can silently get another base)."""
     base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False,
                       pad_token_id=tokenizer.pad_token_id)
-    merged = _merged(base, adapter_dir)
-    merged.save_pretrained(out_dir, safe_serialization=True)
+    _merged(base, adapter_dir).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 

@@ -190,9 +190,8 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
 
 
 def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
-    """The templates' "auto" bucket sizes: hidden² elements, as transformers' DeepSpeed integration (at least
-    2**20), instead of DeepSpeed's 5e8 (2 GB per fp32 buffer, two of them with overlap_comm; the pages fill up
-    to the model's size as gradients are copied in)."""
+    """The templates' "auto" bucket sizes: hidden² elements (at least 2**20), as transformers' DeepSpeed integration,
+    not DeepSpeed's 5e8 (2 GB per fp32 buffer, two with overlap_comm, filled up to the model's size)."""
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if _get(cfg, f"zero_optimization.{key}") == "auto":
             _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
@@ -213,10 +212,9 @@ def _share_master_weights(optimizer) -> None:
 
 
 class SlicedAdamW(torch.optim.AdamW):
-    """torch's AdamW (its single-tensor path: the same arithmetic element by element) on slices of
-    :data:`SLICE` elements of each parameter. Whole, its step allocates two temporaries the size of the
-    parameter (√v, then √v / bias correction), and a ZeRO partition is one flat parameter: 2 × the model's fp32
-    size at the peak of every step."""
+    """torch's AdamW (its single-tensor path, the same arithmetic) on slices of :data:`SLICE` elements of each
+    parameter. Whole, its step allocates two temporaries the size of the parameter, and a ZeRO partition is one
+    flat parameter: 2 × the model's fp32 size at the peak of every step."""
 
     SLICE = 1 << 20
 
@@ -251,8 +249,7 @@ _ENGINES: list = []
 def close_process_group() -> list[str]:
     """Ordered teardown of what owns communication threads, on every CLI exit path; no collective. Gloo threads
     left to interpreter finalisation raced C++ static destruction (SIGABRT after a complete run). Returns the names
-    of gloo threads still alive (ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation).
-    """
+    of gloo threads still alive (ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation)."""
     release_engines()
     if dist.is_initialized():
         from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
@@ -378,8 +375,7 @@ class Strategy:
 
     @property
     def precision(self) -> str:
-        """The models' dtype under the resolved config, "bf16", "fp16" or "fp32": a --deepspeed file may enable
-        bf16 without the --bf16 flag."""
+        """The models' dtype under the resolved config (a --deepspeed file may enable bf16 without --bf16)."""
         return "bf16" if _get(self.ds_config, "bf16.enabled") is True else \
             "fp16" if _get(self.ds_config, "fp16.enabled") is True else "fp32"
 
@@ -480,10 +476,9 @@ class Strategy:
 
     def save_checkpoint(self, engine, ckpt_dir: str, step: int, state: dict, rank_state: dict,
                         max_num: int = 3, max_gb: float = 1000.0) -> str:
-        """A resumable checkpoint, atomically: DeepSpeed writes the engine state under a temporary tag, rank 0 adds
-        ``xright_state.json`` (``state`` + every rank's ``rank_state`` and accelerator RNG), renames the directory
-        into place, then rewrites ``latest`` and prunes. Saving again what this process just saved (SIGTERM right
-        after a scheduled save) is skipped on every rank: it would remove the checkpoint ``latest`` points to."""
+        """A resumable checkpoint, atomically (:func:`install_checkpoint`), with ``state`` and every rank's
+        ``rank_state`` and accelerator RNG. Saving again what this process just saved (SIGTERM right after a
+        scheduled save) is skipped on every rank: it would remove the checkpoint ``latest`` points to."""
         tag = f"global_step{step}"
         tmp_tag = f".tmp-{tag}"
         saving = (tag, json.dumps(state, sort_keys=True))
@@ -532,8 +527,7 @@ class Strategy:
 
     def plan_resume(self, ckpt_dir: str, expect: dict) -> None:
         """Before the engines are built: a latest checkpoint saved by another number of ranks is converted once into
-        DeepSpeed's universal format beside it (``<tag>_universal``), which the engine then loads. xright's own
-        state needs no conversion: loader positions and schedule state are global counts."""
+        DeepSpeed's universal format beside it (``<tag>_universal``), which the engine then loads."""
         latest = self._latest(ckpt_dir, expect)
         if latest is None:
             return
