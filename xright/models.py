@@ -98,13 +98,9 @@ VARLEN_SDPA_CHECKED = VARLEN_SDPA + "_checked"
 
 
 def register_varlen_attention() -> str:
-    """Register (idempotent) xright's variable-length attention with transformers; return its name.
-
-    A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs``
-    passes (Σ Lᵢ² instead of plain SDPA's L×L under a block-diagonal mask). Without it (padded batches,
-    generation, a class that does not pass its kwargs down) it is transformers' SDPA under transformers' own
-    mask, so still exact. Sliding windows are not applied to packed rows: a longer sequence is an error.
-    """
+    """Register (idempotent) xright's variable-length attention with transformers; return its name: a causal SDPA
+    per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs`` passes (Σ Lᵢ²
+    instead of L×L under a block-diagonal mask); without them, transformers' SDPA under its own mask."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -176,12 +172,10 @@ _PROBE_LENGTHS = (6, 3, 11, 8)
 
 def check_model(model, *, packing: bool) -> str:
     """How ``model`` (a model, peft model or DeepSpeed engine: under ZeRO-3 every rank calls this together)
-    attends and, with ``packing``, whether its packed rows are exact; the line to print, or
-    :class:`PackingRefused`. Packed vs padded log-probs of the same sequences must agree (1e-5 × the largest
-    |log-prob| in fp32, 1e-2 × in 16-bit), and changing one sequence must not move the others (1e-6 ×: catches a
-    leak that 16-bit noise hides). A model whose every attention call got the boundaries moves to
-    ``VARLEN_SDPA_CHECKED`` (no packed-row mask built: it would never be read).
-    """
+    attends and, with ``packing``, whether its packed rows are exact (packed vs padded log-probs agree, and
+    changing one sequence moves no other: a tighter bound, catching a leak that 16-bit noise hides); the line to
+    print, or :class:`PackingRefused`. A model whose every attention call got the boundaries moves to
+    ``VARLEN_SDPA_CHECKED``."""
     from transformers import AttentionInterface, PreTrainedModel
 
     hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
@@ -311,26 +305,22 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if lora is not None and lora.rank > 0:
-        model = _apply_lora(model, lora, task, gradient_checkpointing)
-    return model
-
-
-def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
+    if lora is None or lora.rank <= 0:
+        return model
     from peft import LoraConfig, TaskType, get_peft_model
 
     # peft reads a string as a regex that must match the whole module path (so "query_key_value"
     # matches nothing) and a list as module-name suffixes: only "all-linear" is meant as a string
-    targets = [spec.target_modules] if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none")
+    lora_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none")
     if gradient_checkpointing:
         model.enable_input_require_grads()
     with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing (not our call)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config)
 
 
 def is_peft(model) -> bool:
