@@ -15,7 +15,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+from deepspeed.runtime.config import DtypeEnum
+from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as zero_init
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from torch.optim.adam import adam
 
 from xright.files import atomic_write_json, install_checkpoint, save_model
 
@@ -133,8 +142,6 @@ def _stage0_grad_accum_dtype(cfg: dict, opts: DSOptions, from_file: bool) -> Non
     """Without ZeRO, DeepSpeed accumulates gradients in the model's dtype only (it refuses bf16 weights
     with fp32 accumulation). The templates' fp32 is meant for the ZeRO optimizers: drop it at stage 0;
     a value the user wrote or typed is an error rather than silently changed."""
-    from deepspeed.runtime.config import DtypeEnum
-
     value = _get(cfg, "data_types.grad_accum_dtype")
     if value is None:
         return
@@ -200,8 +207,6 @@ def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
 def _share_master_weights(optimizer) -> None:
     """ZeRO-1/2 keep an fp32 master copy of this rank's partition even for an fp32 model, where it is the partition
     bit for bit (263 MB more at 65.7M parameters): make it the partition, as DeepSpeed's reload_states moves it."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
@@ -220,8 +225,6 @@ class SlicedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim.adam import adam
-
         if closure is not None or any(g["foreach"] or g["fused"] or g["amsgrad"] or g["maximize"] or g["capturable"]
                                       or g["differentiable"] for g in self.param_groups):
             return super().step(closure)
@@ -252,8 +255,6 @@ def close_process_group() -> list[str]:
     of gloo threads still alive (ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation)."""
     release_engines()
     if dist.is_initialized():
-        from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
-
         if getattr(ds_comm, "cdb", None) is not None:
             ds_comm.destroy_process_group()
         else:  # initialised by torch directly (in-process tests)
@@ -275,10 +276,8 @@ def release_engines() -> None:
     ``torch.nn.functional.linear`` (left in place, a later run's losses differ in the 7th digit)."""
     while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
         release_engine(_ENGINES[0], collect=False)
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
-
-    if getattr(patcher, "linear_bk", None) is not None:
-        torch.nn.functional.linear = patcher.linear_bk
+    if getattr(zero_init, "linear_bk", None) is not None:
+        torch.nn.functional.linear = zero_init.linear_bk
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # a run that failed before release_hf_config would leave ZeRO-3 model building on
@@ -295,14 +294,10 @@ def release_engine(engine, collect: bool = True) -> None:
     _ENGINES[:] = [e for e in _ENGINES if e is not engine]
     module = engine.__dict__.pop("module", None)  # DeepSpeed stores the module both as attribute and as submodule
     engine.__dict__.get("_modules", {}).pop("module", None)
-    from deepspeed.runtime.zero import parameter_offload
-
     stack = parameter_offload.FWD_MODULE_STACK  # a ZeRO-3 engine pushes its module there and never pops it
     stack[:] = [m for m in stack if m is not module]
     # ZeRO-3's coordinator memoises which parameters to release per (coordinator, submodule, step) in one
     # process-wide functools.lru_cache, keeping every engine's modules alive; a cleared cache only recomputes
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
     memo = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
     for cell in getattr(memo, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
@@ -324,9 +319,8 @@ class Strategy:
             deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        # DeepSpeed's CPU shm comm op creates /dev/shm/deepspeed_allreduce_buffer_* (~69 MB per rank, RAM) and never
-        # unlinks it; once every rank has mapped its peers' (the barrier), unlinked, it goes when the last process
-        # exits. The op only maps buffers when all ranks are local.
+        # DeepSpeed's CPU shm comm op (all ranks local) never unlinks /dev/shm/deepspeed_allreduce_buffer_* (~69 MB
+        # per rank, RAM); unlinked once every rank has mapped its peers' (the barrier), it goes with the last process
         if os.environ.get("LOCAL_SIZE") == str(self.world_size):
             dist.barrier()
             try:
@@ -396,8 +390,6 @@ class Strategy:
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if self.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
             return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
         if self.device.type == "cpu":
             return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
@@ -538,8 +530,6 @@ class Strategy:
         universal = f"{tag}_universal"
         out = os.path.join(ckpt_dir, universal)
         if self.is_rank0 and not os.path.exists(out):
-            from deepspeed.checkpoint import ds_to_universal
-
             tmp = os.path.join(ckpt_dir, f".tmp-{universal}")
             shutil.rmtree(tmp, ignore_errors=True)
             # the ZeRO model-states files carry no universal_checkpoint_info (DeepSpeed 0.19.8 refuses it in

@@ -256,9 +256,6 @@ class Trainer:
         self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}{moved}")
         return True
 
-    def _on_sigterm(self, signum, frame) -> None:  # a scheduler's pre-emption: finish the step, checkpoint, exit
-        self._terminate = True
-
     def _log_eval(self) -> str | None:
         """Evaluate and log; the joint runs' reason to stop early, if any."""
         ev = self.evaluate()
@@ -278,7 +275,8 @@ class Trainer:
         bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
                    dynamic_ncols=True)
         stop = None
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # a scheduler's pre-emption: finish the step, checkpoint, exit
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_terminate", True))
         if args.eval_at_start and self.step == 0:
             stop = self._log_eval()
         start = time.perf_counter()
