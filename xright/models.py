@@ -11,8 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast)
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedModel,
+                          PreTrainedTokenizerFast)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 TINY = "tiny"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
@@ -101,9 +103,7 @@ def register_varlen_attention() -> str:
     """Register (idempotent) xright's variable-length attention with transformers; return its name: a causal SDPA
     per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs`` passes (Σ Lᵢ²
     instead of L×L under a block-diagonal mask); without them, transformers' SDPA under its own mask."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # not in the oldest transformers allowed
 
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:
@@ -176,8 +176,6 @@ def check_model(model, *, packing: bool) -> str:
     changing one sequence moves no other: a tighter bound, catching a leak that 16-bit noise hides); the line to
     print, or :class:`PackingRefused`. A model whose every attention call got the boundaries moves to
     ``VARLEN_SDPA_CHECKED``."""
-    from transformers import AttentionInterface, PreTrainedModel
-
     hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
     config = hf.config
     line = f"attention: {config._attn_implementation} ({config.model_type})"

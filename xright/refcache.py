@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from xright.data import collate
 from xright.data.kinds import responses
@@ -53,8 +55,6 @@ class RefTable:
         return self.logps.index_select(0, rows), self.lengths.index_select(0, rows)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
         blob = np.frombuffer("\0".join(self.ids).encode(), dtype=np.uint8)
         tensors = {"logps": self.logps.cpu().contiguous(), "lengths": self.lengths.cpu().contiguous(),
                    "offsets": torch.from_numpy(self.offsets.copy()), "token_hash": torch.from_numpy(self.hashes.copy()),
@@ -66,8 +66,6 @@ class RefTable:
     @classmethod
     def load(cls, path: str) -> "RefTable | None":
         """The table at ``path``; None when it is missing or unreadable (then it is recomputed)."""
-        from safetensors import safe_open
-
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
@@ -270,8 +271,6 @@ class Trainer:
 
     def fit(self) -> dict:
         args, s, sched = self.args, self.s, self.schedule
-        from tqdm import tqdm
-
         bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
                    dynamic_ncols=True)
         stop = None
