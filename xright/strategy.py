@@ -250,9 +250,11 @@ _ENGINES: list = []
 
 
 def close_process_group() -> list[str]:
-    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective. Gloo threads
-    left to interpreter finalisation raced C++ static destruction (SIGABRT after a complete run). Returns the names
-    of gloo threads still alive (ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation)."""
+    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective. A gloo group's
+    threads stop with its last reference, and DeepSpeed keeps some (``deepspeed.utils.groups``, each ZeRO-3
+    parameter's ``ds_process_group``): left to interpreter finalisation they raced C++ static destruction (SIGABRT
+    after a complete run). Returns the names of gloo threads still alive (ZeRO-3 autograd state keeps some:
+    ``lifecycle.shutdown`` then skips finalisation)."""
     release_engines()
     if dist.is_initialized():
         if getattr(ds_comm, "cdb", None) is not None:
