@@ -6,8 +6,7 @@ k of example b in row k·B + b, so all K go through the model in one forward. Th
 padding-free row [1, L] with ``position_ids``, ``cu_seqlens``, ``max_seqlen``) passes the sequence boundaries
 to the attention and its log-probs are scattered back to [N, T−1]: callers get the same tensors from either.
 The log-probs come from the last hidden states and the output head in chunks of response tokens
-(:func:`target_logps`): the ``[tokens, vocab]`` logits never exist whole, unless the head fails its check.
-"""
+(:func:`target_logps`): the ``[tokens, vocab]`` logits never exist whole, unless the head fails its check."""
 
 from __future__ import annotations
 

@@ -247,8 +247,7 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
                trainable: bool = True, packing: bool = False, pad_token_id: int | None = None):
     """Policy, reference or reward model (``task`` "causal", or "reward": a num_labels=1 sequence classifier).
     ``tiny`` is :func:`tiny_config`'s GPT-NeoX seeded by ``seed`` (every rank and the reference start from the
-    same tensors). A config without a pad id gets ``pad_token_id`` (the tokenizer's), else its first eos id.
-    """
+    same tensors). A config without a pad id gets ``pad_token_id`` (the tokenizer's), else its first eos id."""
     if task not in ("causal", "reward"):
         raise ValueError(f"unknown task {task!r}")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -356,8 +355,7 @@ def load_for_inference(path: str | None, *, task: str = "causal", bf16: bool = F
                        vocab_size: int | None = None):
     """A frozen model for generation or scoring: a hub id / HF dir, ``tiny``, or a LoRA adapter dir as xright
     saves it (no ``config.json``), merged into its base: the adapter's ``base_model_name_or_path``, else the
-    ``pretrain`` (and ``seed``, which built a tiny base) of the run's ``xright_args.json``, else ``tiny``.
-    """
+    ``pretrain`` (and ``seed``, which built a tiny base) of the run's ``xright_args.json``, else ``tiny``."""
     kw = dict(task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
               trust_remote_code=trust_remote_code, vocab_size=vocab_size, trainable=False)
     full = os.path.expanduser(path) if path not in (None, TINY) else None
