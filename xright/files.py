@@ -26,10 +26,9 @@ MARKERS = ("config.json", "adapter_config.json")
 
 
 def save_model(module, state: dict, tokenizer, path: str, extra_files: dict | None = None) -> None:
-    """``save_pretrained`` of ``module`` (with ``state``) and ``tokenizer``, and ``extra_files`` (JSON), into
-    ``path``, which may hold other files (metrics). Written to a temporary folder and moved in with the files that
-    make a directory look like a model (``MARKERS``) removed first and moved in last: a crash in between leaves no
-    model that looks complete."""
+    """``module`` (with ``state``), ``tokenizer`` and ``extra_files`` (JSON) saved into ``path`` (which may hold
+    other files) through a temporary folder, the ``MARKERS`` of a model removed first and moved in last: a crash in
+    between leaves no model that looks complete."""
     os.makedirs(path, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=path, prefix=".model.tmp-")
     try:

@@ -1,8 +1,5 @@
-"""Cache keys, all hashed by :func:`digest`: the tokenised data tables (:func:`data_key`, for
-:mod:`xright.data.store`) and the reference log-prob table (:func:`reference`, for :mod:`xright.refcache`, whose
-rows carry a :func:`token_hash`). Files count by names, sizes and mtimes, not content: reading gigabytes at every
-start would cost what the cache saves.
-"""
+"""Every cache key, hashed by :func:`digest` (docs/DESIGN.md). Files count by names, sizes and mtimes, not
+content: reading gigabytes at every start would cost what the cache saves."""
 
 from __future__ import annotations
 

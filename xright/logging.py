@@ -9,10 +9,8 @@ from xright.files import atomic_write
 
 
 class MetricsLogger:
-    """One JSON object per line in ``<save_path>/metrics.jsonl``, mirrored to wandb/tensorboard.
-
-    ``resume=True`` appends to an existing file instead of starting a new one.
-    """
+    """One JSON object per line in ``<save_path>/metrics.jsonl`` (appended to with ``resume``), mirrored to
+    wandb/tensorboard."""
 
     def __init__(self, save_path: str, enabled: bool, *, resume: bool = False, wandb: dict | None = None,
                  tensorboard_dir: str | None = None, config: dict | None = None):
@@ -24,7 +22,13 @@ class MetricsLogger:
         os.makedirs(save_path, exist_ok=True)
         self._file = open(self.path, "a" if resume else "w", buffering=1)
         if wandb is not None:
-            self._wandb = _init_wandb(wandb, config or {}, resume)
+            import wandb as wandb_module
+
+            if wandb["key"] and os.environ.get("WANDB_MODE") != "offline":
+                wandb_module.login(key=wandb["key"], relogin=True)
+            self._wandb = wandb_module.init(entity=wandb["entity"], project=wandb["project"], group=wandb["group"],
+                                            name=wandb["name"], config=config or {},
+                                            resume="allow" if resume else None, reinit=True)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -66,23 +70,11 @@ class MetricsLogger:
 
 def wandb_settings(use_wandb: str | None, org: str | None, group: str | None, project: str,
                    run_name: str) -> dict | None:
-    """XRIGHT passes ``--use_wandb <token>`` or ``--use_wandb True``.
-
-    The key is taken from ``WANDB_API_KEY`` when set, else from the flag; it is kept out of every
-    printed or saved config (the caller must drop ``use_wandb`` from what it dumps).
-    """
+    """``--use_wandb <token>`` or ``--use_wandb True``: the key from ``WANDB_API_KEY`` when set, else from the flag;
+    kept out of every printed or saved config (the caller must drop ``use_wandb`` from what it dumps)."""
     if not use_wandb or use_wandb.lower() in ("false", "0", "no", "none"):
         return None
     key = os.environ.get("WANDB_API_KEY")
     if not key and use_wandb.lower() not in ("true", "1", "yes"):
         key = use_wandb
     return {"key": key, "entity": org, "group": group, "project": project, "name": run_name}
-
-
-def _init_wandb(settings: dict, config: dict, resume: bool):
-    import wandb
-
-    if settings["key"] and os.environ.get("WANDB_MODE") != "offline":
-        wandb.login(key=settings["key"], relogin=True)
-    return wandb.init(entity=settings["entity"], project=settings["project"], group=settings["group"],
-                      name=settings["name"], config=config, resume="allow" if resume else None, reinit=True)

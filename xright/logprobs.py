@@ -5,12 +5,8 @@ Batches follow the collators' layout (``xright.data.collate``): ``input_ids``, `
 k of example b in row k·B + b, so all K go through the model in one forward. The packed layout (one
 padding-free row [1, L] with ``position_ids``, ``cu_seqlens``, ``max_seqlen``) passes the sequence boundaries
 to the attention and its log-probs are scattered back to [N, T−1]: callers get the same tensors from either.
-
 The log-probs come from the last hidden states and the output head in chunks of response tokens
-(:func:`target_logps`, ``--logprob_chunk_size``): the ``[tokens, vocab]`` logits never exist whole. A head this
-module cannot reproduce exactly (checked once per model against the model's own logits) takes the full path,
-and the run says so once.
-"""
+(:func:`target_logps`): the ``[tokens, vocab]`` logits never exist whole, unless the head fails its check."""
 
 from __future__ import annotations
 

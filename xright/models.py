@@ -11,8 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast)
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedModel,
+                          PreTrainedTokenizerFast)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 TINY = "tiny"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
@@ -98,16 +100,10 @@ VARLEN_SDPA_CHECKED = VARLEN_SDPA + "_checked"
 
 
 def register_varlen_attention() -> str:
-    """Register (idempotent) xright's variable-length attention with transformers; return its name.
-
-    A causal SDPA per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs``
-    passes (Σ Lᵢ² instead of plain SDPA's L×L under a block-diagonal mask). Without it (padded batches,
-    generation, a class that does not pass its kwargs down) it is transformers' SDPA under transformers' own
-    mask, so still exact. Sliding windows are not applied to packed rows: a longer sequence is an error.
-    """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Register (idempotent) xright's variable-length attention with transformers; return its name: a causal SDPA
+    per sequence of a packed row, bounded by the ``cu_seq_lens_q`` that ``logprobs.model_inputs`` passes (Σ Lᵢ²
+    instead of L×L under a block-diagonal mask); without them, transformers' SDPA under its own mask."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # not in the oldest transformers allowed
 
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
         if cu_seq_lens_q is None:
@@ -176,14 +172,10 @@ _PROBE_LENGTHS = (6, 3, 11, 8)
 
 def check_model(model, *, packing: bool) -> str:
     """How ``model`` (a model, peft model or DeepSpeed engine: under ZeRO-3 every rank calls this together)
-    attends and, with ``packing``, whether its packed rows are exact; the line to print, or
-    :class:`PackingRefused`. Packed vs padded log-probs of the same sequences must agree (1e-5 × the largest
-    |log-prob| in fp32, 1e-2 × in 16-bit), and changing one sequence must not move the others (1e-6 ×: catches a
-    leak that 16-bit noise hides). A model whose every attention call got the boundaries moves to
-    ``VARLEN_SDPA_CHECKED`` (no packed-row mask built: it would never be read).
-    """
-    from transformers import AttentionInterface, PreTrainedModel
-
+    attends and, with ``packing``, whether its packed rows are exact (packed vs padded log-probs agree, and
+    changing one sequence moves no other: a tighter bound, catching a leak that 16-bit noise hides); the line to
+    print, or :class:`PackingRefused`. A model whose every attention call got the boundaries moves to
+    ``VARLEN_SDPA_CHECKED``."""
     hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
     config = hf.config
     line = f"attention: {config._attn_implementation} ({config.model_type})"
@@ -255,8 +247,7 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
                trainable: bool = True, packing: bool = False, pad_token_id: int | None = None):
     """Policy, reference or reward model (``task`` "causal", or "reward": a num_labels=1 sequence classifier).
     ``tiny`` is :func:`tiny_config`'s GPT-NeoX seeded by ``seed`` (every rank and the reference start from the
-    same tensors). A config without a pad id gets ``pad_token_id`` (the tokenizer's), else its first eos id.
-    """
+    same tensors). A config without a pad id gets ``pad_token_id`` (the tokenizer's), else its first eos id."""
     if task not in ("causal", "reward"):
         raise ValueError(f"unknown task {task!r}")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -311,26 +302,22 @@ def load_model(pretrain: str | None, *, task: str = "causal", bf16: bool = False
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if lora is not None and lora.rank > 0:
-        model = _apply_lora(model, lora, task, gradient_checkpointing)
-    return model
-
-
-def _apply_lora(model, spec: LoraSpec, task: str, gradient_checkpointing: bool):
+    if lora is None or lora.rank <= 0:
+        return model
     from peft import LoraConfig, TaskType, get_peft_model
 
     # peft reads a string as a regex that must match the whole module path (so "query_key_value"
     # matches nothing) and a list as module-name suffixes: only "all-linear" is meant as a string
-    targets = [spec.target_modules] if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none")
+    lora_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS, bias="none")
     if gradient_checkpointing:
         model.enable_input_require_grads()
     with warnings.catch_warnings():  # peft reads the deprecated is_gradient_checkpointing (not our call)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config)
 
 
 def is_peft(model) -> bool:
@@ -359,8 +346,7 @@ def merge_saved_adapter(pretrain: str | None, adapter_dir: str, out_dir: str, to
     run's: the built-in tiny base is built from it (no default, so no caller can silently get another base)."""
     base = load_model(pretrain, task=task, seed=seed, vocab_size=len(tokenizer), trainable=False,
                       pad_token_id=tokenizer.pad_token_id)
-    merged = _merged(base, adapter_dir)
-    merged.save_pretrained(out_dir, safe_serialization=True)
+    _merged(base, adapter_dir).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -369,8 +355,7 @@ def load_for_inference(path: str | None, *, task: str = "causal", bf16: bool = F
                        vocab_size: int | None = None):
     """A frozen model for generation or scoring: a hub id / HF dir, ``tiny``, or a LoRA adapter dir as xright
     saves it (no ``config.json``), merged into its base: the adapter's ``base_model_name_or_path``, else the
-    ``pretrain`` (and ``seed``, which built a tiny base) of the run's ``xright_args.json``, else ``tiny``.
-    """
+    ``pretrain`` (and ``seed``, which built a tiny base) of the run's ``xright_args.json``, else ``tiny``."""
     kw = dict(task=task, bf16=bf16, flash_attn=flash_attn, load_in_4bit=load_in_4bit,
               trust_remote_code=trust_remote_code, vocab_size=vocab_size, trainable=False)
     full = os.path.expanduser(path) if path not in (None, TINY) else None

@@ -1,10 +1,8 @@
 """Reference log-probs computed once (``--precompute_ref_log_probs``) in one sharded no-grad pass over every
 example a reference objective will see (train and eval, by id), gathered to every rank (loaders reshuffle across
-ranks), stored under ``--ref_cache_dir`` named by :func:`xright.fingerprints.reference` and reused only when every
-id of the run is in it with the same token hash. :class:`CachedReference` serves them as a
-:class:`~xright.objectives.Reference`; KTO's KL rows (``kl_``) pair prompt i with completion i+1 of a micro-batch,
-which changes every epoch, so an objective lists such prefixes in ``live_reference_prefixes`` and they stay live.
-"""
+ranks), stored under ``--ref_cache_dir`` named by :func:`xright.fingerprints.reference`, reused only when every id
+of the run is in it with the same token hash. Rows that change every epoch (KTO's ``kl_`` pairs prompt i with
+completion i+1 of a micro-batch) stay live: an objective lists them in ``live_reference_prefixes``."""
 
 from __future__ import annotations
 
@@ -15,6 +13,8 @@ import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from xright.data import collate
 from xright.data.kinds import responses
@@ -24,8 +24,6 @@ from xright.sharding import gather_ordered, plan_batches, run_pass
 
 FORMAT = 1
 
-
-# ---- the table ------------------------------------------------------------------------------
 
 class RefTable:
     """Summed reference log-probs and response lengths of every completion, by example id: example e's K
@@ -46,10 +44,6 @@ class RefTable:
         """Every id of ``hashes`` is in the table with the same token hash."""
         return all((n := self.index.get(i)) is not None and self.hashes[n] == h for i, h in hashes.items())
 
-    def to(self, device) -> "RefTable":
-        self.logps, self.lengths = self.logps.to(device), self.lengths.to(device)
-        return self
-
     def lookup(self, ids: list[str], num_choices: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([K·B], [K·B]) in the collators' K-major row order: row k·B + b is completion k of ids[b]."""
         try:
@@ -61,8 +55,6 @@ class RefTable:
         return self.logps.index_select(0, rows), self.lengths.index_select(0, rows)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
         blob = np.frombuffer("\0".join(self.ids).encode(), dtype=np.uint8)
         tensors = {"logps": self.logps.cpu().contiguous(), "lengths": self.lengths.cpu().contiguous(),
                    "offsets": torch.from_numpy(self.offsets.copy()), "token_hash": torch.from_numpy(self.hashes.copy()),
@@ -74,8 +66,6 @@ class RefTable:
     @classmethod
     def load(cls, path: str) -> "RefTable | None":
         """The table at ``path``; None when it is missing or unreadable (then it is recomputed)."""
-        from safetensors import safe_open
-
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
@@ -89,8 +79,6 @@ class RefTable:
         return cls(ids, t["token_hash"].numpy(), t["offsets"].numpy(), t["logps"], t["lengths"],
                    json.loads(meta.get("fingerprint", "{}")))
 
-
-# ---- the pass --------------------------------------------------------------------------------
 
 def compute_table(live: Reference, examples: list, batch_size: int, pad_id: int, strategy,
                   hashes: list[int] | None = None, packed: bool = False) -> RefTable:
@@ -194,4 +182,5 @@ def cached_reference(build_live, strategy, sets: list[list], live_prefixes: tupl
         gc.collect()
     elif live is not None:
         log(f"reference log-probs: the reference model stays loaded for the {', '.join(live_prefixes)} rows")
-    return CachedReference(table.to(strategy.device), live, live_prefixes)
+    table.logps, table.lengths = table.logps.to(strategy.device), table.lengths.to(strategy.device)
+    return CachedReference(table, live, live_prefixes)

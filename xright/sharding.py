@@ -1,11 +1,7 @@
-"""The one no-grad pass sharded over ranks: generation, scoring, the reference log-prob table and evaluation.
-
-Plan: the inputs in batches of their indices, the same on every rank whatever their number (so are the
-padding and the per-batch seeds). Shard: batch j goes to rank j % W. Run: each rank computes its batches
-under ``torch.no_grad`` with the model in eval mode; under ZeRO-3 the parameters are gathered by
-collective calls, so with ``synced`` every rank makes the same number of calls, a rank short of batches
-repeating one (``filler``) and discarding its result. Gather: every rank's results, merged in input order.
-"""
+"""The one no-grad pass sharded over ranks (plan, shard, run, ordered gather; docs/DESIGN.md): generation,
+scoring, the reference log-prob table and evaluation. The plan is the same on every rank whatever their number,
+so are the padding and the per-batch seeds; ``synced``: every rank makes the same number of (ZeRO-3 collective)
+calls."""
 
 from __future__ import annotations
 
@@ -30,8 +26,8 @@ def plan_batches(lengths: list[int], micro_batch_size: int, groups: list | None 
 
 def rank_batches(batches: list[list[int]], rank: int, world_size: int, synced: bool,
                  filler: int = 0) -> list[tuple[int, list[int], bool]]:
-    """(batch index, indices, real?) this rank computes. ``synced``: every rank gets the same number of calls;
-    a rank short of batches repeats batch ``filler`` and discards the result (no batches: no calls)."""
+    """(batch index, indices, real?) this rank computes; synced, a rank short of batches repeats batch ``filler``
+    (not real: its result is discarded)."""
     mine = [(j, b, True) for j, b in enumerate(batches) if j % world_size == rank]
     if synced and batches:
         mine += [(filler, batches[filler], False)] * (math.ceil(len(batches) / world_size) - len(mine))

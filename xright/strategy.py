@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import glob
 import json
 import os
 import shutil
@@ -13,7 +15,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+from deepspeed.runtime.config import DtypeEnum
+from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as zero_init
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from torch.optim.adam import adam
 
 from xright.files import atomic_write_json, install_checkpoint, save_model
 
@@ -131,8 +142,6 @@ def _stage0_grad_accum_dtype(cfg: dict, opts: DSOptions, from_file: bool) -> Non
     """Without ZeRO, DeepSpeed accumulates gradients in the model's dtype only (it refuses bf16 weights
     with fp32 accumulation). The templates' fp32 is meant for the ZeRO optimizers: drop it at stage 0;
     a value the user wrote or typed is an error rather than silently changed."""
-    from deepspeed.runtime.config import DtypeEnum
-
     value = _get(cfg, "data_types.grad_accum_dtype")
     if value is None:
         return
@@ -188,21 +197,16 @@ def reference_config(train_cfg: dict, offload: bool) -> dict:
 
 
 def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
-    """The templates' "auto" bucket sizes: hidden² elements, as transformers' DeepSpeed integration (at least
-    2**20), instead of DeepSpeed's 5e8 (2 GB per fp32 buffer, two of them with overlap_comm; the pages fill up
-    to the model's size as gradients are copied in)."""
+    """The templates' "auto" bucket sizes: hidden² elements (at least 2**20), as transformers' DeepSpeed integration,
+    not DeepSpeed's 5e8 (2 GB per fp32 buffer, two with overlap_comm, filled up to the model's size)."""
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if _get(cfg, f"zero_optimization.{key}") == "auto":
             _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
 
 
 def _share_master_weights(optimizer) -> None:
-    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even when the model is fp32 itself, where it
-    is bit for bit the partition: one more copy of the weights (263 MB at 65.7M parameters). Make it the
-    partition (DeepSpeed's copy back after each step is then onto itself), as DeepSpeed's own reload_states
-    moves it: new ``.data``, then the parameters' links into it rebuilt."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
+    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even for an fp32 model, where it is the partition
+    bit for bit (263 MB more at 65.7M parameters): make it the partition, as DeepSpeed's reload_states moves it."""
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
@@ -213,17 +217,14 @@ def _share_master_weights(optimizer) -> None:
 
 
 class SlicedAdamW(torch.optim.AdamW):
-    """torch's AdamW (its single-tensor path: the same arithmetic element by element) on slices of
-    :data:`SLICE` elements of each parameter. Whole, its step allocates two temporaries the size of the
-    parameter (√v, then √v / bias correction), and a ZeRO partition is one flat parameter: 2 × the model's fp32
-    size at the peak of every step."""
+    """torch's AdamW (its single-tensor path, the same arithmetic) on slices of :data:`SLICE` elements of each
+    parameter. Whole, its step allocates two temporaries the size of the parameter, and a ZeRO partition is one
+    flat parameter: 2 × the model's fp32 size at the peak of every step."""
 
     SLICE = 1 << 20
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim.adam import adam
-
         if closure is not None or any(g["foreach"] or g["fused"] or g["amsgrad"] or g["maximize"] or g["capturable"]
                                       or g["differentiable"] for g in self.param_groups):
             return super().step(closure)
@@ -244,39 +245,18 @@ class SlicedAdamW(torch.optim.AdamW):
 zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(SlicedAdamW)  # torch's AdamW: DeepSpeed's ZeRO checks the exact type
 
 
-def _unlink_shm_buffer(rank: int, world_size: int) -> None:
-    """DeepSpeed's CPU shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_*`` (~69 MB per rank, RAM) and
-    never unlinks it. Once every rank has mapped its peers' buffers (a barrier after ``init_distributed``) the
-    names are not needed: unlinked, the kernel frees the memory when the last process exits."""
-    if os.environ.get("LOCAL_SIZE") != str(world_size):  # the op only maps buffers when all ranks are local
-        return
-    dist.barrier()
-    try:
-        os.unlink(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-            os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)))
-    except FileNotFoundError:
-        pass
-
-
 # Engines built by Strategy.prepare*/: torn down, in order, by close_process_group().
 _ENGINES: list = []
 
 
 def close_process_group() -> list[str]:
-    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective.
-
-    A gloo group's native threads stop only when its last reference goes, and DeepSpeed keeps references
-    (``deepspeed.utils.groups``, every ZeRO-3 parameter's ``ds_process_group``): destroyed during interpreter
-    finalisation they raced C++ static destruction (SIGABRT after a complete run). Returns the names of gloo
-    threads still alive (under ZeRO-3 autograd state keeps some: ``lifecycle.shutdown`` then skips finalisation).
-    """
-    import gc
-    import glob
-
+    """Ordered teardown of what owns communication threads, on every CLI exit path; no collective. A gloo group's
+    threads stop with its last reference, and DeepSpeed keeps some (``deepspeed.utils.groups``, each ZeRO-3
+    parameter's ``ds_process_group``): left to interpreter finalisation they raced C++ static destruction (SIGABRT
+    after a complete run). Returns the names of gloo threads still alive (ZeRO-3 autograd state keeps some:
+    ``lifecycle.shutdown`` then skips finalisation)."""
     release_engines()
     if dist.is_initialized():
-        from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
-
         if getattr(ds_comm, "cdb", None) is not None:
             ds_comm.destroy_process_group()
         else:  # initialised by torch directly (in-process tests)
@@ -296,14 +276,10 @@ def release_engines() -> None:
     """Destroy every engine built in this process; the process group stays. Also undoes what would leak into a
     later run in the same process: transformers' global ZeRO-3 config, and ``zero.Init``'s replacement of
     ``torch.nn.functional.linear`` (left in place, a later run's losses differ in the 7th digit)."""
-    import gc
-
     while _ENGINES:  # (no loop variable: it would keep the last engine alive through the collection below)
         release_engine(_ENGINES[0], collect=False)
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
-
-    if getattr(patcher, "linear_bk", None) is not None:
-        torch.nn.functional.linear = patcher.linear_bk
+    if getattr(zero_init, "linear_bk", None) is not None:
+        torch.nn.functional.linear = zero_init.linear_bk
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # a run that failed before release_hf_config would leave ZeRO-3 model building on
@@ -313,8 +289,6 @@ def release_engines() -> None:
 def release_engine(engine, collect: bool = True) -> None:
     """Free one engine now with its module and every parameter: ``engine.destroy()`` (DeepSpeed 0.19.8) keeps
     ``engine.module``, and the ZeRO-3 forward stack and our engine list keep more references."""
-    import gc
-
     try:
         engine.destroy()
     except Exception:  # noqa: BLE001 - a failed hook removal must not replace the run's exit code
@@ -322,14 +296,10 @@ def release_engine(engine, collect: bool = True) -> None:
     _ENGINES[:] = [e for e in _ENGINES if e is not engine]
     module = engine.__dict__.pop("module", None)  # DeepSpeed stores the module both as attribute and as submodule
     engine.__dict__.get("_modules", {}).pop("module", None)
-    from deepspeed.runtime.zero import parameter_offload
-
     stack = parameter_offload.FWD_MODULE_STACK  # a ZeRO-3 engine pushes its module there and never pops it
     stack[:] = [m for m in stack if m is not module]
     # ZeRO-3's coordinator memoises which parameters to release per (coordinator, submodule, step) in one
     # process-wide functools.lru_cache, keeping every engine's modules alive; a cleared cache only recomputes
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
     memo = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
     for cell in getattr(memo, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
@@ -344,12 +314,22 @@ class Strategy:
     def __init__(self, seed: int = 42):
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            with socket.socket() as sock:  # a free port
+                sock.bind(("127.0.0.1", 0))
+                os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
         if not dist.is_initialized():
             deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        _unlink_shm_buffer(self.rank, self.world_size)
+        # DeepSpeed's CPU shm comm op (all ranks local) never unlinks /dev/shm/deepspeed_allreduce_buffer_* (~69 MB
+        # per rank, RAM); unlinked once every rank has mapped its peers' (the barrier), it goes with the last process
+        if os.environ.get("LOCAL_SIZE") == str(self.world_size):
+            dist.barrier()
+            try:
+                os.unlink(os.path.join("/dev/shm", "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+                    os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), self.rank)))
+            except FileNotFoundError:
+                pass
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         accel = get_accelerator()
         if accel.device_name() != "cpu":
@@ -391,8 +371,7 @@ class Strategy:
 
     @property
     def precision(self) -> str:
-        """The models' dtype under the resolved config, "bf16", "fp16" or "fp32": a --deepspeed file may enable
-        bf16 without the --bf16 flag."""
+        """The models' dtype under the resolved config (a --deepspeed file may enable bf16 without --bf16)."""
         return "bf16" if _get(self.ds_config, "bf16.enabled") is True else \
             "fp16" if _get(self.ds_config, "fp16.enabled") is True else "fp32"
 
@@ -405,8 +384,6 @@ class Strategy:
             os.makedirs(out_dir, exist_ok=True)
             atomic_write_json(os.path.join(out_dir, "ds_config.json"), self.ds_config)
 
-    # ---- engines -------------------------------------------------------------------------
-
     def optimizer(self, model, lr: float, betas, weight_decay: float):
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -415,8 +392,6 @@ class Strategy:
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if self.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
             return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas))
         if self.device.type == "cpu":
             return SlicedAdamW(groups, lr=lr, betas=tuple(betas))
@@ -443,8 +418,6 @@ class Strategy:
             return engine
         dtype = torch.bfloat16 if cfg["bf16"]["enabled"] else None
         return model.to(device=self.device, dtype=dtype).eval()
-
-    # ---- collectives ---------------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum/max/mean of a tensor over ranks (a new tensor; the input is untouched)."""
@@ -475,8 +448,6 @@ class Strategy:
         if self.world_size > 1:
             dist.barrier()
 
-    # ---- saving --------------------------------------------------------------------------
-
     def save_hf(self, engine, tokenizer, path: str, extra_files: dict | None = None) -> None:
         """HF-format model (``save_pretrained`` + tokenizer) written atomically to ``path``; a LoRA run's adapter
         (peft's ``save_pretrained`` keeps the adapter keys only). The state dict is whole on rank 0."""
@@ -488,8 +459,6 @@ class Strategy:
             save_model(engine.module, state, tokenizer, path, extra_files)
         self.barrier()
 
-    # ---- randomness ----------------------------------------------------------------------
-
     def seed_rank(self) -> None:
         """Once the models are built (under the shared ``--seed``, identical on every rank), each rank its own torch
         seed, so that dropout masks differ across ranks; rank 0 keeps the run's seed."""
@@ -497,16 +466,13 @@ class Strategy:
         torch.manual_seed(seed)
         get_accelerator().manual_seed_all(seed)
 
-    # ---- checkpoints -----------------------------------------------------------------------
-
     _last_checkpoint: tuple[str, str] | None = None  # (tag, xright state) of this process's last save
 
     def save_checkpoint(self, engine, ckpt_dir: str, step: int, state: dict, rank_state: dict,
                         max_num: int = 3, max_gb: float = 1000.0) -> str:
-        """A resumable checkpoint, atomically: DeepSpeed writes the engine state under a temporary tag, rank 0 adds
-        ``xright_state.json`` (``state`` + every rank's ``rank_state`` and accelerator RNG), renames the directory
-        into place, then rewrites ``latest`` and prunes. Saving again what this process just saved (SIGTERM right
-        after a scheduled save) is skipped on every rank: it would remove the checkpoint ``latest`` points to."""
+        """A resumable checkpoint, atomically (:func:`install_checkpoint`), with ``state`` and every rank's
+        ``rank_state`` and accelerator RNG. Saving again what this process just saved (SIGTERM right after a
+        scheduled save) is skipped on every rank: it would remove the checkpoint ``latest`` points to."""
         tag = f"global_step{step}"
         tmp_tag = f".tmp-{tag}"
         saving = (tag, json.dumps(state, sort_keys=True))
@@ -555,8 +521,7 @@ class Strategy:
 
     def plan_resume(self, ckpt_dir: str, expect: dict) -> None:
         """Before the engines are built: a latest checkpoint saved by another number of ranks is converted once into
-        DeepSpeed's universal format beside it (``<tag>_universal``), which the engine then loads. xright's own
-        state needs no conversion: loader positions and schedule state are global counts."""
+        DeepSpeed's universal format beside it (``<tag>_universal``), which the engine then loads."""
         latest = self._latest(ckpt_dir, expect)
         if latest is None:
             return
@@ -567,8 +532,6 @@ class Strategy:
         universal = f"{tag}_universal"
         out = os.path.join(ckpt_dir, universal)
         if self.is_rank0 and not os.path.exists(out):
-            from deepspeed.checkpoint import ds_to_universal
-
             tmp = os.path.join(ckpt_dir, f".tmp-{universal}")
             shutil.rmtree(tmp, ignore_errors=True)
             # the ZeRO model-states files carry no universal_checkpoint_info (DeepSpeed 0.19.8 refuses it in
@@ -609,12 +572,6 @@ class Strategy:
             get_accelerator().set_rng_state(torch.tensor(state["ranks"][self.rank]["accelerator"], dtype=torch.uint8))
         state["tag"] = tag
         return state
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure_inference(strategy: Strategy, zero_stage: int, bf16: bool) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from xright.data import CyclingLoader
 from xright.logprobs import num_tokens
@@ -103,8 +104,6 @@ class Trainer:
             os.makedirs(args.save_path, exist_ok=True)
             self._pick_log = open(os.path.join(args.save_path, f"picks.rank{strategy.rank}.jsonl"), "a", buffering=1)
 
-    # ---- one optimizer step ------------------------------------------------------------------
-
     def _to_device(self, batch: dict) -> dict:
         dev = self.s.device
         return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -155,8 +154,6 @@ class Trainer:
         for (k, m), v in zip(keys, vec.tolist()):
             out[k][m] = v / float(units[k])
         return out
-
-    # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         """Every objective's loss on its eval set (global means), one sharded pass each: rank r takes examples r,
@@ -215,8 +212,6 @@ class Trainer:
             out[name] = float(reduced[0] / reduced[1])
         return out
 
-    # ---- exact resume ---------------------------------------------------------------------------
-
     def state_dict(self) -> dict:
         """Everything besides the engine that the next step depends on (identical on every rank; loader
         positions are global counts, so it means the same on any number of ranks)."""
@@ -262,12 +257,6 @@ class Trainer:
         self.s.print(f"resumed from {self.args.ckpt_path}/{state['tag']} at step {self.step}{moved}")
         return True
 
-    def _on_sigterm(self, signum, frame) -> None:
-        # Schedulers send SIGTERM before pre-empting: finish the step, checkpoint, exit cleanly.
-        self._terminate = True
-
-    # ---- the loop ------------------------------------------------------------------------------
-
     def _log_eval(self) -> str | None:
         """Evaluate and log; the joint runs' reason to stop early, if any."""
         ev = self.evaluate()
@@ -282,12 +271,11 @@ class Trainer:
 
     def fit(self) -> dict:
         args, s, sched = self.args, self.s, self.schedule
-        from tqdm import tqdm
-
         bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
                    dynamic_ncols=True)
         stop = None
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # a scheduler's pre-emption: finish the step, checkpoint, exit
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_terminate", True))
         if args.eval_at_start and self.step == 0:
             stop = self._log_eval()
         start = time.perf_counter()
@@ -327,7 +315,16 @@ class Trainer:
             save_now = args.save_steps > 0 and self.step % args.save_steps == 0
             record.update({"step": self.step, "objectives": sorted(plan), "weights": plan, **info})
             if not self.engine.was_step_applied():  # DeepSpeed discarded it: non-finite gradients (same on all ranks)
-                record.update(self._skip_or_stop(self._reduce_metrics(sums, units), sums))
+                # (a non-finite loss is made to poison them); the weights are unchanged
+                what = self._nonfinite(self._reduce_metrics(sums, units), sums) or \
+                    f"non-finite gradients at step {self.step} (the losses are finite)"
+                if not args.skip_nonfinite:
+                    raise NonFiniteLoss(f"{what}; stopping (--skip_nonfinite skips such steps). The weights are those "
+                                        f"of step {self.step - 1}; the last checkpoint in {args.ckpt_path} (if any) is "
+                                        f"from before this step.")
+                self.skipped += 1
+                s.print(f"warning: skipped step: {what}")
+                record.update({"skipped": what, "skipped_nonfinite": self.skipped})
             # losses reach the host only when needed: to log, for MAXRIGHT, or to check before a save
             elif log_now or sched.needs_losses or save_now:
                 reduced = self._reduce_metrics(sums, units)
@@ -379,18 +376,6 @@ class Trainer:
         return (f"non-finite {bad[0]} loss ({reduced[bad[0]]['loss']}) at step {self.step}, from the batch of " +
                 "; ".join(f"rank {r} (examples {', '.join(map(str, ids[:8]))}{' …' if len(ids) > 8 else ''})"
                           for r, ids in where))
-
-    def _skip_or_stop(self, reduced: dict, sums: dict) -> dict:
-        """DeepSpeed discarded this step (non-finite gradients; a non-finite loss is made to poison them).
-        The weights are unchanged: count it and go on with --skip_nonfinite, else stop."""
-        what = self._nonfinite(reduced, sums) or f"non-finite gradients at step {self.step} (the losses are finite)"
-        if not self.args.skip_nonfinite:
-            raise NonFiniteLoss(f"{what}; stopping (--skip_nonfinite skips such steps). The weights are those of "
-                                f"step {self.step - 1}; the last checkpoint in {self.args.ckpt_path} (if any) is "
-                                f"from before this step.")
-        self.skipped += 1
-        self.s.print(f"warning: skipped step: {what}")
-        return {"skipped": what, "skipped_nonfinite": self.skipped}
 
 
 def _debug_step(variable: str, rank: int) -> int:
