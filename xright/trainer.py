@@ -66,13 +66,12 @@ class NonFiniteLoss(RuntimeError):
 
 class Trainer:
     def __init__(self, strategy, engine, reference: Reference | None, tasks: dict[str, Task], schedule,
-                 args: TrainArgs, logger, tokenizer=None):
+                 args: TrainArgs, logger):
         missing = set(schedule.names) - set(tasks)
         if missing:
             raise ValueError(f"schedule names objectives without data: {sorted(missing)}")
         self.s, self.engine, self.reference = strategy, engine, reference
         self.tasks, self.schedule, self.args, self.logger = tasks, schedule, args, logger
-        self.tokenizer = tokenizer
         self.step = 0
         self.skipped = 0  # optimizer steps discarded for a non-finite loss or gradient
         self._terminate = False

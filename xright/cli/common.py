@@ -42,8 +42,8 @@ def _run(args, specs: list[ObjectiveSpec], make_schedule: Callable | None, *, ta
     schedule = make_schedule(tasks) if make_schedule else Single(specs[0].name)
     if args.debug_rank_seed:
         schedule.reseed(args.seed + 1000 * strategy.rank)
-    trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, tokenizer,
-                               signature, stopping, per_epoch, total)
+    trainer, logger = _trainer(args, strategy, batches, engine, reference, tasks, schedule, signature, stopping,
+                               per_epoch, total)
     try:
         if args.load_checkpoint:
             trainer.resume()
@@ -204,8 +204,8 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
         min(sp.micro_batch_size for sp in ref_specs), tokenizer.pad_token_id, packed=args.packing_samples)
 
 
-def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, schedule, tokenizer, signature: dict,
-             stopping, per_epoch: int, total: int):
+def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, schedule, signature: dict, stopping,
+             per_epoch: int, total: int):
     """The config dumps, the metrics logger and the Trainer."""
     from xright.logging import MetricsLogger, wandb_settings
     from xright.files import atomic_write_json
@@ -231,7 +231,7 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)
     strategy.seed_rank()  # after every model is built: dropout masks differ across ranks, weights do not
-    trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger, tokenizer)
+    trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger)
     return trainer, logger
 
 
