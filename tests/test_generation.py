@@ -175,6 +175,15 @@ class Tok:  # what eos_ids reads of a tokenizer
         self.eos_token_id = eos
 
 
+def test_greedy_best_of_n_gives_n_copies_of_the_greedy_completion():
+    """transformers refuses num_return_sequences > 1 without sampling: greedy runs once, its K copies are equal."""
+    model, prompts = tiny_family("llama"), [[10, 20, 30, 40, 50], [60, 70]]
+    one = generate_batch(model, prompts, Sampling(max_new_tokens=8, greedy=True), eos_ids=258, pad_id=256, seed=0)
+    three = generate_batch(model, prompts, Sampling(max_new_tokens=8, greedy=True, n=3), eos_ids=258, pad_id=256,
+                           seed=0)
+    assert three == [c * 3 for c in one] and all(len(c[0]) == 8 for c in one)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
 def test_generation_stops_at_every_eos_id_of_the_generation_config(family):
     model = tiny_family(family)

@@ -175,8 +175,9 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_i
     """K = ``sampling.n`` completions (token ids, eos cut off) for each prompt of one left-padded batch,
     sampled under ``seed`` (the global RNG is restored afterwards)."""
     ids, mask = left_pad(prompts, pad_id)
+    K, R = sampling.n, 1 if sampling.greedy else sampling.n  # greedy: one continuation, its K copies identical
     kw = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy, num_beams=1,
-              num_return_sequences=sampling.n, repetition_penalty=sampling.repetition_penalty, use_cache=True)
+              num_return_sequences=R, repetition_penalty=sampling.repetition_penalty, use_cache=True)
     if not sampling.greedy:
         kw.update(top_p=sampling.top_p, temperature=sampling.temperature)
     device = device or next(_module(model).parameters()).device
@@ -186,8 +187,7 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_i
                                       pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=synced,
                                       streamer=streamer, **kw)
     new = out[:, ids.shape[1]:].tolist()
-    K = sampling.n
-    return [[cut_at_eos(new[b * K + k], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
+    return [[cut_at_eos(new[b * R + k % R], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
 
 
 class Progress:
