@@ -128,14 +128,3 @@ def write_batches(args, batches: dict[str, Batching], tasks: dict, strategy) -> 
     if strategy.is_rank0:
         atomic_write_json(os.path.join(args.save_path, "batches.json"), out)
 
-
-def check_skip_nonfinite(strategy) -> None:
-    """--skip_nonfinite relies on DeepSpeed's ZeRO optimizers discarding a step with non-finite gradients."""
-    if strategy.zero_stage == 0:
-        raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
-                         "a step whose gradients are non-finite; at stage 0 it would already be applied")
-    bf16 = strategy.ds_config.get("bf16") or {}
-    if bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
-        raise UsageError("--skip_nonfinite contradicts bf16.check_grad_overflow = false in the DeepSpeed config: "
-                         "without that check a bf16 ZeRO-1/2 optimizer applies non-finite gradients")
-

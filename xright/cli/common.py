@@ -10,8 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from xright.cli.batching import (ObjectiveSpec, batch_plan, check_resolved_batches, check_skip_nonfinite,
-                                 ds_options, write_batches)
+from xright.cli.batching import ObjectiveSpec, batch_plan, check_resolved_batches, ds_options, write_batches
 from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
 from xright.schedules import Single, Stopping
@@ -89,8 +88,14 @@ def _configure(args, specs: list[ObjectiveSpec], task: str):
     batches = batch_plan(args, specs, strategy.world_size)
     strategy.configure(ds_options(args, specs))
     check_resolved_batches(args, specs, strategy.ds_config)
-    if args.skip_nonfinite:
-        check_skip_nonfinite(strategy)
+    # --skip_nonfinite relies on DeepSpeed's ZeRO optimizers discarding a step with non-finite gradients
+    if args.skip_nonfinite and strategy.zero_stage == 0:
+        raise UsageError("--skip_nonfinite needs --zero_stage 1, 2 or 3: only DeepSpeed's ZeRO optimizers discard "
+                         "a step whose gradients are non-finite; at stage 0 it would already be applied")
+    bf16 = strategy.ds_config.get("bf16") or {}
+    if args.skip_nonfinite and bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
+        raise UsageError("--skip_nonfinite contradicts bf16.check_grad_overflow = false in the DeepSpeed config: "
+                         "without that check a bf16 ZeRO-1/2 optimizer applies non-finite gradients")
     return strategy, batches
 
 
@@ -231,8 +236,7 @@ def _trainer(args, strategy, batches: dict, engine, reference, tasks: dict, sche
         max_ckpt_mem=args.max_ckpt_mem, signature=signature, equal_length=getattr(args, "equal_length", False),
         steps_per_epoch=per_epoch, skip_nonfinite=args.skip_nonfinite)
     strategy.seed_rank()  # after every model is built: dropout masks differ across ranks, weights do not
-    trainer = Trainer(strategy, engine, reference, tasks, schedule, train_args, logger)
-    return trainer, logger
+    return Trainer(strategy, engine, reference, tasks, schedule, train_args, logger), logger
 
 
 def _save(args, task: str, strategy, engine, tokenizer, extra_files) -> None:
