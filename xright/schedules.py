@@ -85,8 +85,7 @@ class Schedule:
 
     @classmethod
     def build(cls, inputs: ScheduleInputs) -> "Schedule":
-        """This schedule from the run's inputs: each constructor parameter is the :class:`ScheduleInputs`
-        field of its name (ValueError on inconsistent ones)."""
+        """Each constructor parameter is the :class:`ScheduleInputs` field of its name (ValueError if inconsistent)."""
         return cls(**{k: getattr(inputs, k) for k in inspect.signature(cls).parameters})
 
     def reseed(self, seed: int) -> None:

@@ -76,11 +76,9 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
 
     g = p.add_argument_group("model")
     g.add_argument("--pretrain", type=str, default=None, help="hub id or local path; default: built-in tiny model")
-    g.add_argument("--trust_remote_code", action="store_true", default=False)
-    g.add_argument("--flash_attn", action="store_true", default=False)
-    g.add_argument("--gradient_checkpointing", action="store_true", default=False)
-    g.add_argument("--gradient_checkpointing_use_reentrant", action="store_true", default=False)
-    g.add_argument("--disable_fast_tokenizer", action="store_true", default=False)
+    for switch in ("trust_remote_code", "flash_attn", "gradient_checkpointing", "gradient_checkpointing_use_reentrant",
+                   "disable_fast_tokenizer"):
+        g.add_argument(f"--{switch}", action="store_true", default=False)
     g.add_argument("--load_in_4bit", action="store_true", default=False, help="QLoRA (needs CUDA + bitsandbytes)")
     g.add_argument("--lora_rank", type=int, default=0)
     g.add_argument("--lora_alpha", type=int, default=16)
@@ -135,15 +133,8 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
     if not keys:
         return
     g = p.add_argument_group("record fields and templates")
-    g.add_argument("--input_key", type=str, default="input")
-    g.add_argument("--output_key", type=str, default="output")
-    g.add_argument("--prompt_key", type=str, default="prompt")
-    g.add_argument("--chosen_key", type=str, default="chosen")
-    g.add_argument("--rejected_key", type=str, default="rejected")
-    g.add_argument("--label_key", type=str, default="label")
-    g.add_argument("--completion_key", type=str, default="completion")
-    g.add_argument("--completions_key", type=str, default="completions")
-    g.add_argument("--rewards_key", type=str, default="rewards")
+    for key in ("input", "output", "prompt", "chosen", "rejected", "label", "completion", "completions", "rewards"):
+        g.add_argument(f"--{key}_key", type=str, default=key)
     g.add_argument("--margin_key", type=str, default=None)
     g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ")
     g.add_argument("--apply_chat_template", action="store_true", default=False)

@@ -89,10 +89,7 @@ def parser(objectives: dict[str, str]) -> argparse.ArgumentParser:
 
 
 def run(args, specs: list[common.ObjectiveSpec], weights: dict[str, float], stopping: Stopping) -> None:
-    """A joint run (this CLI and the paper's presets): the schedule named by ``--schedule`` over ``weights``;
-    an epoch of ``--steps_per_epoch`` steps, else one pass over the first objective's data (XRIGHT: the SFT
-    loader), the trained objective's (``--train_only``), all phases (sequential) or the shorter loader
-    (``--equal_length``, XRIGHT's zip)."""
+    """A joint run (this CLI and the paper's presets): the schedule ``--schedule`` over ``weights``."""
     def steps(tasks):  # optimizer steps of one pass over each objective's data
         return {n: len(t.loader) // t.grad_accum for n, t in tasks.items()}
 
