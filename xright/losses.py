@@ -118,8 +118,7 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.T
     """KTO's reference point z₀ of eq. 8, KL(π‖ρ), estimated as in the paper's code on the mismatched pairs
     (x_i, y_{i+1}) of the batch. Shapes: π, ρ of those pairs [B]; returns mean_b(π − ρ), a detached scalar.
     Not clamped: the caller averages it over ranks first and ``kto`` clamps the average (clamping per rank
-    would bias it upward).
-    """
+    would bias it upward)."""
     return (policy_kl_logps - ref_kl_logps).mean().detach()
 
 
@@ -178,8 +177,7 @@ def exo_pref_target(batch_size: int, epsilon: float | None = None, dtype: torch.
 
 def exo_rw_target(rewards: torch.Tensor, beta_r: float) -> torch.Tensor:
     """EXO's / dpo-rw's log target from the rewards of K completions (Ji et al. 2024): p_k = softmax_k(r_k / β_r),
-    the optimal policy of the rewards at temperature β_r. Shapes: rewards [B, K]; returns [B, K].
-    """
+    the optimal policy of the rewards at temperature β_r. Shapes: rewards [B, K]; returns [B, K]."""
     return F.log_softmax(rewards / beta_r, dim=-1)
 
 

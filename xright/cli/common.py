@@ -82,9 +82,8 @@ def _configure(args, specs: list[ObjectiveSpec], task: str):
         raise UsageError(f"--save_path {args.save_path!r} is not writable")
     strategy = Strategy(seed=args.seed)
     logprobs.CHUNK_SIZE, logprobs.say = args.logprob_chunk_size, strategy.print
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(args.seed)
     batches = batch_plan(args, specs, strategy.world_size)
     strategy.configure(ds_options(args, specs))
     check_resolved_batches(args, specs, strategy.ds_config)
@@ -170,15 +169,14 @@ def _reference(args, specs: list[ObjectiveSpec], strategy, engine, tokenizer, da
     ref_specs = [sp for sp in specs if sp.objective.needs_reference]
     if not ref_specs:
         return None
-    bf16 = strategy.precision == "bf16"
     ref_path = getattr(args, "ref_pretrain", None)
 
     def live_reference():
         if is_peft(engine.module) and not ref_path:
             return Reference(lora_policy=engine)
-        ref = load_model(ref_path or args.pretrain, bf16=bf16, flash_attn=args.flash_attn, seed=args.seed,
-                         trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer), trainable=False,
-                         packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
+        ref = load_model(ref_path or args.pretrain, bf16=strategy.precision == "bf16", flash_attn=args.flash_attn,
+                         seed=args.seed, trust_remote_code=args.trust_remote_code, vocab_size=len(tokenizer),
+                         trainable=False, packing=args.packing_samples, pad_token_id=tokenizer.pad_token_id)
         ref = strategy.prepare_reference(ref)
         strategy.print("xright: reference " + check_model(ref, packing=args.packing_samples))
         return Reference(model=ref)

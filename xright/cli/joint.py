@@ -58,8 +58,7 @@ def _front(args) -> dict:
 
 
 def main(argv=None, schedule: str | None = None, description: str = __doc__, **defaults):
-    p = parser(description, schedule, **defaults)
-    args = flags.parse(p, argv)
+    args = flags.parse(parser(description, schedule, **defaults), argv)
     if not 0.0 <= args.lambd <= 1.0:
         raise UsageError(f"--lambd must be in [0, 1], got {args.lambd}")
     pairs = flags.data_spec(args, "pairwise", "rlhf_", name=PREF)

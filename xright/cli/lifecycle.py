@@ -33,23 +33,22 @@ def guarded(fn: Callable[[], None]) -> int:
 
     try:
         fn()
-        code = EXIT_OK
+        return EXIT_OK
     except (DataError, ConfigError, ModelLoadError, UsageError, NonFiniteLoss) as e:
         print(f"xright: error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_NONFINITE if isinstance(e, NonFiniteLoss) else EXIT_USAGE
+        return EXIT_NONFINITE if isinstance(e, NonFiniteLoss) else EXIT_USAGE
     except Terminated as e:
         print(f"xright: {e}", file=sys.stderr, flush=True)
-        code = EXIT_TERMINATED
+        return EXIT_TERMINATED
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_BUG
+        return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_BUG
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except Exception:  # a bug: its traceback, and exit 1 rather than whatever finalisation makes of it
         import traceback
 
         traceback.print_exc()
-        code = EXIT_BUG
-    return code
+        return EXIT_BUG
 
 
 def shutdown(code: int) -> None:

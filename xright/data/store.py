@@ -92,8 +92,7 @@ def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
     """datasets.map function: canonical records (JSON) -> token columns and a status."""
     kind = KINDS[spec.kind]
     records = [json.loads(r) for r in batch["record"]]
-    out = {k: [] for k in _features(kind)}
-    out["status"] = []
+    out = {k: [] for k in [*_features(kind), "status"]}
     for ex, status in tokenize_rows(records, tokenizer, spec):
         out["status"].append(STATUS.index(status))
         ex = ex or {"id": "", "prompt_ids": [], "response_ids": []}
