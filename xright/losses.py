@@ -22,8 +22,7 @@ def sft_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     response tokens of the whole optimizer step (docs/DESIGN.md §4). Masked positions are selected with
     ``torch.where``, not multiplied by 0, so a −inf log-prob at a padded position cannot become NaN.
     """
-    keep = mask.bool()
-    return -torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
+    return -torch.where(mask.bool(), token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
 
 
 def dpo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -166,8 +165,7 @@ def exo_pref_target(batch_size: int, epsilon: float | None = None, dtype: torch.
     reverse KL infinite.
     """
     if epsilon is None:
-        weights = torch.tensor([0.0, -10.0], dtype=torch.float64)  # the reference code's log-weights
-        row = F.log_softmax(weights, dim=-1)
+        row = F.log_softmax(torch.tensor([0.0, -10.0], dtype=torch.float64), dim=-1)  # the reference code's log-weights
     else:
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"EXO preference epsilon must be in (0, 1), got {epsilon}")

@@ -56,9 +56,8 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
     g.add_argument("--deepspeed", type=str, default=None, metavar="PATH",
                    help="DeepSpeed JSON config (ds_configs/*.json); flags overlay it, contradictions are errors")
     g.add_argument("--zero_stage", type=int, default=2)
-    g.add_argument("--bf16", action="store_true", default=False)
-    g.add_argument("--adam_offload", action="store_true", default=False)
-    g.add_argument("--ref_offload", action="store_true", default=False)
+    for switch in ("bf16", "adam_offload", "ref_offload"):
+        g.add_argument(f"--{switch}", action="store_true", default=False)
     g.add_argument("--precompute_ref_log_probs", action="store_true", default=True,
                    help="compute the frozen reference's log-probs once before training (cached under "
                         "--ref_cache_dir) and release the reference model; unless typed, skipped for runs too "

@@ -18,8 +18,7 @@ def main(argv=None):
     for flag, key in (("input_key", "prompt_key"), ("output_key", "completion_key")):
         if flag in args.explicit:
             setattr(args, key, getattr(args, flag))
-    objective = flags.build_objective(args, "kto")
-    spec = common.ObjectiveSpec("kto", objective, flags.data_spec(args, "binary", name="kto"),
+    spec = common.ObjectiveSpec("kto", flags.build_objective(args, "kto"), flags.data_spec(args, "binary", name="kto"),
                                 args.micro_train_batch_size)
     common.run(args, [spec])
 

@@ -107,7 +107,6 @@ def _tokenize_batch(batch: dict, tokenizer, spec) -> dict:
 def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTable, dict]:
     """Tokenise ``records`` (as tokenise.tokenize) into an Arrow table at ``path``; (table, counts)."""
     import datasets
-    from datasets import Value
 
     if not records:  # (an empty table cannot be saved; load_data treats an empty split as none)
         return [], {name: 0 for name in STATUS[1:]}
@@ -116,7 +115,7 @@ def to_disk(records: list[dict], tokenizer, spec, path: str) -> tuple[ExampleTab
     # one JSON column: text and conversational records alike are tokenised by tokenise.tokenize_rows
     source = datasets.Dataset.from_dict({"record": [json.dumps(r) for r in records]})
     features = _features(KINDS[spec.kind]).copy()
-    features["status"] = Value("int8")
+    features["status"] = datasets.Value("int8")
     num_proc = min(os.cpu_count() or 1, len(records) // PER_PROCESS)
     num_proc = num_proc if num_proc > 1 else None  # (num_proc=1 would still start a worker process)
     mapped = source.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=source.column_names,
@@ -195,6 +194,5 @@ def cached(spec, tokenizer, log, load) -> tuple[ExampleTable, ExampleTable | Non
         for line in meta["log"]:
             log(line)
     log(f"{spec.name}: tokenised examples {'written to' if built else 'memory-mapped from'} {root}")
-    train = ExampleTable.open(os.path.join(root, "train"), spec.kind, spec.max_len)
     evaluation = ExampleTable.open(os.path.join(root, "eval"), spec.kind, spec.max_len) if meta["eval"] else None
-    return train, evaluation
+    return ExampleTable.open(os.path.join(root, "train"), spec.kind, spec.max_len), evaluation
