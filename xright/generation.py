@@ -20,7 +20,7 @@ from xright.data.chat import ChatRenderer
 from xright.data.kinds import canonicalize
 from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend_split, number_copies, parse_probs, source_labels
 from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
-from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
+from xright.data.tokenise import is_chat, prompt_text, tokenize
 from xright.data import synthetic
 from xright.files import atomic_write
 from xright.sharding import plan_batches, run_pass
@@ -103,11 +103,7 @@ def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_le
     for r, c in zip(records, chat):
         if c:
             try:
-                if renderer is None:
-                    try:
-                        renderer = ChatRenderer(tokenizer)
-                    except ValueError:
-                        raise BadRecord(NO_TEMPLATE) from None
+                renderer = renderer or ChatRenderer(tokenizer)
                 msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
                 x = renderer.prompt_ids(msgs, spec.input_key)
             except BadRecord as e:
