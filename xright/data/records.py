@@ -271,10 +271,15 @@ def text_field(value, name: str) -> str:
     """``value`` if it is a non-blank string, else a BadRecord naming field ``name``."""
     if value is None:
         raise BadRecord("is None (null)", name)
-    if not isinstance(value, str):
-        raise BadRecord(f"must be a string, got {type(value).__name__} {short(value)}", name)
-    if not value.strip():
+    if not of_type(value, str, "a string", name).strip():
         raise BadRecord("is empty" if value == "" else "is whitespace-only", name)
+    return value
+
+
+def of_type(value, kind, what: str, name: str):
+    """``value`` if it is a ``kind``, else a BadRecord: field ``name`` must be ``what``."""
+    if not isinstance(value, kind):
+        raise BadRecord(f"must be {what}, got {type(value).__name__} {short(value)}", name)
     return value
 
 
