@@ -179,9 +179,8 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_i
     device = device or next(_module(model).parameters()).device
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
         torch.manual_seed(seed)
-        out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=synced,
-                                      streamer=streamer, **kw)
+        out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                                      eos_token_id=eos_ids, synced_gpus=synced, streamer=streamer, **kw)
     new = out[:, ids.shape[1]:].tolist()
     return [[cut_at_eos(new[b * R + k % R], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
 
