@@ -434,9 +434,8 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
         if n >= len(c) or c[n]["role"] != "assistant" or n == 0 or c[n - 1]["role"] == "assistant":
             others = ", ".join(nm for _, nm in lists if nm != name)
             what = f"message {n} has role {c[n]['role']!r}" if n < len(c) else f"it has only {len(c)} messages"
-            raise BadRecord(f"the conversations have different prompts: their common prefix of {n} messages "
-                            f"must end just before an assistant message, but here {what} (compared with {others})",
-                            name)
+            raise BadRecord(f"the conversations have different prompts: their common prefix of {n} messages must "
+                            f"end just before an assistant message, but here {what} (compared with {others})", name)
     return convs[0][:n], [c[n:] for c in convs]
 
 
