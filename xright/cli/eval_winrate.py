@@ -31,10 +31,9 @@ def parser():
     p.add_argument("--output_dir", type=str, required=True)
     g = p.add_argument_group("generating first (for models among --baseline / --candidates)")
     g.add_argument("--dataset", type=str, default=None, help="prompts; default: the built-in held-out prompts")
-    g.add_argument("--dataset_split", type=str, default="test")
-    g.add_argument("--max_samples", type=int, default=100000000)
-    g.add_argument("--max_new_tokens", type=int, default=1024)
-    g.add_argument("--generate_micro_batch_size", type=int, default=16)
+    for name, default in (("dataset_split", "test"), ("max_samples", 100000000), ("max_new_tokens", 1024),
+                          ("generate_micro_batch_size", 16)):
+        g.add_argument(f"--{name}", type=type(default), default=default)
     p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
     for name, default in (("input_key", "input"), ("output_key", "output"), ("max_len", 2048), ("micro_batch_size", 16),
                           ("n_bootstrap", 2000), ("seed", 42), ("zero_stage", 0), ("local_rank", -1)):
