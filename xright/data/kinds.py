@@ -147,9 +147,8 @@ class Binary(DataKind):
         if (spec.chosen_key in rec or spec.rejected_key in rec) and spec.completion_key not in rec \
                 and spec.label_key not in rec:
             prompt, chosen, rejected, raw, early = pair(rec, spec)
-            return [{"id": f"{rid}#chosen", "prompt": prompt, "completion": chosen, "label": True, "raw_prompt": raw},
-                    {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
-                     "raw_prompt": raw}], early
+            return [{"id": f"{rid}#{which}", "prompt": prompt, "completion": text, "label": label, "raw_prompt": raw}
+                    for which, text, label in (("chosen", chosen, True), ("rejected", rejected, False))], early
         prompt, (completion,) = prompt_and_answers(rec, spec, [(get_field(rec, spec.completion_key),
                                                                 spec.completion_key)], "binary")
         label = of_type(get_field(rec, spec.label_key), bool, "a boolean (JSON true/false)", spec.label_key)
