@@ -20,7 +20,7 @@ from xright.data.chat import ChatRenderer
 from xright.data.kinds import canonicalize
 from xright.data.loading import BUILTIN_TRAIN, DataSpec, blend_split, number_copies, parse_probs, source_labels
 from xright.data.records import BadRecord, DataError, describe, generation_prompt, get_field, iter_raw, text_field
-from xright.data.tokenise import NO_TEMPLATE, is_chat, prompt_text, tokenize
+from xright.data.tokenise import is_chat, prompt_text, tokenize
 from xright.data import synthetic
 from xright.files import atomic_write
 from xright.sharding import plan_batches, run_pass
@@ -103,11 +103,7 @@ def encode_prompts(records: list[dict], tokenizer, spec: DataSpec, prompt_max_le
     for r, c in zip(records, chat):
         if c:
             try:
-                if renderer is None:
-                    try:
-                        renderer = ChatRenderer(tokenizer)
-                    except ValueError:
-                        raise BadRecord(NO_TEMPLATE) from None
+                renderer = renderer or ChatRenderer(tokenizer)
                 msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
                 x = renderer.prompt_ids(msgs, spec.input_key)
             except BadRecord as e:
@@ -183,9 +179,8 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, *, eos_i
     device = device or next(_module(model).parameters()).device
     with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]):
         torch.manual_seed(seed)
-        out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=synced,
-                                      streamer=streamer, **kw)
+        out = _module(model).generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                                      eos_token_id=eos_ids, synced_gpus=synced, streamer=streamer, **kw)
     new = out[:, ids.shape[1]:].tolist()
     return [[cut_at_eos(new[b * R + k % R], eos_ids)[0] for k in range(K)] for b in range(len(prompts))]
 

@@ -20,10 +20,8 @@ TINY = "tiny"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
 # A chat template for the tiny tokenizer, so --apply_chat_template works without a download.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
-)
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}Assistant: {% endif %}")
 
 
 class ModelLoadError(RuntimeError):

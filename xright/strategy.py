@@ -110,9 +110,8 @@ def build_ds_config(opts: DSOptions, world_size: int) -> dict:
         current = _get(cfg, path) if from_file else None
         typed = flag in opts.explicit
         if current is not None and current != "auto" and typed and current != value:
-            raise ConfigError(
-                f"--{flag} {value} contradicts {path} = {current!r} in {opts.deepspeed}; "
-                f"change one of them")
+            raise ConfigError(f"--{flag} {value} contradicts {path} = {current!r} in {opts.deepspeed}; "
+                              "change one of them")
         if current is None or current == "auto" or typed:
             _set(cfg, path, value)
     if opts.disable_trace_cache:
@@ -401,9 +400,8 @@ class Strategy:
 
     def prepare(self, model, optimizer, scheduler):
         fill_bucket_sizes(self.ds_config, getattr(model.config, "hidden_size", None))
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                               config=self.ds_config, dist_init_required=False)
         _ENGINES.append(engine)
         _share_master_weights(engine.optimizer)
         return engine

@@ -270,8 +270,7 @@ class Trainer:
 
     def fit(self) -> dict:
         args, s, sched = self.args, self.s, self.schedule
-        bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=args.total_steps, initial=self.step, disable=not s.is_rank0, desc="train", dynamic_ncols=True)
         stop = None
         # a scheduler's pre-emption: finish the step, checkpoint, exit
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_terminate", True))

@@ -39,9 +39,8 @@ def add_generation_flags(p: argparse.ArgumentParser, pretrain_help: str) -> None
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=1024)
     g.add_argument("--greedy_sampling", action="store_true", default=False)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--repetition_penalty", type=float, default=1.0)
+    for name in ("top_p", "temperature", "repetition_penalty"):
+        g.add_argument(f"--{name}", type=float, default=1.0)
 
 
 def tokenizer_for(args):
@@ -72,19 +71,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--value_head_prefix", type=str, default="value_head", help=f"reward head name {flags.COMPAT}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default=None, help="default: built-in preference prompts")
-    g.add_argument("--dataset_probs", type=str, default="1.0")
-    g.add_argument("--dataset_split", type=str, default="train")
-    g.add_argument("--input_key", type=str, default="input")
-    g.add_argument("--output_key", type=str, default="output")
+    for name, default in (("dataset_probs", "1.0"), ("dataset_split", "train"), ("input_key", "input"),
+                          ("output_key", "output"), ("max_samples", 100000000), ("rollout_batch_size", 2048)):
+        g.add_argument(f"--{name}", type=type(default), default=default)
     g.add_argument("--max_len", type=int, default=2048, help="rm: prompt + answer tokens (answers cut to fit)")
-    g.add_argument("--max_samples", type=int, default=100000000)
     g.add_argument("--output_path", type=str, required=True)
     g.add_argument("--prompt_max_len", type=int, default=1024, help="longer prompts keep their last tokens")
     g.add_argument("--best_of_n", type=int, default=1, help="completions per prompt")
     g.add_argument("--iter", type=int, default=None,
                    help="generate for prompts [iter × rollout_batch_size, (iter + 1) × rollout_batch_size) of the "
                         "blend of --max_samples prompts (drawn once, so iterations never repeat a prompt)")
-    g.add_argument("--rollout_batch_size", type=int, default=2048)
     g.add_argument("--enable_csft", action="store_true", default=False, help="append --csft_prompt to each prompt")
     g.add_argument("--csft_prompt", type=str, default="<rm_score>: 5.00")
     g.add_argument("--generator", type=str, default=None, help="generate_alpaca_eval: the model's name")

@@ -31,22 +31,15 @@ def parser():
     p.add_argument("--output_dir", type=str, required=True)
     g = p.add_argument_group("generating first (for models among --baseline / --candidates)")
     g.add_argument("--dataset", type=str, default=None, help="prompts; default: the built-in held-out prompts")
-    g.add_argument("--dataset_split", type=str, default="test")
-    g.add_argument("--max_samples", type=int, default=100000000)
-    g.add_argument("--max_new_tokens", type=int, default=1024)
-    g.add_argument("--generate_micro_batch_size", type=int, default=16)
-    p.add_argument("--input_key", type=str, default="input")
-    p.add_argument("--output_key", type=str, default="output")
+    for name, default in (("dataset_split", "test"), ("max_samples", 100000000), ("max_new_tokens", 1024),
+                          ("generate_micro_batch_size", 16)):
+        g.add_argument(f"--{name}", type=type(default), default=default)
     p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
-    p.add_argument("--apply_chat_template", action="store_true", default=False)
-    p.add_argument("--max_len", type=int, default=2048)
-    p.add_argument("--micro_batch_size", type=int, default=16)
-    p.add_argument("--n_bootstrap", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--zero_stage", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", default=False)
-    p.add_argument("--flash_attn", action="store_true", default=False)
-    p.add_argument("--local_rank", type=int, default=-1)
+    for name, default in (("input_key", "input"), ("output_key", "output"), ("max_len", 2048), ("micro_batch_size", 16),
+                          ("n_bootstrap", 2000), ("seed", 42), ("zero_stage", 0), ("local_rank", -1)):
+        p.add_argument(f"--{name}", type=type(default), default=default)
+    for name in ("apply_chat_template", "bf16", "flash_attn"):
+        p.add_argument(f"--{name}", action="store_true", default=False)
     return p
 
 

@@ -136,9 +136,8 @@ def assemble(runs: list[Run]) -> tuple[list[Run], list[Run]]:
             chain.insert(0, parent[id(chain[0])])
         if only and len(chain) > 1:
             order = "→".join(_label(p.args["train_only"]) for p in chain)
-            seq = Run(path=r.path, name=" + ".join(p.name for p in chain), args=r.args,
-                      evals=[], final=r.final, steps=0, wall_time=0.0, stopped_early=r.stopped_early,
-                      method=f"Sequential {order}")
+            seq = Run(path=r.path, name=" + ".join(p.name for p in chain), args=r.args, evals=[], final=r.final,
+                      steps=0, wall_time=0.0, stopped_early=r.stopped_early, method=f"Sequential {order}")
             for i, p in enumerate(chain):
                 seq.evals += [(s + seq.steps, a, b) for s, a, b in p.evals]
                 seq.steps += p.steps

@@ -9,6 +9,8 @@ import os
 from .records import BadRecord
 
 SENTINEL = "xright-answer-5f3a"
+NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
+               "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
 
 
 def template_text(value: str) -> str:
@@ -28,9 +30,9 @@ def _short(text: str, n: int = 40) -> str:
 class ChatRenderer:
     """Renders and tokenises conversations with ``tokenizer``'s chat template (docs/data.md)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, field: str | None = None):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template")
+            raise BadRecord(NO_TEMPLATE, field)
         self.tok = tokenizer
         self.special = set(getattr(tokenizer, "all_special_ids", None) or []) | {
             int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()

@@ -10,8 +10,8 @@ import random
 import torch
 
 from . import synthetic
-from .records import (BadRecord, chat_prompt, conversation, get_field, is_hh, number, pair, prompt_and_answers,
-                      short, text_field)
+from .records import (BadRecord, chat_prompt, conversation, get_field, is_hh, number, of_type, pair,
+                      prompt_and_answers, short, text_field)
 
 
 def pad(pairs: list[tuple[list[int], list[int]]], pad_id: int, masks: list | None = None) -> dict:
@@ -147,15 +147,11 @@ class Binary(DataKind):
         if (spec.chosen_key in rec or spec.rejected_key in rec) and spec.completion_key not in rec \
                 and spec.label_key not in rec:
             prompt, chosen, rejected, raw, early = pair(rec, spec)
-            return [{"id": f"{rid}#chosen", "prompt": prompt, "completion": chosen, "label": True, "raw_prompt": raw},
-                    {"id": f"{rid}#rejected", "prompt": prompt, "completion": rejected, "label": False,
-                     "raw_prompt": raw}], early
+            return [{"id": f"{rid}#{which}", "prompt": prompt, "completion": text, "label": label, "raw_prompt": raw}
+                    for which, text, label in (("chosen", chosen, True), ("rejected", rejected, False))], early
         prompt, (completion,) = prompt_and_answers(rec, spec, [(get_field(rec, spec.completion_key),
                                                                 spec.completion_key)], "binary")
-        label = get_field(rec, spec.label_key)
-        if not isinstance(label, bool):
-            raise BadRecord(f"must be a boolean (JSON true/false), got {type(label).__name__} {short(label)}",
-                            spec.label_key)
+        label = of_type(get_field(rec, spec.label_key), bool, "a boolean (JSON true/false)", spec.label_key)
         return [{"id": rid, "prompt": prompt, "completion": completion, "label": label,
                  "raw_prompt": is_hh(prompt)}], False
 
@@ -218,18 +214,12 @@ class Scored(Pairwise):
         if (spec.chosen_key in rec or spec.rejected_key in rec) and spec.completions_key not in rec:
             prompt, chosen, rejected, raw, early = pair(rec, spec)
             return [{"id": rid, "prompt": prompt, "completions": [chosen, rejected], "raw_prompt": raw}], early
-        comps = get_field(rec, spec.completions_key)
-        if not isinstance(comps, list):
-            raise BadRecord(f"must be a list of strings, got {type(comps).__name__} {short(comps)}",
-                            spec.completions_key)
+        comps = of_type(get_field(rec, spec.completions_key), list, "a list of strings", spec.completions_key)
         if len(comps) < 2:
             raise BadRecord(f"needs K >= 2 completions, got K={len(comps)}", spec.completions_key)
         fields = [f"{spec.completions_key}[{i}]" for i in range(len(comps))]
         prompt, comps = prompt_and_answers(rec, spec, list(zip(comps, fields)), "scored")
-        rewards = get_field(rec, spec.rewards_key)
-        if not isinstance(rewards, list):
-            raise BadRecord(f"must be a list of numbers, got {type(rewards).__name__} {short(rewards)}",
-                            spec.rewards_key)
+        rewards = of_type(get_field(rec, spec.rewards_key), list, "a list of numbers", spec.rewards_key)
         if len(rewards) != len(comps):
             raise BadRecord(f"has {len(rewards)} values but {spec.completions_key!r} has K={len(comps)}",
                             spec.rewards_key)

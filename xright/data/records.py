@@ -271,10 +271,15 @@ def text_field(value, name: str) -> str:
     """``value`` if it is a non-blank string, else a BadRecord naming field ``name``."""
     if value is None:
         raise BadRecord("is None (null)", name)
-    if not isinstance(value, str):
-        raise BadRecord(f"must be a string, got {type(value).__name__} {short(value)}", name)
-    if not value.strip():
+    if not of_type(value, str, "a string", name).strip():
         raise BadRecord("is empty" if value == "" else "is whitespace-only", name)
+    return value
+
+
+def of_type(value, kind, what: str, name: str):
+    """``value`` if it is a ``kind``, else a BadRecord: field ``name`` must be ``what``."""
+    if not isinstance(value, kind):
+        raise BadRecord(f"must be {what}, got {type(value).__name__} {short(value)}", name)
     return value
 
 
@@ -429,9 +434,8 @@ def chat_answers(rec: dict, spec, answers: list[tuple[object, str]]) -> tuple[li
         if n >= len(c) or c[n]["role"] != "assistant" or n == 0 or c[n - 1]["role"] == "assistant":
             others = ", ".join(nm for _, nm in lists if nm != name)
             what = f"message {n} has role {c[n]['role']!r}" if n < len(c) else f"it has only {len(c)} messages"
-            raise BadRecord(f"the conversations have different prompts: their common prefix of {n} messages "
-                            f"must end just before an assistant message, but here {what} (compared with {others})",
-                            name)
+            raise BadRecord(f"the conversations have different prompts: their common prefix of {n} messages must "
+                            f"end just before an assistant message, but here {what} (compared with {others})", name)
     return convs[0][:n], [c[n:] for c in convs]
 
 

@@ -6,12 +6,10 @@ import hashlib
 import struct
 from collections import Counter
 
-from .chat import ChatRenderer
+from .chat import NO_TEMPLATE, ChatRenderer
 from .kinds import KINDS
 from .records import BadRecord, DataError, describe, source_id
 
-NO_TEMPLATE = ("the tokenizer has no chat template, needed for chat messages and --apply_chat_template; pass one "
-               "with --tokenizer_chat_template (Jinja text or a file) or use --input_template")
 STATUS = ("ok", "truncated", "dropped_prompt", "dropped_long")  # what tokenising did to a record
 
 
@@ -109,11 +107,7 @@ def _encoded(records: list[dict], tokenizer, spec, chunk: int = 1024):
             prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
             answers = [a if isinstance(a, list) else [{"role": "assistant", "content": a}] for a in answers]
             try:
-                if renderer is None:
-                    try:
-                        renderer = ChatRenderer(tokenizer)
-                    except ValueError:
-                        raise BadRecord(NO_TEMPLATE, fields[0]) from None
+                renderer = renderer or ChatRenderer(tokenizer, fields[0])
                 yield rec, *renderer.encode(prompt, answers, fields, mask_roles=kind.mask_roles)
             except BadRecord as e:
                 raise DataError(describe(rec.get("where") or rec["id"], None, e)) from None
