@@ -1,7 +1,6 @@
 """The composition root: a CLI declares its flags (:mod:`xright.cli.flags`), its objectives as
 :class:`ObjectiveSpec` and its schedule; :func:`run` builds the run from them in named steps and trains it."""
 
-import hashlib
 import math
 import os
 import random
@@ -13,6 +12,7 @@ import torch
 from xright.cli.batching import ObjectiveSpec, batch_plan, check_resolved_batches, ds_options, write_batches
 from xright.cli.flags import safe_config
 from xright.cli.lifecycle import EXIT_TERMINATED, Terminated, UsageError
+from xright.fingerprints import digest
 from xright.schedules import Single, Stopping
 
 
@@ -146,8 +146,7 @@ def _policy(args, task: str, strategy, tokenizer, tasks: dict, total: int):
                  "examples_per_step": {k: t.loader.global_batch for k, t in tasks.items()},
                  "group_by_length": args.group_by_length,
                  "data": {k: f"{len(t.loader.examples)} examples, ids sha256 " +
-                          hashlib.sha256("\n".join(e["id"] for e in t.loader.examples).encode()).hexdigest()[:16]
-                          for k, t in tasks.items()}}
+                          digest("\n".join(e["id"] for e in t.loader.examples)) for k, t in tasks.items()}}
     optimizer = strategy.optimizer(model, args.learning_rate, args.adam_betas, args.l2)
     min_lr = {"min_lr": args.learning_rate * args.min_lr_ratio} if args.lr_scheduler == "cosine_with_min_lr" else None
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(total * args.lr_warmup_ratio),
