@@ -1,6 +1,6 @@
 """What a run holds besides its activations (issue 19's floor): DeepSpeed's bucket sizes follow the model, an fp32
-ZeRO-1/2 engine keeps no second copy of the weights as its master weights, the optimizer step allocates no
-temporaries the size of the model. In-process engines (world size 1); the numbers are those of the unchanged path,
+ZeRO-1/2 engine keeps no second copy of the weights as its master weights, ZeRO-2 makes no flat copy of the
+gradients for its step, the gradient norm and the optimizer step allocate no temporaries the size of a gradient. In-process engines (world size 1); the numbers are those of the unchanged path,
 bit for bit."""
 
 import json
@@ -26,26 +26,39 @@ def test_auto_bucket_sizes_scale_with_the_model():
     assert written["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
 
 
-def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None):
-    """An in-process fp32 engine of the tiny model after ``steps`` AdamW steps on fixed random batches."""
+def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None, accum: int = 2):
+    """An in-process fp32 engine of the tiny model after ``steps`` AdamW steps of ``accum`` micro-batches each, on
+    fixed random batches. ``engine.most_in_step``: the largest new tensor any step after the first allocated;
+    ``engine.norms``: the gradient norms."""
     if not share:
-        monkeypatch.setattr(S, "_share_master_weights", lambda optimizer: None)
+        monkeypatch.setattr(S, "_drop_fp32_copies", lambda optimizer: None)
+    for owner, name in ((S.SlicedAdamW, "SLICE"), (S, "NORM_SLICE")):  # far below the largest gradient's size
+        monkeypatch.setattr(owner, name, 1 << 10)
     st = S.Strategy()
-    st.configure(S.DSOptions(zero_stage=stage, train_batch_size=2, micro_train_batch_size=2))
+    st.configure(S.DSOptions(zero_stage=stage, train_batch_size=2 * accum, micro_train_batch_size=2))
     model = load_model("tiny", seed=3)
     engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    g, engine.most_in_step, engine.norms = torch.Generator().manual_seed(0), 0, []
+    for micro in range(steps * accum):
         ids = torch.randint(0, 256, (2, 16), generator=g)
         engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
+        opt, watch = engine.optimizer, LargestOutput()
+        old = [*opt.single_partition_of_fp32_groups, *(t for ts in opt.averaged_gradients.values() for t in ts or ()),
+               *(t for state in opt.optimizer.state.values() for t in state.values())]
+        watch.inputs = {t.untyped_storage().data_ptr() for t in old}
+        with watch:
+            engine.step()
+        if micro >= accum:  # (the first step allocates the moments)
+            engine.most_in_step = max(engine.most_in_step, watch.most)
+        if (micro + 1) % accum == 0:
+            engine.norms.append(float(engine.get_global_grad_norm()))
     return engine
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_fp32_master_weights_are_the_model_weights(stage, monkeypatch):
+def test_fp32_zero_keeps_no_second_copy_of_the_weights_or_the_gradients(stage, monkeypatch):
     try:
-        engine = train(stage)
+        engine = train(stage, monkeypatch=monkeypatch)
         opt = engine.optimizer
         assert opt.reduce_bucket_size == 1 << 20  # the template's "auto" at hidden 128
         for master, flat in zip(opt.single_partition_of_fp32_groups, opt.bit16_groups_flat):
@@ -53,13 +66,19 @@ def test_fp32_master_weights_are_the_model_weights(stage, monkeypatch):
         # the parameters' links into the master weights (safe_get_full_fp32_param, universal checkpoints) moved too
         flats = {f.untyped_storage().data_ptr() for f in opt.bit16_groups_flat}
         assert {p._hp_mapping.hp_fragment.untyped_storage().data_ptr() for p in engine.module.parameters()} == flats
+        partition = max(f.numel() for f in opt.bit16_groups_flat)  # the larger of two groups (weight decay or not)
+        # ZeRO-2's step reads the gradients where the reduction left them, its norm copies no gradient whole
+        # (ZeRO-1 reduces in its step, into a new partition either way)
+        assert engine.most_in_step == partition if stage == 1 else engine.most_in_step <= 1 << 10
         ours = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        state = [s["exp_avg_sq"].clone() for s in opt.optimizer.state.values()]
+        state, norms = [s["exp_avg_sq"].clone() for s in opt.optimizer.state.values()], engine.norms
         S.release_engines()
         engine = train(stage, share=False, monkeypatch=monkeypatch)
         opt = engine.optimizer
         assert all(m.data_ptr() != f.data_ptr() for m, f in zip(opt.single_partition_of_fp32_groups,
                                                                 opt.bit16_groups_flat))
+        assert engine.most_in_step == partition  # DeepSpeed's own step: a copy
+        assert norms == engine.norms and min(norms) > 1.0  # the same norms, and they clip (max_norm 1)
         for n, p in engine.module.named_parameters():
             assert torch.equal(p, ours[n]), n
         assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(state, opt.optimizer.state.values()))
@@ -106,3 +125,27 @@ def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
         assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
     assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4
 
+
+
+def test_zero2_frees_each_fp32_gradient_once_it_is_reduced():
+    """Reduced into the flat partition, a gradient is not kept besides it (the head's, 128k × hidden, would be)."""
+    try:
+        st = S.Strategy()
+        st.configure(S.DSOptions(zero_stage=2, train_batch_size=2, micro_train_batch_size=2))
+        st.ds_config["zero_optimization"]["reduce_bucket_size"] = 4096  # a reduction every few parameters
+        model = load_model("tiny", seed=3)
+        engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
+        first = next(engine.module.parameters())  # the embedding: its gradient comes last
+        kept, reduced = [], []
+
+        def look(p):
+            reduced.append(engine.optimizer.params_already_reduced.count(True))
+            kept.extend(n for n, q in engine.module.named_parameters() if q is not p and q.grad is not None)
+
+        first.register_post_accumulate_grad_hook(look)
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        assert reduced[0] > 10  # reductions happened before the last gradient
+        assert len(kept) < 3, kept  # at most the bucket still waiting for its reduction
+    finally:
+        S.release_engines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import glob
 import json
@@ -19,6 +20,7 @@ from deepspeed.checkpoint import ds_to_universal
 from deepspeed.comm import comm as ds_comm  # the module itself: the package re-exports a stale cdb
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.config import DtypeEnum
+from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as zero_init
@@ -203,9 +205,16 @@ def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
             _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
 
 
-def _share_master_weights(optimizer) -> None:
-    """ZeRO-1/2 keep an fp32 master copy of this rank's partition even for an fp32 model, where it is the partition
-    bit for bit (263 MB more at 65.7M parameters): make it the partition, as DeepSpeed's reload_states moves it."""
+def _drop_fp32_copies(optimizer) -> None:
+    """Copies ZeRO-1/2 make of an fp32 model's partition (263 MB each at 65.7M parameters), gone:
+
+    * the fp32 master weights, which are the partition bit for bit: make them the partition, as DeepSpeed's
+      reload_states moves them;
+    * ZeRO-2's flat copy of the gradients, made in the step while their buffer is still alive: reduce them straight
+      into one flat partition that the step uses as it is, DeepSpeed's own path for bf16 weights with fp32 gradients
+      (``_use_compact_grad_partition_buffer``), and free each gradient once it is in there, as DeepSpeed's own
+      contiguous buffer does. (ZeRO-1 reduces in its step: that copy is its reduction.)
+    * the gradient norm's fp64 copy of each gradient (:func:`_grad_norm`)."""
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
@@ -213,6 +222,35 @@ def _share_master_weights(optimizer) -> None:
         if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
             master.data = part.data
     optimizer._link_all_hp_params()
+    if optimizer.partition_gradients and optimizer.dtype == optimizer.gradient_accumulation_dtype == torch.float32:
+        compact = lambda i: not (optimizer.params_in_partition[i]  # noqa: E731
+                                 and optimizer._is_muon_group(optimizer.params_in_partition[i]))
+        copy = optimizer.copy_grads_in_partition
+        optimizer._use_compact_grad_partition_buffer = compact
+        optimizer.copy_grads_in_partition = lambda param, i=None: (
+            optimizer.clear_grad_attribute(param) if compact(i) else copy(param, i))
+    optimizer.get_grad_norm_direct = functools.partial(_grad_norm, optimizer, optimizer.get_grad_norm_direct)
+
+
+NORM_SLICE = 1 << 16
+
+
+def _grad_norm(optimizer, direct, gradients, params, norm_type=2):
+    """ZeRO-1/2's gradient norm (fp64 sums of squares, the all-reduce, -1 for inf/NaN), without DeepSpeed's fp64 copy
+    of each whole gradient: 2 × the largest one at the peak of every step (250 MiB for a 128k × 256 embedding)."""
+    if norm_type != 2 or optimizer.model_parallel_rank != 0:
+        return direct(gradients, params, norm_type)
+    total = torch.zeros((), dtype=torch.float64, device=optimizer.device)
+    for g in gradients:
+        if not getattr(g, "_zero_padding", False):
+            for piece in g.detach().reshape(-1).split(NORM_SLICE):
+                total += piece.double().square().sum()
+    total = total.float()
+    ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)
+    optimizer._model_parallel_all_reduce(tensor=total, op=ds_comm.ReduceOp.SUM)
+    total = total.pow(0.5)
+    mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
+    return total
 
 
 class SlicedAdamW(torch.optim.AdamW):
@@ -403,7 +441,7 @@ class Strategy:
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                config=self.ds_config, dist_init_required=False)
         _ENGINES.append(engine)
-        _share_master_weights(engine.optimizer)
+        _drop_fp32_copies(engine.optimizer)
         return engine
 
     def prepare_reference(self, model):
