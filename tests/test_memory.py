@@ -4,6 +4,7 @@ gradients for its step, the gradient norm and the optimizer step allocate no tem
 bit for bit."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None, accu
     fixed random batches. ``engine.most_in_step``: the largest new tensor any step after the first allocated;
     ``engine.norms``: the gradient norms."""
     if not share:
-        monkeypatch.setattr(S, "_drop_fp32_copies", lambda optimizer: None)
+        monkeypatch.setattr(S, "_lighten_zero12", lambda optimizer: None)
     for owner, name in ((S.SlicedAdamW, "SLICE"), (S, "NORM_SLICE")):  # far below the largest gradient's size
         monkeypatch.setattr(owner, name, 1 << 10)
     st = S.Strategy()
@@ -147,5 +148,39 @@ def test_zero2_frees_each_fp32_gradient_once_it_is_reduced():
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         assert reduced[0] > 10  # reductions happened before the last gradient
         assert len(kept) < 3, kept  # at most the bucket still waiting for its reduction
+    finally:
+        S.release_engines()
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
+def test_the_flat_gradient_partition_is_resident_only_where_written():
+    before = resident_mib()
+    t = S._lazily_zeroed(lambda: torch.zeros(16 << 20))  # 64 MiB
+    assert torch.count_nonzero(t) == 0 and t.dtype == torch.float32 and t.shape == (16 << 20,)
+    assert resident_mib() - before < 8
+    t[: 8 << 20].add_(1.0)  # half of it
+    assert 24 < resident_mib() - before < 48
+    assert torch.zeros(3, 5).shape == (3, 5) and torch.zeros is S.torch.zeros  # torch's own again
+    small = S._lazily_zeroed(lambda: torch.zeros((2, 3), dtype=torch.float64))
+    assert small.shape == (2, 3) and small.dtype == torch.float64 and not small.any()
+
+
+def test_zero2_on_cpu_returns_freed_memory_after_each_reduction(monkeypatch):
+    trims = []
+    monkeypatch.setattr(S, "_malloc_trim", lambda pad: trims.append(pad))
+    try:
+        st = S.Strategy()
+        st.configure(S.DSOptions(zero_stage=2, train_batch_size=2, micro_train_batch_size=2))
+        st.ds_config["zero_optimization"]["reduce_bucket_size"] = 4096
+        model = load_model("tiny", seed=3)
+        engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        assert len(trims) > 10 and set(trims) == {0}
     finally:
         S.release_engines()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import glob
 import json
+import math
+import mmap
 import os
 import shutil
 import socket
@@ -205,8 +208,9 @@ def fill_bucket_sizes(cfg: dict, hidden: int | None) -> None:
             _set(cfg, f"zero_optimization.{key}", max(hidden * hidden, 1 << 20) if hidden else int(5e8))
 
 
-def _drop_fp32_copies(optimizer) -> None:
-    """Copies ZeRO-1/2 make of an fp32 model's partition (263 MB each at 65.7M parameters), gone:
+def _lighten_zero12(optimizer) -> None:
+    """What ZeRO-1/2 hold beyond the weights, the gradients and the optimizer states (263 MB per copy of an fp32
+    partition at 65.7M parameters), gone:
 
     * the fp32 master weights, which are the partition bit for bit: make them the partition, as DeepSpeed's
       reload_states moves them;
@@ -214,7 +218,10 @@ def _drop_fp32_copies(optimizer) -> None:
       into one flat partition that the step uses as it is, DeepSpeed's own path for bf16 weights with fp32 gradients
       (``_use_compact_grad_partition_buffer``), and free each gradient once it is in there, as DeepSpeed's own
       contiguous buffer does. (ZeRO-1 reduces in its step: that copy is its reduction.)
-    * the gradient norm's fp64 copy of each gradient (:func:`_grad_norm`)."""
+    * the gradient norm's fp64 copy of each gradient (:func:`_grad_norm`);
+    * on CPU, the activations the backward has freed, which glibc keeps in its heap: returned after each reduction,
+      before the next gradients are allocated; and the flat gradient partition is resident only where written
+      (:func:`_lazily_zeroed`), not all at the first gradient, while every activation is still alive."""
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
@@ -225,13 +232,42 @@ def _drop_fp32_copies(optimizer) -> None:
     if optimizer.partition_gradients and optimizer.dtype == optimizer.gradient_accumulation_dtype == torch.float32:
         compact = lambda i: not (optimizer.params_in_partition[i]  # noqa: E731
                                  and optimizer._is_muon_group(optimizer.params_in_partition[i]))
-        copy = optimizer.copy_grads_in_partition
+        copy, build = optimizer.copy_grads_in_partition, optimizer._build_compact_grad_partition_buffer
         optimizer._use_compact_grad_partition_buffer = compact
         optimizer.copy_grads_in_partition = lambda param, i=None: (
             optimizer.clear_grad_attribute(param) if compact(i) else copy(param, i))
+        optimizer._build_compact_grad_partition_buffer = lambda i: _lazily_zeroed(build, i)
+    if torch.device(optimizer.device).type == "cpu" and _malloc_trim is not None:  # activations: host memory
+        reduce = optimizer.reduce_ipg_grads
+
+        def reduce_and_trim(*args, **kwargs):
+            reduce(*args, **kwargs)
+            _malloc_trim(0)
+        optimizer.reduce_ipg_grads = reduce_and_trim
     optimizer.get_grad_norm_direct = functools.partial(_grad_norm, optimizer, optimizer.get_grad_norm_direct)
 
 
+def _lazily_zeroed(build, *args):
+    """``build(*args)`` with its large CPU ``torch.zeros`` in fresh anonymous memory: zero, and resident only where
+    written."""
+    zeros = torch.zeros
+
+    def lazy(*size, dtype=None, device=None, **kwargs):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if kwargs or torch.device(device or "cpu").type != "cpu" or nbytes < (1 << 20):
+            return zeros(*size, dtype=dtype, device=device, **kwargs)
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return torch.frombuffer(memory, dtype=dtype or torch.get_default_dtype()).view(shape)
+
+    torch.zeros = lazy
+    try:
+        return build(*args)
+    finally:
+        torch.zeros = zeros
+
+
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 NORM_SLICE = 1 << 16
 
 
@@ -441,7 +477,7 @@ class Strategy:
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                config=self.ds_config, dist_init_required=False)
         _ENGINES.append(engine)
-        _drop_fp32_copies(engine.optimizer)
+        _lighten_zero12(engine.optimizer)
         return engine
 
     def prepare_reference(self, model):
