@@ -1,7 +1,8 @@
 """What a run holds besides its activations (issue 19's floor): DeepSpeed's bucket sizes follow the model, an fp32
 ZeRO-1/2 engine keeps no second copy of the weights as its master weights, ZeRO-2 makes no flat copy of the
-gradients for its step, the gradient norm and the optimizer step allocate no temporaries the size of a gradient. In-process engines (world size 1); the numbers are those of the unchanged path,
-bit for bit."""
+gradients for its step, the gradient norm and the optimizer step allocate no temporaries the size of a gradient;
+on CPU the flat gradient partition is resident only where written and the heap is trimmed after each reduction.
+In-process engines (world size 1); the numbers are those of the unchanged path, bit for bit."""
 
 import json
 import os
@@ -125,7 +126,6 @@ def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
         assert torch.equal(a, b)
         assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
     assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4
-
 
 
 def test_zero2_frees_each_fp32_gradient_once_it_is_reduced():

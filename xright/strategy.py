@@ -278,8 +278,8 @@ def _grad_norm(optimizer, direct, gradients, params, norm_type=2):
         return direct(gradients, params, norm_type)
     total = torch.zeros((), dtype=torch.float64, device=optimizer.device)
     for g in gradients:
-        if not getattr(g, "_zero_padding", False):
-            for piece in g.detach().reshape(-1).split(NORM_SLICE):
+        if not getattr(g, "_zero_padding", False):  # small slices on CPU (faster than whole); few kernels on a GPU
+            for piece in g.detach().reshape(-1).split(NORM_SLICE if g.device.type == "cpu" else NORM_SLICE << 8):
                 total += piece.double().square().sum()
     total = total.float()
     ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)
