@@ -6,11 +6,13 @@ In-process engines (world size 1); the numbers are those of the unchanged path, 
 
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import launch
 from xright import strategy as S
 from xright.models import load_model
 
@@ -184,3 +186,19 @@ def test_zero2_on_cpu_returns_freed_memory_after_each_reduction(monkeypatch):
         assert len(trims) > 10 and set(trims) == {0}
     finally:
         S.release_engines()
+
+
+def test_two_ranks_give_deepspeeds_own_numbers_bit_for_bit():
+    port = launch.free_port()
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port),
+                           os.path.join(launch.ROOT, "tests", "zero12_ranks.py")], cwd=launch.ROOT, env=launch.env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        for stage, rep in r["report"].items():
+            assert len(rep["equal"]) == rep["of"] > 10, (r["rank"], stage, rep)
+            ours, theirs = rep["norms"]
+            assert ours == theirs and len(ours) == 3 and min(ours) > 1.0, (r["rank"], stage, rep)
+    launch.assert_no_shm_left(port)
