@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import launch
@@ -129,6 +130,19 @@ def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
         assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
     assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4
 
+
+def test_a_deepspeed_without_the_compact_path_keeps_its_own_gradient_copies(monkeypatch):
+    """Freeing reduced gradients is only right where DeepSpeed has reduced them into the flat partition."""
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer")
+    try:
+        engine = train(2, monkeypatch=monkeypatch)
+        ours = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        assert engine.most_in_step == max(f.numel() for f in engine.optimizer.bit16_groups_flat)  # its flat copy
+        S.release_engines()
+        engine = train(2, share=False, monkeypatch=monkeypatch)
+        assert all(torch.equal(p, ours[n]) for n, p in engine.module.named_parameters())
+    finally:
+        S.release_engines()
 
 def test_zero2_frees_each_fp32_gradient_once_it_is_reduced():
     """Reduced into the flat partition, a gradient is not kept besides it (the head's, 128k × hidden, would be)."""

@@ -229,9 +229,11 @@ def _lighten_zero12(optimizer) -> None:
         if (master.dtype, master.device, master.shape) == (part.dtype, part.device, part.shape):
             master.data = part.data
     optimizer._link_all_hp_params()
-    if optimizer.partition_gradients and optimizer.dtype == optimizer.gradient_accumulation_dtype == torch.float32:
-        compact = lambda i: not (optimizer.params_in_partition[i]  # noqa: E731
-                                 and optimizer._is_muon_group(optimizer.params_in_partition[i]))
+    fp32 = optimizer.dtype == getattr(optimizer, "gradient_accumulation_dtype", None) == torch.float32
+    if optimizer.partition_gradients and fp32 and hasattr(optimizer, "_build_compact_grad_partition_buffer"):
+        # (a DeepSpeed without that path keeps its own copies: freeing a gradient here would lose it)
+        muon = getattr(optimizer, "_is_muon_group", lambda params: False)
+        compact = lambda i: not (optimizer.params_in_partition[i] and muon(optimizer.params_in_partition[i]))  # noqa
         copy, build = optimizer.copy_grads_in_partition, optimizer._build_compact_grad_partition_buffer
         optimizer._use_compact_grad_partition_buffer = compact
         optimizer.copy_grads_in_partition = lambda param, i=None: (
