@@ -717,6 +717,35 @@ def test_eval_winrate_cli_chosen_vs_rejected_is_the_rm_accuracy(rm_run, tmp_path
                                       "--candidates", str(tmp_path / "short.jsonl"), "--output_dir", out])
 
 
+
+def test_eval_winrate_renders_with_the_template_it_is_given(rm_run, tmp_path):
+    """``--tokenizer_chat_template`` reaches the judge and the generating model: with Llama-3's template instead
+    of the tokenizer's own, the same answers get other scores, and the model answers other prompts."""
+    from xright.cli import eval_winrate
+
+    rm, pairs = rm_run
+    template = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates", "llama3.jinja")
+    for which in ("chosen", "rejected"):
+        with open(tmp_path / f"{which}.jsonl", "w") as f:
+            f.writelines(json.dumps({**r, "id": r["prompt_id"]}) + "\n" for r in read_jsonl(pairs)
+                         if r["id"].endswith(which))
+    with open(tmp_path / "first16.jsonl", "w") as f:  # the model answers the first 16 held-out prompts
+        f.writelines(open(tmp_path / "rejected.jsonl").readlines()[:16])
+    files = ["--reward_pretrain", rm, "--baseline", str(tmp_path / "rejected.jsonl"), "--candidates",
+             str(tmp_path / "chosen.jsonl"), "--apply_chat_template"]
+    model = ["--reward_pretrain", rm, "--baseline", str(tmp_path / "first16.jsonl"), "--candidates", "tiny",
+             "--max_samples", "16", "--max_new_tokens", "6", "--apply_chat_template"]
+    seen = {}
+    for name, extra in (("own", []), ("llama3", ["--tokenizer_chat_template", template])):
+        for job, args in (("files", files), ("model", model)):
+            out = str(tmp_path / f"{job}-{name}")
+            inprocess(eval_winrate.main, [*args, *extra, "--output_dir", out])
+            seen[job, name] = json.load(open(os.path.join(out, "winrate.json")))["rows"][0]
+        seen["answers", name] = [r["output"] for r in read_jsonl(os.path.join(out, "answers_tiny.jsonl"))]
+    assert seen["files", "own"]["n"] == seen["files", "llama3"]["n"] == 64
+    assert seen["files", "own"]["mean_score_diff"] != seen["files", "llama3"]["mean_score_diff"]
+    assert len(seen["answers", "llama3"]) == 16 and seen["answers", "own"] != seen["answers", "llama3"]
+
 # ---- interactive chat -----------------------------------------------------------------------------------
 
 def test_interactive_chat_answers_two_turns_with_history_and_exits_on_eof(capsys):

@@ -40,6 +40,8 @@ def parser():
         p.add_argument(f"--{name}", type=type(default), default=default)
     for name in ("apply_chat_template", "bf16", "flash_attn"):
         p.add_argument(f"--{name}", action="store_true", default=False)
+    p.add_argument("--tokenizer_chat_template", type=str, default=None,
+                   help="Jinja text or a file holding it: the judge's (and the generating models') template")
     return p
 
 
@@ -82,6 +84,8 @@ def answers_file(path: str, name: str, args) -> str:
                           str(args.generate_micro_batch_size), "--zero_stage", str(args.zero_stage), "--seed",
                           str(args.seed), *(["--dataset", args.dataset] if args.dataset else []),
                           *(["--apply_chat_template"] if args.apply_chat_template else []),
+                          *(["--tokenizer_chat_template", args.tokenizer_chat_template]
+                            if args.tokenizer_chat_template else []),
                           *(["--bf16"] if args.bf16 else [])])
     return out
 
@@ -129,7 +133,7 @@ def main(argv=None):
     files = {n: answers_file(f, n, args) for n, f in files.items()}
     strategy = Strategy(seed=args.seed)
     configure_inference(strategy, args.zero_stage, args.bf16)
-    tokenizer = load_tokenizer(args.reward_pretrain)
+    tokenizer = load_tokenizer(args.reward_pretrain, chat_template=args.tokenizer_chat_template)
     spec = lambda f: DataSpec(kind="sft", dataset=f, max_len=args.max_len, input_key=args.input_key,  # noqa: E731
                               output_key=args.output_key, input_template=args.input_template or None,
                               apply_chat_template=args.apply_chat_template, seed=args.seed)
