@@ -33,9 +33,7 @@ def add_generation_flags(p: argparse.ArgumentParser, pretrain_help: str) -> None
     for name in ("bf16", "flash_attn", "load_in_4bit", "disable_fast_tokenizer", "trust_remote_code"):
         p.add_argument(f"--{name}", action="store_true", default=False)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none (XRIGHT's default)")
-    p.add_argument("--apply_chat_template", action="store_true", default=False)
-    p.add_argument("--tokenizer_chat_template", type=str, default=None, help="Jinja text or a file holding it")
+    flags.add_template_flags(p)
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=1024)
     g.add_argument("--greedy_sampling", action="store_true", default=False)

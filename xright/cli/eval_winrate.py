@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from xright.cli import lifecycle
+from xright.cli import flags, lifecycle
 
 
 def parser():
@@ -34,14 +34,12 @@ def parser():
     for name, default in (("dataset_split", "test"), ("max_samples", 100000000), ("max_new_tokens", 1024),
                           ("generate_micro_batch_size", 16)):
         g.add_argument(f"--{name}", type=type(default), default=default)
-    p.add_argument("--input_template", type=str, default="User: {}\nAssistant: ", help="'' for none")
+    flags.add_template_flags(p)
     for name, default in (("input_key", "input"), ("output_key", "output"), ("max_len", 2048), ("micro_batch_size", 16),
                           ("n_bootstrap", 2000), ("seed", 42), ("zero_stage", 0), ("local_rank", -1)):
         p.add_argument(f"--{name}", type=type(default), default=default)
-    for name in ("apply_chat_template", "bf16", "flash_attn"):
+    for name in ("bf16", "flash_attn"):
         p.add_argument(f"--{name}", action="store_true", default=False)
-    p.add_argument("--tokenizer_chat_template", type=str, default=None,
-                   help="Jinja text or a file holding it: the judge's (and the generating models') template")
     return p
 
 

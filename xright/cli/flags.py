@@ -117,6 +117,14 @@ def base_parser(description: str, batch_meaning: str = "examples", **defaults) -
     return p
 
 
+def add_template_flags(g) -> None:
+    """How a prompt becomes text: a plain-text template, or the tokenizer's chat template (or one given)."""
+    g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ",
+                   help="'' for none (XRIGHT's default)")
+    g.add_argument("--apply_chat_template", action="store_true", default=False)
+    g.add_argument("--tokenizer_chat_template", type=str, default=None, help="Jinja text or a file holding it")
+
+
 def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int = 2048, keys: bool = True) -> None:
     """``--dataset`` & co. (``--sft_dataset``/``--rlhf_dataset`` in the joint CLIs)."""
     g = p.add_argument_group(f"{prefix or ''}data")
@@ -135,9 +143,7 @@ def add_data_flags(p: argparse.ArgumentParser, prefix: str = "", *, max_len: int
     for key in ("input", "output", "prompt", "chosen", "rejected", "label", "completion", "completions", "rewards"):
         g.add_argument(f"--{key}_key", type=str, default=key)
     g.add_argument("--margin_key", type=str, default=None)
-    g.add_argument("--input_template", type=str, default="User: {}\nAssistant: ")
-    g.add_argument("--apply_chat_template", action="store_true", default=False)
-    g.add_argument("--tokenizer_chat_template", type=str, default=None, help="Jinja text or a file holding it")
+    add_template_flags(g)
     g.add_argument("--multiturn", action="store_true", default=False,
                    help="SFT on messages: train every assistant turn (default: the last assistant message)")
     g.add_argument("--pretrain_mode", action="store_true", default=False, help="SFT without prompt masking")
