@@ -885,7 +885,7 @@ def cache_cases(tmp_path):
     ]
 
 
-def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
+def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok, monkeypatch):
     from xright.data.store import ExampleTable
 
     pair_tables = []
@@ -917,6 +917,14 @@ def test_disk_cache_gives_the_in_memory_examples(tmp_path, tok):
     assert got[0].lengths() == [longest(e) for e in want[0]]  # for length grouping, from the Arrow offsets
     assert view.lengths() == [longest(e) for e in want[0][2:9][::3]]
     assert pair_tables[1].lengths() == [longest(e) for e in pair_tables[0]]  # K = 3 completions
+    # length grouping reads them: the loader makes no example to measure it, and orders as from the list
+    made, make = [], ExampleTable._example
+    monkeypatch.setattr(ExampleTable, "_example", lambda self, row: made.append(row) or make(self, row))
+    grouped = CyclingLoader(pair_tables[1], "scored", 2, tok.pad_token_id, seed=5, group_by_length=True)
+    monkeypatch.undo()
+    listed = CyclingLoader(pair_tables[0], "scored", 2, tok.pad_token_id, seed=5, group_by_length=True)
+    assert made == [] and grouped._lengths == listed._lengths
+    assert [next(grouped)["ids"] for _ in range(6)] == [next(listed)["ids"] for _ in range(6)]
 
 
 def test_disk_cache_is_reused_and_rebuilt_on_a_change(tmp_path, tok, monkeypatch):

@@ -51,7 +51,9 @@ class CyclingLoader:
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.accumulation = accumulation
         self.packed, self.group_by_length, self.group_window = packed, group_by_length, group_window
-        self._lengths = [example_length(e) for e in examples] if group_by_length else None
+        # a memory-mapped table measures its rows from the Arrow offsets, without making each example
+        self._lengths = None if not group_by_length else examples.lengths() if hasattr(examples, "lengths") else \
+            [example_length(e) for e in examples]
         self.epoch, self.position = 0, 0  # position: micro-batches of the epoch drawn by this rank
         self._cache: tuple[int, list[int]] | None = None
         self._check_size()
