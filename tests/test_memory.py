@@ -31,17 +31,30 @@ def test_auto_bucket_sizes_scale_with_the_model():
     assert written["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345}
 
 
-def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None, accum: int = 2):
-    """An in-process fp32 engine of the tiny model after ``steps`` AdamW steps of ``accum`` micro-batches each, on
-    fixed random batches. ``engine.most_in_step``: the largest new tensor any step after the first allocated;
-    ``engine.norms``: the gradient norms."""
+def family_model(family: str | None):
+    """The tiny GPT-NeoX, or a tiny random model of one of test_families' families."""
+    if family is None:
+        return load_model("tiny", seed=3)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_families import COMMON, FAMILIES
+
+    model_type, fields = FAMILIES[family]
+    torch.manual_seed(3)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**COMMON, **fields}))
+
+
+def train(stage: int, steps: int = 3, share: bool = True, monkeypatch=None, accum: int = 2, family=None):
+    """An in-process fp32 engine of the tiny model (or of ``family``) after ``steps`` AdamW steps of ``accum``
+    micro-batches each, on fixed random batches. ``engine.most_in_step``: the largest new tensor any step after the
+    first allocated; ``engine.norms``: the gradient norms."""
     if not share:
         monkeypatch.setattr(S, "_lighten_zero12", lambda optimizer: None)
     for owner, name in ((S.SlicedAdamW, "SLICE"), (S, "NORM_SLICE")):  # far below the largest gradient's size
         monkeypatch.setattr(owner, name, 1 << 10)
     st = S.Strategy()
     st.configure(S.DSOptions(zero_stage=stage, train_batch_size=2 * accum, micro_train_batch_size=2))
-    model = load_model("tiny", seed=3)
+    model = family_model(family)
     engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
     g, engine.most_in_step, engine.norms = torch.Generator().manual_seed(0), 0, []
     for micro in range(steps * accum):
@@ -130,6 +143,19 @@ def test_sliced_adamw_is_torch_adamw_without_full_size_temporaries():
         assert all(torch.equal(x, y) for x, y in zip(opt.state[a].values(), ref.state[b].values()))
     assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"] == 4
 
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2", "falcon"])  # untied, tied, soft-capped, fused QKV
+def test_families_give_deepspeeds_own_numbers_without_its_copies(family, monkeypatch):
+    try:
+        engine = train(2, monkeypatch=monkeypatch, family=family)
+        assert engine.most_in_step <= 1 << 10
+        ours, norms = {n: p.detach().clone() for n, p in engine.module.named_parameters()}, engine.norms
+        S.release_engines()
+        engine = train(2, share=False, monkeypatch=monkeypatch, family=family)
+        assert norms == engine.norms and min(norms) > 1.0
+        assert all(torch.equal(p, ours[n]) for n, p in engine.module.named_parameters())
+    finally:
+        S.release_engines()
 
 def test_a_deepspeed_without_the_compact_path_keeps_its_own_gradient_copies(monkeypatch):
     """Freeing reduced gradients is only right where DeepSpeed has reduced them into the flat partition."""
