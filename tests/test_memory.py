@@ -212,9 +212,15 @@ def test_the_flat_gradient_partition_is_resident_only_where_written():
     assert small.shape == (2, 3) and small.dtype == torch.float64 and not small.any()
 
 
-def test_zero2_on_cpu_returns_freed_memory_after_each_reduction(monkeypatch):
-    trims = []
+def test_zero2_on_cpu_trims_the_heap_after_each_reduction_into_a_lazily_zeroed_partition(monkeypatch):
+    """Every gradient reduction is followed by a heap trim, and the engine builds its flat gradient partition
+    through :func:`xright.strategy._lazily_zeroed` (resident only where written, tested above)."""
+    reductions, trims, built = [], [], []
+    reduce, lazily = DeepSpeedZeroOptimizer.reduce_ipg_grads, S._lazily_zeroed
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "reduce_ipg_grads",
+                        lambda self, *a, **k: reductions.append(1) or reduce(self, *a, **k))
     monkeypatch.setattr(S, "_malloc_trim", lambda pad: trims.append(pad))
+    monkeypatch.setattr(S, "_lazily_zeroed", lambda build, *args: built.append(args) or lazily(build, *args))
     try:
         st = S.Strategy()
         st.configure(S.DSOptions(zero_stage=2, train_batch_size=2, micro_train_batch_size=2))
@@ -223,10 +229,11 @@ def test_zero2_on_cpu_returns_freed_memory_after_each_reduction(monkeypatch):
         engine = st.prepare(model, st.optimizer(model, 1e-2, (0.9, 0.95), 0.1), None)
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
-        assert len(trims) > 10 and set(trims) == {0}
+        assert len(reductions) > 10 and trims == [0] * len(reductions)
+        groups = len(engine.optimizer.bit16_groups)
+        assert sorted(built) == [(i,) for i in range(groups)]  # one partition per parameter group
     finally:
         S.release_engines()
-
 
 def test_two_ranks_give_deepspeeds_own_numbers_bit_for_bit():
     port = launch.free_port()
